@@ -1,0 +1,417 @@
+//! The `trellis` command line: `run`, `validate`, `plugins list|inspect`.
+//!
+//! Contract (DESIGN.md): stdout carries only the result (the run's output JSON,
+//! or with `--json` the whole run record); stderr carries progress and errors.
+//! Exit status: 0 succeeded, 1 the run failed, 2 usage or validation error.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+use crate::engine::{CodeCache, Engine, Limits};
+use crate::executor::{Executor, RunObserver, RunOptions};
+use crate::plugin::{MemoryStateStore, PluginError, PluginRegistry};
+use crate::record::{RunRecord, RunStatus, StepRecord, StepStatus};
+
+/// Where the build put the example plugins (`target/plugins`), used when no
+/// `--plugin-dir` is given.
+pub const BUILTIN_PLUGIN_DIR: Option<&str> = option_env!("TRELLIS_BUILTIN_PLUGIN_DIR");
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "trellis",
+    version,
+    about = "Workflow orchestration whose tasks are WebAssembly components"
+)]
+struct Cli {
+    /// Where compiled plugins are cached (under `cache/`).
+    /// Default: `$XDG_CACHE_HOME/trellis` or `~/.cache/trellis`.
+    #[arg(long, global = true, env = "TRELLIS_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Compile every plugin afresh, without the compiled-code cache.
+    #[arg(long, global = true)]
+    no_cache: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+impl Cli {
+    fn code_cache(&self) -> Option<CodeCache> {
+        if self.no_cache {
+            return None;
+        }
+        let data_dir = self.data_dir.clone().or_else(|| {
+            let cache_home = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache"))
+                })?;
+            Some(cache_home.join("trellis"))
+        })?;
+        Some(CodeCache::new(data_dir.join("cache")))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a workflow in this process and print its output.
+    Run {
+        /// The workflow file (TOML).
+        workflow: PathBuf,
+        /// The run's input: JSON text, `@FILE` to read it from a file, or `@-` for stdin.
+        #[arg(long, short, value_name = "JSON|@FILE")]
+        input: Option<String>,
+        #[command(flatten)]
+        plugins: PluginDirs,
+        /// Print the whole run record (steps, attempts, logs, metrics) instead of the output.
+        #[arg(long)]
+        json: bool,
+        /// Steps that may run at once.
+        #[arg(long, default_value_t = 64, value_name = "N")]
+        max_concurrent_steps: usize,
+    },
+    /// Check workflow files: syntax, fields, plugins, dependencies, templates.
+    Validate {
+        #[arg(required = true)]
+        workflows: Vec<PathBuf>,
+        #[command(flatten)]
+        plugins: PluginDirs,
+    },
+    /// List or inspect plugins.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginsCommand {
+    /// The plugins found in the plugin directories.
+    List {
+        #[command(flatten)]
+        plugins: PluginDirs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check one component and print what it declares.
+    Inspect { file: PathBuf },
+}
+
+#[derive(Debug, clap::Args)]
+struct PluginDirs {
+    /// A directory of plugin `.wasm` files (repeatable). Default: the example plugins of this build.
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    dirs: Vec<PathBuf>,
+}
+
+impl PluginDirs {
+    fn resolve(&self) -> Result<Vec<PathBuf>> {
+        if !self.dirs.is_empty() {
+            return Ok(self.dirs.clone());
+        }
+        match BUILTIN_PLUGIN_DIR {
+            Some(dir) if Path::new(dir).is_dir() => Ok(vec![PathBuf::from(dir)]),
+            _ => bail!(
+                "no plugin directory: pass --plugin-dir DIR (the example plugins are built by `cargo build`)"
+            ),
+        }
+    }
+}
+
+/// Parses the arguments, runs the command, maps the outcome to an exit status:
+/// an `Err` is a usage problem (bad flag value, missing directory) and exits 2.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("trellis-worker")
+        .build()
+        .expect("starting the tokio runtime");
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let cache = cli.code_cache();
+    match cli.command {
+        Command::Run {
+            workflow,
+            input,
+            plugins,
+            json,
+            max_concurrent_steps,
+        } => {
+            run(
+                &workflow,
+                input.as_deref(),
+                &plugins,
+                cache,
+                json,
+                max_concurrent_steps,
+            )
+            .await
+        }
+        Command::Validate { workflows, plugins } => validate(&workflows, &plugins, cache).await,
+        Command::Plugins(PluginsCommand::List { plugins, json }) => {
+            list(&plugins, cache, json).await
+        }
+        Command::Plugins(PluginsCommand::Inspect { file }) => inspect(&file).await,
+    }
+}
+
+/// Loads the plugin directories; warns about unusable files, refuses duplicates.
+async fn load_registry(dirs: &PluginDirs, cache: Option<CodeCache>) -> Result<PluginRegistry> {
+    let dirs = dirs.resolve()?;
+    let engine = Engine::new()?;
+    let mut registry = PluginRegistry::new(engine)?;
+    if let Some(cache) = cache {
+        registry = registry.with_cache(cache);
+    }
+    let report = registry.load_dirs(&dirs).await;
+    let mut fatal = Vec::new();
+    for (path, err) in report.errors {
+        match err {
+            PluginError::Duplicate { .. } | PluginError::Io { .. } => {
+                fatal.push(format!("{}: {err}", path.display()))
+            }
+            _ => eprintln!("warning: skipping plugin {}: {err}", path.display()),
+        }
+    }
+    if !fatal.is_empty() {
+        bail!(fatal.join("\n"));
+    }
+    Ok(registry)
+}
+
+fn read_input(input: Option<&str>) -> Result<Value> {
+    let text = match input {
+        None => return Ok(Value::Object(Default::default())),
+        Some("@-") => {
+            std::io::read_to_string(std::io::stdin()).context("reading the input from stdin")?
+        }
+        Some(arg) => match arg.strip_prefix('@') {
+            Some(file) => std::fs::read_to_string(file)
+                .with_context(|| format!("reading the input file {file}"))?,
+            None => arg.to_string(),
+        },
+    };
+    serde_json::from_str(&text).context("--input is not valid JSON")
+}
+
+async fn run(
+    workflow: &Path,
+    input: Option<&str>,
+    dirs: &PluginDirs,
+    cache: Option<CodeCache>,
+    json: bool,
+    max_concurrent_steps: usize,
+) -> Result<ExitCode> {
+    let input = read_input(input)?;
+    let registry = Arc::new(load_registry(dirs, cache).await?);
+    let plan = match crate::workflow::load_file(workflow, registry.as_ref()) {
+        Ok(plan) => Arc::new(plan),
+        Err(diagnostics) => {
+            eprint!("{diagnostics}");
+            eprintln!("error: {} is not a valid workflow", workflow.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let executor = Executor::new(
+        registry,
+        Limits::default(),
+        max_concurrent_steps,
+        Arc::new(MemoryStateStore::default()),
+    );
+    let progress = std::io::stderr()
+        .is_terminal()
+        .then(|| Arc::new(ProgressObserver::new(plan.steps.len())));
+    let options = RunOptions {
+        observer: progress.clone().map(|p| p as Arc<dyn RunObserver>),
+        ..RunOptions::default()
+    };
+    let record = executor.run(plan, input, options).await;
+    if let Some(progress) = progress {
+        progress.bar.finish_and_clear();
+    }
+    let shown = if json {
+        serde_json::to_value(&record)?
+    } else {
+        record.output.clone()
+    };
+    println!("{}", serde_json::to_string_pretty(&shown)?);
+    report_failure(&record);
+    Ok(match record.status {
+        RunStatus::Succeeded => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    })
+}
+
+/// On stderr: the failing step, its reason and the end of its log.
+fn report_failure(record: &RunRecord) {
+    let Some(error) = &record.error else { return };
+    eprintln!(
+        "error: run {} of `{}` {}: {error}",
+        record.id,
+        record.workflow,
+        status_word(record.status)
+    );
+    let failed = error
+        .step
+        .as_deref()
+        .and_then(|id| record.steps.iter().find(|s| s.id == id));
+    if let Some(attempt) = failed.and_then(|step| step.attempts.last()) {
+        let tail = attempt.logs.len().saturating_sub(10);
+        for line in &attempt.logs[tail..] {
+            eprintln!("  [{:?}] {}", line.stream, line.message);
+        }
+    }
+}
+
+fn status_word(status: RunStatus) -> &'static str {
+    match status {
+        RunStatus::Cancelled => "was cancelled",
+        _ => "failed",
+    }
+}
+
+async fn validate(
+    workflows: &[PathBuf],
+    dirs: &PluginDirs,
+    cache: Option<CodeCache>,
+) -> Result<ExitCode> {
+    let registry = load_registry(dirs, cache).await?;
+    let mut ok = true;
+    for path in workflows {
+        match crate::workflow::load_file(path, &registry) {
+            Ok(plan) => println!(
+                "ok: {} ({}, {} steps)",
+                path.display(),
+                plan.name,
+                plan.steps.len()
+            ),
+            Err(diagnostics) => {
+                ok = false;
+                eprint!("{diagnostics}");
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+async fn list(dirs: &PluginDirs, cache: Option<CodeCache>, json: bool) -> Result<ExitCode> {
+    let registry = load_registry(dirs, cache).await?;
+    if json {
+        let list: Vec<Value> = registry.iter().map(|p| plugin_json(p)).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        println!(
+            "{:<16} {:<9} {:>9}  {:<19} DESCRIPTION",
+            "NAME", "VERSION", "SIZE", "DIGEST"
+        );
+        for plugin in registry.iter() {
+            println!(
+                "{:<16} {:<9} {:>9}  sha256:{:<12} {}",
+                plugin.name,
+                plugin.version,
+                bytesize::ByteSize(plugin.size).to_string(),
+                &plugin.digest[..12],
+                plugin.description
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn inspect(file: &Path) -> Result<ExitCode> {
+    let registry = PluginRegistry::new(Engine::new()?)?;
+    match registry.load_file(file).await {
+        Ok(plugin) => {
+            println!("{}", serde_json::to_string_pretty(&plugin_json(&plugin))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            eprintln!("error: {} is not a usable plugin: {err}", file.display());
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn plugin_json(plugin: &crate::plugin::Plugin) -> Value {
+    let schema = |s: &Option<String>| {
+        s.as_deref()
+            .and_then(|s| serde_json::from_str::<Value>(s).ok())
+    };
+    serde_json::json!({
+        "name": plugin.name,
+        "version": plugin.version.to_string(),
+        "description": plugin.description,
+        "digest": format!("sha256:{}", plugin.digest),
+        "size": plugin.size,
+        "path": plugin.path,
+        "imports": plugin.imports,
+        "input_schema": schema(&plugin.input_schema),
+        "output_schema": schema(&plugin.output_schema),
+    })
+}
+
+/// A progress bar on a terminal: steps finished out of all.
+struct ProgressObserver {
+    bar: ProgressBar,
+}
+
+impl ProgressObserver {
+    fn new(steps: usize) -> ProgressObserver {
+        let bar = ProgressBar::new(steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}",
+            )
+            .expect("a valid progress template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(100));
+        ProgressObserver { bar }
+    }
+}
+
+impl RunObserver for ProgressObserver {
+    fn step_started(&self, step: &str, attempt: u32, item: Option<usize>) {
+        let mut message = format!("running {step}");
+        if let Some(item) = item {
+            message.push_str(&format!("[{item}]"));
+        }
+        if attempt > 1 {
+            message.push_str(&format!(" (attempt {attempt})"));
+        }
+        self.bar.set_message(message);
+    }
+
+    fn step_progress(&self, step: &str, progress: &crate::record::Progress) {
+        self.bar.set_message(format!(
+            "{step}: {:.0}% {}",
+            progress.fraction * 100.0,
+            progress.message
+        ));
+    }
+
+    fn step_finished(&self, step: &StepRecord) {
+        self.bar.inc(1);
+        if step.status == StepStatus::Failed {
+            self.bar.println(format!("✗ {} failed", step.id));
+        }
+    }
+}

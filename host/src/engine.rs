@@ -1,0 +1,280 @@
+//! The one wasmtime [`Engine`] of a Trellis process and the [`Limits`] every step
+//! runs under.
+//!
+//! Owns the wasmtime `Config` (component model, pooling allocator, fuel, epoch
+//! interruption) and the single epoch ticker thread shared by every store.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What one step attempt may use. Every field bounds something a guest could
+/// otherwise make the host do without end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Wasm instructions (roughly) before the attempt is stopped: bounds CPU.
+    pub fuel: u64,
+    /// Bytes over all linear memories and tables of the instance: bounds host RAM.
+    pub memory: u64,
+    /// Wall-clock time from instantiation to the end of `run`.
+    pub timeout: Duration,
+    /// Bytes of output JSON the host accepts from `run`.
+    pub max_output: u64,
+    /// Bytes of log (host `log` lines plus stdout and stderr) kept per attempt;
+    /// the rest is dropped and counted.
+    pub max_log: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel: 1_000_000_000,
+            memory: 128 * 1024 * 1024,
+            timeout: Duration::from_secs(60),
+            max_output: 16 * 1024 * 1024,
+            max_log: 1024 * 1024,
+        }
+    }
+}
+
+/// Optional overrides of [`Limits`], as a workflow's `[limits]` table or a step's
+/// `limits` give them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitOverrides {
+    pub fuel: Option<u64>,
+    pub memory: Option<u64>,
+    pub timeout: Option<Duration>,
+    pub max_output: Option<u64>,
+    pub max_log: Option<u64>,
+}
+
+impl LimitOverrides {
+    /// `self` on top of `base`.
+    pub fn apply(&self, base: Limits) -> Limits {
+        Limits {
+            fuel: self.fuel.unwrap_or(base.fuel),
+            memory: self.memory.unwrap_or(base.memory),
+            timeout: self.timeout.unwrap_or(base.timeout),
+            max_output: self.max_output.unwrap_or(base.max_output),
+            max_log: self.max_log.unwrap_or(base.max_log),
+        }
+    }
+
+    /// `self` on top of `base`, both partial: what a step overrides wins.
+    pub fn over(&self, base: &LimitOverrides) -> LimitOverrides {
+        LimitOverrides {
+            fuel: self.fuel.or(base.fuel),
+            memory: self.memory.or(base.memory),
+            timeout: self.timeout.or(base.timeout),
+            max_output: self.max_output.or(base.max_output),
+            max_log: self.max_log.or(base.max_log),
+        }
+    }
+}
+
+/// The largest memory a step may ask for: a wasm32 instance cannot address more.
+pub const MAX_MEMORY: u64 = 4 * 1024 * 1024 * 1024;
+
+/// How often the epoch ticker advances the engine's epoch. Deadlines and
+/// cancellation are checked at this granularity, and a busy guest yields its
+/// tokio worker this often.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// The native stack a guest may use. A guest that recurses without end traps
+/// with a stack overflow instead of taking the host thread's stack.
+const MAX_WASM_STACK: usize = 512 * 1024;
+
+/// Errors creating the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot configure the wasm engine: {0}")]
+    Config(String),
+}
+
+/// The process-wide wasmtime engine: one `Engine`, one epoch ticker thread.
+///
+/// Cloning is cheap; every clone shares the engine and the ticker. The ticker
+/// stops when the last engine handle is dropped.
+#[derive(Clone)]
+pub struct Engine {
+    inner: wasmtime::Engine,
+    pooling: bool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("pooling", &self.pooling)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// An engine with the pooling allocator; falls back to on-demand allocation
+    /// when the pool's virtual memory cannot be reserved (e.g. under `ulimit -v`).
+    pub fn new() -> Result<Engine, EngineError> {
+        match wasmtime::Engine::new(&Self::config(true)) {
+            Ok(engine) => Ok(Self::start(engine, true)),
+            Err(pool_err) => {
+                tracing::warn!(error = %pool_err, "pooling allocator unavailable; allocating instances on demand");
+                let engine = wasmtime::Engine::new(&Self::config(false))
+                    .map_err(|err| EngineError::Config(err.to_string()))?;
+                Ok(Self::start(engine, false))
+            }
+        }
+    }
+
+    fn config(pooling: bool) -> wasmtime::Config {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        // Fuel bounds a step's CPU work deterministically; epochs bound its wall
+        // clock and let cancellation reach a busy guest.
+        config.consume_fuel(true);
+        config.epoch_interruption(true);
+        config.max_wasm_stack(MAX_WASM_STACK);
+        config.async_stack_size(MAX_WASM_STACK + 512 * 1024);
+        config.parallel_compilation(true);
+        if pooling {
+            let mut pool = wasmtime::PoolingAllocationConfig::new();
+            // Instances in flight at once (steps plus `info()` probes).
+            pool.total_component_instances(1000);
+            pool.total_core_instances(4000);
+            pool.total_memories(2000);
+            pool.total_tables(4000);
+            pool.total_stacks(1000);
+            // Components made by componentize-py/js hold several core modules.
+            pool.max_core_instances_per_component(64);
+            pool.max_memories_per_component(16);
+            pool.max_tables_per_component(64);
+            pool.max_memories_per_module(2);
+            pool.max_tables_per_module(8);
+            pool.max_component_instance_size(1 << 20);
+            pool.max_core_instance_size(1 << 20);
+            pool.table_elements(100_000);
+            pool.max_memory_size(MAX_MEMORY as usize);
+            // Keeping a little of each slot resident doubles fresh-instance
+            // throughput on two threads (see WASMTIME-NOTES.md).
+            pool.linear_memory_keep_resident(4 << 20);
+            pool.table_keep_resident(64 << 10);
+            config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        }
+        config
+    }
+
+    fn start(engine: wasmtime::Engine, pooling: bool) -> Engine {
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("trellis-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .expect("spawning the epoch ticker thread");
+        Engine {
+            inner: engine,
+            pooling,
+        }
+    }
+
+    /// The wasmtime engine.
+    pub fn wasmtime(&self) -> &wasmtime::Engine {
+        &self.inner
+    }
+
+    /// Whether instances come from the pooling allocator.
+    pub fn is_pooling(&self) -> bool {
+        self.pooling
+    }
+}
+
+/// Compiled components on disk, keyed by the component's digest and by the
+/// engine's compatibility hash (wasmtime version and every setting that
+/// changes machine code), so a stale entry is never even looked up.
+///
+/// Each entry starts with a magic and the sha256 of the rest: a torn or
+/// corrupt file is detected, deleted and rebuilt, never handed to wasmtime.
+#[derive(Debug, Clone)]
+pub struct CodeCache {
+    dir: std::path::PathBuf,
+}
+
+const CACHE_MAGIC: &[u8; 8] = b"TRLSCWA1";
+
+impl CodeCache {
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> CodeCache {
+        CodeCache { dir: dir.into() }
+    }
+
+    fn path(&self, engine: &wasmtime::Engine, digest: &str) -> std::path::PathBuf {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.dir
+            .join(format!("{digest}-{:016x}.cwasm", hasher.finish()))
+    }
+
+    /// The cached compilation of the component whose bytes hash to `digest`,
+    /// or `compile()`'s, which is then stored (best effort).
+    pub fn get_or_compile(
+        &self,
+        engine: &wasmtime::Engine,
+        digest: &str,
+        compile: impl FnOnce() -> wasmtime::Result<wasmtime::component::Component>,
+    ) -> wasmtime::Result<wasmtime::component::Component> {
+        use sha2::{Digest, Sha256};
+        let path = self.path(engine, digest);
+        if let Ok(bytes) = std::fs::read(&path) {
+            let header = CACHE_MAGIC.len() + 32;
+            let valid = bytes.len() > header
+                && &bytes[..CACHE_MAGIC.len()] == CACHE_MAGIC
+                && bytes[CACHE_MAGIC.len()..header] == Sha256::digest(&bytes[header..])[..];
+            if valid {
+                // SAFETY: wasmtime requires that the bytes came from
+                // `Component::serialize` of a compatible engine. This file
+                // was written by `store` below with exactly that, its name
+                // carries the engine's compatibility hash, and its checksum
+                // was verified just now, so it is the bytes we wrote.
+                #[allow(unsafe_code)]
+                let loaded = unsafe {
+                    wasmtime::component::Component::deserialize(engine, &bytes[header..])
+                };
+                match loaded {
+                    Ok(component) => return Ok(component),
+                    Err(err) => {
+                        tracing::warn!(path = %path.display(), error = %err, "unusable compiled-code cache entry; recompiling")
+                    }
+                }
+            } else {
+                tracing::warn!(path = %path.display(), "corrupt compiled-code cache entry; recompiling");
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        let component = compile()?;
+        if let Err(err) = self.store(&path, &component) {
+            tracing::warn!(path = %path.display(), error = %err, "cannot write the compiled-code cache");
+        }
+        Ok(component)
+    }
+
+    fn store(
+        &self,
+        path: &std::path::Path,
+        component: &wasmtime::component::Component,
+    ) -> anyhow::Result<()> {
+        use sha2::{Digest, Sha256};
+        let code = component.serialize()?;
+        std::fs::create_dir_all(&self.dir)?;
+        let mut bytes = Vec::with_capacity(CACHE_MAGIC.len() + 32 + code.len());
+        bytes.extend_from_slice(CACHE_MAGIC);
+        bytes.extend_from_slice(&Sha256::digest(&code));
+        bytes.extend_from_slice(&code);
+        // Write then rename: a reader never sees half a file.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,561 @@
+//! Runs a validated [`Plan`]: steps in dependency order, independent steps in
+//! parallel (bounded by a semaphore shared by every run of the process),
+//! `if`, `for_each` fan-out, retries with backoff, `on_failure`, cancellation.
+//!
+//! No thread per step: steps are tokio tasks; a busy guest yields its worker
+//! at every epoch tick.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Limits;
+use crate::plugin::{AttemptOutcome, Invocation, Plugin, PluginRegistry, StateStore, StepEvents};
+use crate::record::{
+    AttemptRecord, ErrorKind, ErrorRecord, LogLine, Progress, RunError, RunRecord, RunStatus,
+    StepRecord, StepStatus, new_run_id, now_rfc3339,
+};
+use crate::workflow::{OnFailure, Plan, Scope};
+
+/// Live notifications from a run, for progress bars and event streams.
+pub trait RunObserver: Send + Sync {
+    fn step_started(&self, _step: &str, _attempt: u32, _item: Option<usize>) {}
+    fn step_log(&self, _step: &str, _line: &LogLine) {}
+    fn step_progress(&self, _step: &str, _progress: &Progress) {}
+    fn step_finished(&self, _step: &StepRecord) {}
+}
+
+/// How a run is started.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Defaults to a new UUIDv7.
+    pub run_id: Option<String>,
+    pub observer: Option<Arc<dyn RunObserver>>,
+    /// Cancelling stops running attempts at the next epoch tick.
+    pub cancel: CancellationToken,
+}
+
+/// Executes runs. Cheap to clone; clones share the concurrency bound.
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Arc<PluginRegistry>,
+    defaults: Limits,
+    permits: Arc<Semaphore>,
+    state: Arc<dyn StateStore>,
+}
+
+impl Executor {
+    /// `max_concurrent_steps` bounds attempts running at once across all runs.
+    pub fn new(
+        registry: Arc<PluginRegistry>,
+        defaults: Limits,
+        max_concurrent_steps: usize,
+        state: Arc<dyn StateStore>,
+    ) -> Executor {
+        Executor {
+            inner: Arc::new(Inner {
+                registry,
+                defaults,
+                permits: Arc::new(Semaphore::new(max_concurrent_steps.max(1))),
+                state,
+            }),
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<PluginRegistry> {
+        &self.inner.registry
+    }
+
+    /// Runs `plan` on `input` to the end and returns its record.
+    pub async fn run(&self, plan: Arc<Plan>, input: Value, options: RunOptions) -> RunRecord {
+        let run_id = options.run_id.clone().unwrap_or_else(new_run_id);
+        let created_at = now_rfc3339();
+        let started = Instant::now();
+        let mut record = RunRecord {
+            id: run_id.clone(),
+            workflow: plan.name.clone(),
+            status: RunStatus::Running,
+            input: input.clone(),
+            output: Value::Null,
+            error: None,
+            created_at: created_at.clone(),
+            started_at: Some(created_at),
+            finished_at: None,
+            duration_ms: None,
+            steps: plan
+                .steps
+                .iter()
+                .map(|step| StepRecord {
+                    id: step.id.clone(),
+                    plugin: step.plugin.clone(),
+                    plugin_version: None,
+                    plugin_digest: None,
+                    status: StepStatus::Pending,
+                    output: Value::Null,
+                    error: None,
+                    started_at: None,
+                    duration_ms: None,
+                    items: None,
+                    attempts: Vec::new(),
+                })
+                .collect(),
+        };
+
+        // Pin every plugin now: the run keeps these exact builds to its end.
+        let mut plugins = Vec::with_capacity(plan.steps.len());
+        for (step, step_record) in plan.steps.iter().zip(&mut record.steps) {
+            match self.inner.registry.resolve(&step.plugin) {
+                Ok(plugin) => {
+                    step_record.plugin_version = Some(plugin.version.to_string());
+                    step_record.plugin_digest = Some(format!("sha256:{}", plugin.digest));
+                    plugins.push(plugin);
+                }
+                Err(err) => {
+                    record.error = Some(RunError {
+                        step: Some(step.id.clone()),
+                        kind: ErrorKind::Plugin,
+                        message: err.to_string(),
+                    });
+                    return self.finish(record, started, &plan, RunStatus::Failed);
+                }
+            }
+        }
+
+        let run = Arc::new(RunContext {
+            executor: self.clone(),
+            plan: plan.clone(),
+            plugins,
+            run_id,
+            observer: options.observer.clone(),
+            cancel: options.cancel.clone(),
+        });
+
+        let n = plan.steps.len();
+        let mut waiting: Vec<usize> = plan.steps.iter().map(|s| s.needs.len()).collect();
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (index, step) in plan.steps.iter().enumerate() {
+            for &need in &step.needs {
+                dependents[need].push(index);
+            }
+        }
+
+        let mut scope = Scope::new(&run.run_id, &plan.name, &input);
+        let mut tasks = JoinSet::new();
+        let mut failure: Option<RunError> = None;
+        let spawn = |tasks: &mut JoinSet<(usize, StepRecord)>,
+                     index: usize,
+                     scope: &Scope,
+                     record: &mut StepRecord| {
+            record.status = StepStatus::Running;
+            let run = run.clone();
+            let scope = scope.clone();
+            let base = record.clone();
+            tasks.spawn(async move { (index, run.run_step(index, scope, base).await) });
+        };
+        for index in 0..n {
+            if waiting[index] == 0 {
+                spawn(&mut tasks, index, &scope, &mut record.steps[index]);
+            }
+        }
+
+        while let Some(joined) = tasks.join_next().await {
+            let (index, step_record) = match joined {
+                Ok(done) => done,
+                Err(join_error) => {
+                    // A bug in the host, not the guest: fail the run, keep serving.
+                    tracing::error!(error = %join_error, "step task failed");
+                    failure.get_or_insert(RunError {
+                        step: None,
+                        kind: ErrorKind::Trap,
+                        message: format!("internal error: {join_error}"),
+                    });
+                    continue;
+                }
+            };
+            let step = &plan.steps[index];
+            scope.set_step(&step.id, step_record.status.as_str(), &step_record.output);
+            if step_record.status == StepStatus::Failed
+                && step.on_failure == OnFailure::Fail
+                && failure.is_none()
+            {
+                let error = step_record.error.clone().unwrap_or(ErrorRecord {
+                    kind: ErrorKind::Trap,
+                    message: "failed".into(),
+                    retryable: false,
+                    details: None,
+                });
+                failure = Some(RunError {
+                    step: Some(step.id.clone()),
+                    kind: error.kind,
+                    message: error.message,
+                });
+            }
+            if let Some(observer) = &run.observer {
+                observer.step_finished(&step_record);
+            }
+            record.steps[index] = step_record;
+            for &dependent in &dependents[index] {
+                waiting[dependent] -= 1;
+                if waiting[dependent] == 0 && failure.is_none() && !options.cancel.is_cancelled() {
+                    spawn(&mut tasks, dependent, &scope, &mut record.steps[dependent]);
+                }
+            }
+        }
+
+        // Steps that never started: say why.
+        let cancelled = options.cancel.is_cancelled();
+        for step_record in &mut record.steps {
+            if step_record.status == StepStatus::Pending {
+                step_record.status = StepStatus::Cancelled;
+                step_record.error = Some(match (&failure, cancelled) {
+                    (Some(failure), _) => ErrorRecord {
+                        kind: ErrorKind::DependencyFailed,
+                        message: format!(
+                            "not run: step `{}` failed",
+                            failure.step.as_deref().unwrap_or("?")
+                        ),
+                        retryable: false,
+                        details: None,
+                    },
+                    _ => ErrorRecord {
+                        kind: ErrorKind::Cancelled,
+                        message: "not run: the run was cancelled".into(),
+                        retryable: false,
+                        details: None,
+                    },
+                });
+            }
+        }
+
+        let status = if let Some(failure) = failure {
+            record.error = Some(failure);
+            RunStatus::Failed
+        } else if cancelled {
+            record.error = Some(RunError {
+                step: None,
+                kind: ErrorKind::Cancelled,
+                message: "the run was cancelled".into(),
+            });
+            RunStatus::Cancelled
+        } else {
+            match self.output(&plan, &scope, &record) {
+                Ok(output) => {
+                    record.output = output;
+                    RunStatus::Succeeded
+                }
+                Err(message) => {
+                    record.error = Some(RunError {
+                        step: None,
+                        kind: ErrorKind::Template,
+                        message,
+                    });
+                    RunStatus::Failed
+                }
+            }
+        };
+        self.finish(record, started, &plan, status)
+    }
+
+    /// `[output]`, or `{ sink id: output }` for the steps no other step needs.
+    fn output(&self, plan: &Plan, scope: &Scope, record: &RunRecord) -> Result<Value, String> {
+        if let Some(output) = &plan.output {
+            return plan
+                .templates
+                .render(output, scope)
+                .map_err(|e| e.to_string());
+        }
+        let mut needed = vec![false; plan.steps.len()];
+        for step in &plan.steps {
+            for &need in &step.needs {
+                needed[need] = true;
+            }
+        }
+        let sinks: serde_json::Map<String, Value> = plan
+            .steps
+            .iter()
+            .zip(&record.steps)
+            .enumerate()
+            .filter(|(index, _)| !needed[*index])
+            .map(|(_, (step, step_record))| (step.id.clone(), step_record.output.clone()))
+            .collect();
+        Ok(Value::Object(sinks))
+    }
+
+    fn finish(
+        &self,
+        mut record: RunRecord,
+        started: Instant,
+        _plan: &Plan,
+        status: RunStatus,
+    ) -> RunRecord {
+        record.status = status;
+        record.finished_at = Some(now_rfc3339());
+        record.duration_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+        record
+    }
+}
+
+/// What every step task of one run shares.
+struct RunContext {
+    executor: Executor,
+    plan: Arc<Plan>,
+    plugins: Vec<Arc<Plugin>>,
+    run_id: String,
+    observer: Option<Arc<dyn RunObserver>>,
+    cancel: CancellationToken,
+}
+
+impl RunContext {
+    async fn run_step(
+        self: Arc<Self>,
+        index: usize,
+        scope: Scope,
+        mut record: StepRecord,
+    ) -> StepRecord {
+        let step = &self.plan.steps[index];
+        let templates = &self.plan.templates;
+        let started = Instant::now();
+        record.started_at = Some(now_rfc3339());
+        let fail = |mut record: StepRecord, error: ErrorRecord| {
+            record.status = StepStatus::Failed;
+            record.error = Some(error);
+            record
+        };
+
+        if let Some(condition) = &step.condition {
+            match templates.truthy(condition, &scope) {
+                Ok(true) => {}
+                Ok(false) => {
+                    record.status = StepStatus::Skipped;
+                    record.duration_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+                    return record;
+                }
+                Err(err) => return fail(record, template_error(err.to_string())),
+            }
+        }
+
+        let (result, attempts) = match &step.for_each {
+            None => self.clone().run_instance(index, scope, None).await,
+            Some(for_each) => {
+                let items = match templates.render_list(for_each, &scope) {
+                    Ok(items) => items,
+                    Err(err) => return fail(record, template_error(err.to_string())),
+                };
+                record.items = Some(items.len());
+                // One task per item: items run in parallel, bounded by the
+                // executor's permits like any other attempt.
+                let mut tasks = JoinSet::new();
+                for (position, item) in items.iter().enumerate() {
+                    let run = self.clone();
+                    let scope = scope.with_item(item, position);
+                    tasks.spawn(async move {
+                        (
+                            position,
+                            run.run_instance(index, scope, Some(position)).await,
+                        )
+                    });
+                }
+                let mut results: Vec<Option<(Result<Value, ErrorRecord>, Vec<AttemptRecord>)>> =
+                    (0..items.len()).map(|_| None).collect();
+                while let Some(joined) = tasks.join_next().await {
+                    match joined {
+                        Ok((position, result)) => results[position] = Some(result),
+                        Err(join_error) => {
+                            tracing::error!(error = %join_error, "for_each task failed")
+                        }
+                    }
+                }
+                let mut outputs = Vec::with_capacity(items.len());
+                let mut attempts = Vec::new();
+                let mut first_error = None;
+                for (position, result) in results.into_iter().enumerate() {
+                    let (result, item_attempts) = result.unwrap_or_else(|| {
+                        (
+                            Err(internal_error("the item's task ended abnormally")),
+                            Vec::new(),
+                        )
+                    });
+                    attempts.extend(item_attempts);
+                    match result {
+                        Ok(output) => outputs.push(output),
+                        Err(mut error) => {
+                            outputs.push(Value::Null);
+                            if first_error.is_none() {
+                                error.message = format!("item {position}: {}", error.message);
+                                first_error = Some(error);
+                            }
+                        }
+                    }
+                }
+                (first_error.map_or(Ok(Value::Array(outputs)), Err), attempts)
+            }
+        };
+
+        record.attempts = attempts;
+        record.duration_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+        match result {
+            Ok(output) => {
+                record.status = StepStatus::Succeeded;
+                record.output = output;
+                record
+            }
+            Err(error) if error.kind == ErrorKind::Cancelled => {
+                record.status = StepStatus::Cancelled;
+                record.error = Some(error);
+                record
+            }
+            Err(error) => fail(record, error),
+        }
+    }
+
+    /// One invocation of the step (one `for_each` item), with its retries.
+    async fn run_instance(
+        self: Arc<Self>,
+        index: usize,
+        scope: Scope,
+        item: Option<usize>,
+    ) -> (Result<Value, ErrorRecord>, Vec<AttemptRecord>) {
+        let step = &self.plan.steps[index];
+        let templates = &self.plan.templates;
+        let input = match templates.render(&step.input, &scope) {
+            Ok(input) => input,
+            Err(err) => return (Err(template_error(err.to_string())), Vec::new()),
+        };
+        let input = serde_json::to_string(&input).expect("a JSON value serialises");
+        let mut config = BTreeMap::new();
+        for (key, value) in &step.config {
+            match templates.render(value, &scope) {
+                Ok(Value::String(text)) => config.insert(key.clone(), text),
+                Ok(other) => config.insert(key.clone(), other.to_string()),
+                Err(err) => return (Err(template_error(err.to_string())), Vec::new()),
+            };
+        }
+        let limits = step.limits.apply(self.executor.inner.defaults);
+        let events: Option<Arc<dyn StepEvents>> = self.observer.as_ref().map(|observer| {
+            Arc::new(ForwardEvents {
+                step: step.id.clone(),
+                observer: observer.clone(),
+            }) as _
+        });
+
+        let mut attempts = Vec::new();
+        let mut attempt = 1;
+        loop {
+            let permit = tokio::select! {
+                permit = self.executor.inner.permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                _ = self.cancel.cancelled() => return (Err(cancelled_error()), attempts),
+            };
+            if let Some(observer) = &self.observer {
+                observer.step_started(&step.id, attempt, item);
+            }
+            let outcome = self.plugins[index]
+                .invoke(Invocation {
+                    run_id: self.run_id.clone(),
+                    workflow: self.plan.name.clone(),
+                    step_id: step.id.clone(),
+                    attempt,
+                    input: input.clone(),
+                    config: config.clone(),
+                    limits,
+                    state: self.executor.inner.state.clone(),
+                    events: events.clone(),
+                    cancel: self.cancel.clone(),
+                })
+                .await;
+            drop(permit);
+            let (result, attempt_record) = attempt_record(attempt, item, outcome);
+            attempts.push(attempt_record);
+            match result {
+                Ok(output) => return (Ok(output), attempts),
+                Err(error) if error.retryable && attempt < step.retry.max_attempts => {
+                    let delay = step.retry.delay_before(attempt + 1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.cancel.cancelled() => return (Err(cancelled_error()), attempts),
+                    }
+                    attempt += 1;
+                }
+                Err(error) => return (Err(error), attempts),
+            }
+        }
+    }
+}
+
+fn attempt_record(
+    attempt: u32,
+    item: Option<usize>,
+    outcome: AttemptOutcome,
+) -> (Result<Value, ErrorRecord>, AttemptRecord) {
+    let (status, error) = match &outcome.result {
+        Ok(_) => (StepStatus::Succeeded, None),
+        Err(error) if error.kind == ErrorKind::Cancelled => {
+            (StepStatus::Cancelled, Some(error.clone()))
+        }
+        Err(error) => (StepStatus::Failed, Some(error.clone())),
+    };
+    let record = AttemptRecord {
+        attempt,
+        item,
+        status,
+        error,
+        started_at: outcome.started_at,
+        duration_ms: outcome.duration.as_secs_f64() * 1000.0,
+        fuel_consumed: outcome.fuel_consumed,
+        peak_memory: outcome.peak_memory,
+        logs: outcome.logs,
+        log_bytes_dropped: outcome.log_bytes_dropped,
+        progress: outcome.progress,
+    };
+    (outcome.result, record)
+}
+
+fn template_error(message: String) -> ErrorRecord {
+    ErrorRecord {
+        kind: ErrorKind::Template,
+        message,
+        retryable: false,
+        details: None,
+    }
+}
+
+fn cancelled_error() -> ErrorRecord {
+    ErrorRecord {
+        kind: ErrorKind::Cancelled,
+        message: "the run was cancelled".into(),
+        retryable: false,
+        details: None,
+    }
+}
+
+fn internal_error(message: &str) -> ErrorRecord {
+    ErrorRecord {
+        kind: ErrorKind::Trap,
+        message: format!("internal error: {message}"),
+        retryable: false,
+        details: None,
+    }
+}
+
+/// Forwards a step's live log and progress to the run's observer.
+struct ForwardEvents {
+    step: String,
+    observer: Arc<dyn RunObserver>,
+}
+
+impl StepEvents for ForwardEvents {
+    fn log(&self, line: &LogLine) {
+        self.observer.step_log(&self.step, line);
+    }
+    fn progress(&self, progress: &Progress) {
+        self.observer.step_progress(&self.step, progress);
+    }
+}

@@ -1,0 +1,13 @@
+//! Trellis: workflow orchestration whose tasks are WebAssembly components.
+//!
+//! Data flows one way: trigger (CLI) -> [`executor`] -> [`plugin`] sandbox ->
+//! [`record`]. [`workflow`] turns TOML into a validated plan; [`engine`] owns
+//! wasmtime.
+
+pub mod cli;
+pub mod engine;
+pub mod executor;
+pub mod plugin;
+pub mod record;
+pub mod telemetry;
+pub mod workflow;

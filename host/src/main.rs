@@ -1,0 +1,6 @@
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    trellis::telemetry::init();
+    trellis::cli::main()
+}

@@ -1,0 +1,10 @@
+//! Plugins: loading WASM components, checking them against the
+//! `trellis:plugin/task` world, the registry of loaded plugins, and the sandbox
+//! each step attempt runs in (host imports, limits, captured output).
+
+pub mod bindings;
+mod registry;
+mod sandbox;
+
+pub use registry::{LoadReport, Plugin, PluginError, PluginRegistry, ResolveError};
+pub use sandbox::{AttemptOutcome, Invocation, MemoryStateStore, StateStore, StepEvents};

@@ -1,0 +1,420 @@
+//! The plugins a process knows: loaded from files, checked against the
+//! `trellis:plugin/task` world, named by their `info()`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker};
+
+use super::bindings::{Task, TaskPre};
+use super::sandbox::{self, AttemptOutcome, Invocation, StepState};
+use crate::engine::{CodeCache, Engine, Limits};
+
+/// What `info()` may use: it should answer at once.
+const INFO_LIMITS: Limits = Limits {
+    fuel: 100_000_000,
+    memory: 64 * 1024 * 1024,
+    timeout: Duration::from_secs(2),
+    max_output: 1024 * 1024,
+    max_log: 64 * 1024,
+};
+
+/// Why a file is not a usable plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("not a WebAssembly file (no `\\0asm` header)")]
+    NotWasm,
+    #[error(
+        "a core WebAssembly module, not a component: build for wasm32-wasip2 or run `wasm-tools component new`"
+    )]
+    CoreModule,
+    #[error("does not compile: {0}")]
+    Compile(String),
+    #[error("needs imports the host does not provide: {0}")]
+    Link(String),
+    #[error("does not implement the trellis:plugin/task world: {0}")]
+    World(String),
+    #[error("info() failed: {0}")]
+    Info(String),
+    #[error("info() answered an invalid {field} {value:?}: {reason}")]
+    BadInfo {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{name} {version} is loaded twice: {first} and {second}")]
+    Duplicate {
+        name: String,
+        version: String,
+        first: String,
+        second: String,
+    },
+}
+
+/// Why a plugin reference does not resolve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("no plugin named `{name}` is loaded{}", known_list(.known))]
+    UnknownName { name: String, known: Vec<String> },
+    #[error("plugin `{name}` has no version {version} (loaded: {})", .available.join(", "))]
+    NoVersion {
+        name: String,
+        version: String,
+        available: Vec<String>,
+    },
+    #[error("plugin `{name}` has no build with digest sha256:{digest}")]
+    NoDigest { name: String, digest: String },
+    #[error(
+        "`{reference}` is not a plugin reference: use `name`, `name@1.2.0` or `name@sha256:<hex>`"
+    )]
+    BadReference { reference: String },
+}
+
+fn known_list(known: &[String]) -> String {
+    if known.is_empty() {
+        " (no plugins are loaded: is the plugin directory right?)".to_string()
+    } else {
+        format!(" (loaded: {})", known.join(", "))
+    }
+}
+
+/// A loaded, checked plugin. Immutable: a run that resolved it keeps it.
+pub struct Plugin {
+    pub name: String,
+    pub version: semver::Version,
+    pub description: String,
+    pub input_schema: Option<String>,
+    pub output_schema: Option<String>,
+    /// sha256 of the component's bytes, hex.
+    pub digest: String,
+    pub size: u64,
+    /// The file it came from, if any.
+    pub path: Option<PathBuf>,
+    /// The imports the component declares.
+    pub imports: Vec<String>,
+    pre: TaskPre<StepState>,
+    engine: Engine,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("version", &self.version.to_string())
+            .field("digest", &self.digest)
+            .finish()
+    }
+}
+
+impl Plugin {
+    /// Runs one attempt in a fresh sandbox.
+    pub async fn invoke(&self, invocation: Invocation) -> AttemptOutcome {
+        sandbox::invoke(&self.engine, &self.pre, invocation).await
+    }
+
+    /// `name@version`.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+}
+
+/// Outcome of loading a set of directories.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub loaded: usize,
+    /// Files that were skipped, with the reason.
+    pub errors: Vec<(PathBuf, PluginError)>,
+}
+
+/// The plugins of a process, by name, each name's versions in ascending order.
+pub struct PluginRegistry {
+    engine: Engine,
+    linker: Arc<Linker<StepState>>,
+    cache: Option<CodeCache>,
+    plugins: BTreeMap<String, Vec<Arc<Plugin>>>,
+}
+
+impl std::fmt::Debug for PluginRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginRegistry")
+            .field("plugins", &self.plugins)
+            .finish()
+    }
+}
+
+impl PluginRegistry {
+    /// An empty registry whose plugins may import WASI p2 (deny-by-default) and
+    /// the `host` and `state` interfaces.
+    pub fn new(engine: Engine) -> Result<PluginRegistry, PluginError> {
+        let mut linker = Linker::new(engine.wasmtime());
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| PluginError::Link(e.to_string()))?;
+        Task::add_to_linker::<_, wasmtime::component::HasSelf<StepState>>(&mut linker, |state| {
+            state
+        })
+        .map_err(|e| PluginError::Link(e.to_string()))?;
+        Ok(PluginRegistry {
+            engine,
+            linker: Arc::new(linker),
+            cache: None,
+            plugins: BTreeMap::new(),
+        })
+    }
+
+    /// Keep compiled components in `cache`: a warm start does not recompile.
+    pub fn with_cache(mut self, cache: CodeCache) -> PluginRegistry {
+        self.cache = Some(cache);
+        self
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles and checks a component: that it is one, that the host can
+    /// satisfy its imports, that it exports the world, and that `info()`
+    /// answers with a valid name and semver version.
+    pub async fn compile(
+        &self,
+        bytes: &[u8],
+        path: Option<PathBuf>,
+    ) -> Result<Plugin, PluginError> {
+        match bytes.get(..8) {
+            Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => return Err(PluginError::CoreModule),
+            Some([0, b'a', b's', b'm', ..]) => {}
+            _ => return Err(PluginError::NotWasm),
+        }
+        let digest = hex::encode(Sha256::digest(bytes));
+        let engine = self.engine.clone();
+        let owned = bytes.to_vec();
+        let cache = self.cache.clone();
+        let key = digest.clone();
+        let component = tokio::task::spawn_blocking(move || {
+            let compile = || Component::new(engine.wasmtime(), &owned);
+            match cache {
+                Some(cache) => cache.get_or_compile(engine.wasmtime(), &key, compile),
+                None => compile(),
+            }
+        })
+        .await
+        .map_err(|e| PluginError::Compile(e.to_string()))?
+        .map_err(|e| PluginError::Compile(format!("{e:#}")))?;
+        let imports = component
+            .component_type()
+            .imports(self.engine.wasmtime())
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Link(format!("{e:#}")))?;
+        let pre = TaskPre::new(instance_pre).map_err(|e| PluginError::World(format!("{e:#}")))?;
+        let info = probe_info(&self.engine, &pre).await?;
+        let name = info.name.trim().to_string();
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        {
+            return Err(PluginError::BadInfo {
+                field: "name",
+                value: info.name,
+                reason: "use 1 to 64 lowercase letters, digits, `-` or `_`".into(),
+            });
+        }
+        let version =
+            semver::Version::parse(info.version.trim()).map_err(|e| PluginError::BadInfo {
+                field: "version",
+                value: info.version.clone(),
+                reason: format!("not a semver version: {e}"),
+            })?;
+        for (field, schema) in [
+            ("input-schema", &info.input_schema),
+            ("output-schema", &info.output_schema),
+        ] {
+            if let Some(schema) = schema {
+                serde_json::from_str::<serde_json::Value>(schema).map_err(|e| {
+                    PluginError::BadInfo {
+                        field,
+                        value: schema.chars().take(60).collect(),
+                        reason: format!("not JSON: {e}"),
+                    }
+                })?;
+            }
+        }
+        Ok(Plugin {
+            name,
+            version,
+            description: info.description,
+            input_schema: info.input_schema,
+            output_schema: info.output_schema,
+            digest,
+            size: bytes.len() as u64,
+            path,
+            imports,
+            pre,
+            engine: self.engine.clone(),
+        })
+    }
+
+    /// Loads one file.
+    pub async fn load_file(&self, path: &Path) -> Result<Plugin, PluginError> {
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| PluginError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        self.compile(&bytes, Some(path.to_path_buf())).await
+    }
+
+    /// Loads every `*.wasm` file in `dirs` (not recursive). A file that is not a
+    /// usable plugin is reported and skipped; two files with the same name and
+    /// version are an error for the second.
+    pub async fn load_dirs(&mut self, dirs: &[PathBuf]) -> LoadReport {
+        let mut report = LoadReport::default();
+        let mut files = Vec::new();
+        for dir in dirs {
+            match std::fs::read_dir(dir) {
+                Ok(entries) => {
+                    let mut found: Vec<PathBuf> = entries
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.extension().is_some_and(|ext| ext == "wasm") && p.is_file())
+                        .collect();
+                    found.sort();
+                    files.extend(found);
+                }
+                Err(source) => report.errors.push((
+                    dir.clone(),
+                    PluginError::Io {
+                        path: dir.clone(),
+                        source,
+                    },
+                )),
+            }
+        }
+        // Compile concurrently: Cranelift work runs on blocking threads.
+        let loads = files.iter().map(|path| self.load_file(path));
+        let results = futures::future::join_all(loads).await;
+        for (path, result) in files.into_iter().zip(results) {
+            match result.and_then(|plugin| self.insert(plugin)) {
+                Ok(()) => report.loaded += 1,
+                Err(err) => report.errors.push((path, err)),
+            }
+        }
+        report
+    }
+
+    /// Adds a plugin; refuses a second one with the same name and version.
+    pub fn insert(&mut self, plugin: Plugin) -> Result<(), PluginError> {
+        let versions = self.plugins.entry(plugin.name.clone()).or_default();
+        if let Some(existing) = versions.iter().find(|p| p.version == plugin.version) {
+            let show = |p: &Plugin| {
+                p.path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| format!("sha256:{}", p.digest))
+            };
+            return Err(PluginError::Duplicate {
+                name: plugin.name.clone(),
+                version: plugin.version.to_string(),
+                first: show(existing),
+                second: show(&plugin),
+            });
+        }
+        versions.push(Arc::new(plugin));
+        versions.sort_by(|a, b| a.version.cmp(&b.version));
+        Ok(())
+    }
+
+    /// `name` (the highest version), `name@1.2.0` or `name@sha256:<hex>`.
+    pub fn resolve(&self, reference: &str) -> Result<Arc<Plugin>, ResolveError> {
+        let (name, pin) = match reference.split_once('@') {
+            Some((name, pin)) => (name, Some(pin)),
+            None => (reference, None),
+        };
+        let Some(versions) = self.plugins.get(name) else {
+            if name.is_empty() {
+                return Err(ResolveError::BadReference {
+                    reference: reference.to_string(),
+                });
+            }
+            return Err(ResolveError::UnknownName {
+                name: name.to_string(),
+                known: self.plugins.keys().cloned().collect(),
+            });
+        };
+        match pin {
+            None => Ok(versions
+                .last()
+                .expect("a name has at least one version")
+                .clone()),
+            Some(pin) => {
+                if let Some(digest) = pin.strip_prefix("sha256:") {
+                    return versions
+                        .iter()
+                        .find(|p| p.digest == digest)
+                        .cloned()
+                        .ok_or_else(|| ResolveError::NoDigest {
+                            name: name.to_string(),
+                            digest: digest.to_string(),
+                        });
+                }
+                let version =
+                    semver::Version::parse(pin).map_err(|_| ResolveError::BadReference {
+                        reference: reference.to_string(),
+                    })?;
+                versions
+                    .iter()
+                    .find(|p| p.version == version)
+                    .cloned()
+                    .ok_or_else(|| ResolveError::NoVersion {
+                        name: name.to_string(),
+                        version: pin.to_string(),
+                        available: versions.iter().map(|p| p.version.to_string()).collect(),
+                    })
+            }
+        }
+    }
+
+    /// Every loaded plugin, by name then version.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Plugin>> {
+        self.plugins.values().flatten()
+    }
+}
+
+impl crate::workflow::PluginCatalog for PluginRegistry {
+    fn check(&self, reference: &str) -> Result<(), String> {
+        self.resolve(reference)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+async fn probe_info(
+    engine: &Engine,
+    pre: &TaskPre<StepState>,
+) -> Result<super::bindings::PluginInfo, PluginError> {
+    let mut store = sandbox::new_store(engine, StepState::probe(&INFO_LIMITS), INFO_LIMITS.fuel);
+    let call = async {
+        let task = pre.instantiate_async(&mut store).await?;
+        task.call_info(&mut store).await
+    };
+    match tokio::time::timeout(INFO_LIMITS.timeout, call).await {
+        Ok(Ok(info)) => Ok(info),
+        Ok(Err(err)) => Err(PluginError::Info(format!("{err:#}"))),
+        Err(_) => Err(PluginError::Info(format!(
+            "no answer within {}",
+            humantime::format_duration(INFO_LIMITS.timeout)
+        ))),
+    }
+}

@@ -1,0 +1,720 @@
+//! The sandbox of one step attempt: a fresh `Store` and instance with its own
+//! fuel, memory cap, deadline and captured output, and the host imports the
+//! guest may call (`host`, `state`, WASI p2 deny-by-default).
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::trellis::plugin::{host, state, types};
+use super::bindings::{StepContext, TaskPre};
+use crate::engine::{Engine, Limits};
+use crate::record::{ErrorKind, ErrorRecord, LogLevel, LogLine, LogStream, Progress, now_rfc3339};
+
+/// Bytes a table element is counted as against the step's memory limit.
+const TABLE_ELEMENT_BYTES: u64 = 8;
+/// A state key longer than this is refused (it is stored per workflow).
+const MAX_STATE_KEY: usize = 1024;
+/// A state value larger than this is refused.
+const MAX_STATE_VALUE: usize = 1024 * 1024;
+/// A config key or log message longer than this is cut.
+const MAX_LINE: usize = 64 * 1024;
+/// How much of stderr is kept aside to find a panic message, even when the log
+/// itself is full.
+const STDERR_TAIL: usize = 8 * 1024;
+
+/// Durable key-value state, scoped to a workflow (the `state` import).
+pub trait StateStore: Send + Sync {
+    fn get(&self, scope: &str, key: &str) -> Option<Vec<u8>>;
+    fn set(&self, scope: &str, key: &str, value: Vec<u8>);
+    fn delete(&self, scope: &str, key: &str);
+}
+
+/// State kept in memory for the life of the process.
+#[derive(Debug, Default)]
+pub struct MemoryStateStore {
+    map: Mutex<HashMap<(String, String), Vec<u8>>>,
+}
+
+impl StateStore for MemoryStateStore {
+    fn get(&self, scope: &str, key: &str) -> Option<Vec<u8>> {
+        let map = self.map.lock().unwrap();
+        map.get(&(scope.to_string(), key.to_string())).cloned()
+    }
+    fn set(&self, scope: &str, key: &str, value: Vec<u8>) {
+        let mut map = self.map.lock().unwrap();
+        map.insert((scope.to_string(), key.to_string()), value);
+    }
+    fn delete(&self, scope: &str, key: &str) {
+        let mut map = self.map.lock().unwrap();
+        map.remove(&(scope.to_string(), key.to_string()));
+    }
+}
+
+/// Live notifications from a running attempt (progress bars, event streams).
+pub trait StepEvents: Send + Sync {
+    fn log(&self, _line: &LogLine) {}
+    fn progress(&self, _progress: &Progress) {}
+}
+
+/// Everything one attempt needs.
+pub struct Invocation {
+    pub run_id: String,
+    pub workflow: String,
+    pub step_id: String,
+    pub attempt: u32,
+    pub input: String,
+    pub config: BTreeMap<String, String>,
+    pub limits: Limits,
+    pub state: Arc<dyn StateStore>,
+    pub events: Option<Arc<dyn StepEvents>>,
+    pub cancel: CancellationToken,
+}
+
+/// What one attempt did.
+#[derive(Debug)]
+pub struct AttemptOutcome {
+    pub result: Result<Value, ErrorRecord>,
+    pub started_at: String,
+    pub duration: Duration,
+    pub fuel_consumed: u64,
+    pub peak_memory: u64,
+    pub logs: Vec<LogLine>,
+    pub log_bytes_dropped: u64,
+    pub progress: Option<Progress>,
+}
+
+/// Why the epoch callback or a timer stopped the guest.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+enum Interrupted {
+    #[error("deadline reached")]
+    Timeout,
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// The data of a step's `Store`.
+pub struct StepState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    log: LogSink,
+    config: BTreeMap<String, String>,
+    state: Arc<dyn StateStore>,
+    state_scope: String,
+    progress: Option<Progress>,
+    events: Option<Arc<dyn StepEvents>>,
+    deadline: Instant,
+    cancel: CancellationToken,
+}
+
+impl StepState {
+    /// A state for `info()` probes: no config, no state, small limits.
+    pub(crate) fn probe(limits: &Limits) -> StepState {
+        StepState::new(
+            limits,
+            BTreeMap::new(),
+            Arc::new(MemoryStateStore::default()),
+            String::new(),
+            None,
+            CancellationToken::new(),
+        )
+    }
+
+    fn new(
+        limits: &Limits,
+        config: BTreeMap<String, String>,
+        state: Arc<dyn StateStore>,
+        state_scope: String,
+        events: Option<Arc<dyn StepEvents>>,
+        cancel: CancellationToken,
+    ) -> StepState {
+        let log = LogSink::new(limits.max_log, events.clone());
+        // Deny by default: no preopened directories, no environment, no
+        // arguments, no sockets; stdout and stderr go into the step log.
+        let wasi = WasiCtx::builder()
+            .stdout(GuestOutput {
+                sink: log.clone(),
+                stream: LogStream::Stdout,
+            })
+            .stderr(GuestOutput {
+                sink: log.clone(),
+                stream: LogStream::Stderr,
+            })
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        StepState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                limit: limits.memory,
+                ..Default::default()
+            },
+            log,
+            config,
+            state,
+            state_scope,
+            progress: None,
+            events,
+            deadline: Instant::now() + limits.timeout,
+            cancel,
+        }
+    }
+}
+
+impl WasiView for StepState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Sets up a store for a fresh instance: limiter, fuel, epoch deadline.
+pub(crate) fn new_store(engine: &Engine, data: StepState, fuel: u64) -> Store<StepState> {
+    let mut store = Store::new(engine.wasmtime(), data);
+    store.limiter(|state| &mut state.limiter);
+    store.set_fuel(fuel).expect("fuel is enabled on the engine");
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|ctx| {
+        let data = ctx.data();
+        if data.cancel.is_cancelled() {
+            return Err(wasmtime::Error::new(Interrupted::Cancelled));
+        }
+        if Instant::now() >= data.deadline {
+            return Err(wasmtime::Error::new(Interrupted::Timeout));
+        }
+        // Give the tokio worker back every tick so a busy guest cannot starve
+        // other steps or the API.
+        Ok(UpdateDeadline::Yield(1))
+    });
+    store
+}
+
+/// Runs one attempt of `pre` in a fresh sandbox.
+pub(crate) async fn invoke(
+    engine: &Engine,
+    pre: &TaskPre<StepState>,
+    inv: Invocation,
+) -> AttemptOutcome {
+    let started_at = now_rfc3339();
+    let started = Instant::now();
+    let limits = inv.limits;
+    let data = StepState::new(
+        &limits,
+        inv.config,
+        inv.state,
+        inv.workflow.clone(),
+        inv.events,
+        inv.cancel.clone(),
+    );
+    let deadline = data.deadline;
+    let mut store = new_store(engine, data, limits.fuel);
+    let ctx = StepContext {
+        run_id: inv.run_id,
+        workflow: inv.workflow,
+        step_id: inv.step_id,
+        attempt: inv.attempt,
+    };
+
+    let called = {
+        let call = async {
+            let task = pre.instantiate_async(&mut store).await?;
+            task.call_run(&mut store, &ctx, &inv.input).await
+        };
+        // The epoch callback stops a busy guest; these two stop one that is
+        // parked in a host call (a sleep, a poll) where epochs cannot reach.
+        tokio::select! {
+            biased;
+            _ = inv.cancel.cancelled() => Err(wasmtime::Error::new(Interrupted::Cancelled)),
+            result = tokio::time::timeout_at(deadline.into(), call) => match result {
+                Ok(result) => result,
+                Err(_elapsed) => Err(wasmtime::Error::new(Interrupted::Timeout)),
+            },
+        }
+    };
+
+    let fuel_consumed = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+    let data = store.into_data();
+    let result = match called {
+        Ok(Ok(output)) => parse_output(output, &limits),
+        Ok(Err(task_error)) => Err(ErrorRecord {
+            kind: ErrorKind::TaskError,
+            message: task_error.message,
+            retryable: task_error.retryable,
+            details: task_error
+                .details
+                .map(|d| serde_json::from_str(&d).unwrap_or(Value::String(d))),
+        }),
+        Err(err) => Err(classify(&err, &data, &limits)),
+    };
+    let peak_memory = data.limiter.peak;
+    let (logs, log_bytes_dropped) = data.log.finish();
+    AttemptOutcome {
+        result,
+        started_at,
+        duration: started.elapsed(),
+        fuel_consumed,
+        peak_memory,
+        logs,
+        log_bytes_dropped,
+        progress: data.progress,
+    }
+}
+
+fn parse_output(output: String, limits: &Limits) -> Result<Value, ErrorRecord> {
+    if output.len() as u64 > limits.max_output {
+        return Err(ErrorRecord {
+            kind: ErrorKind::OutputTooLarge,
+            message: format!(
+                "the plugin returned {} of output; the step allows {} (limits.max_output)",
+                bytesize::ByteSize(output.len() as u64),
+                bytesize::ByteSize(limits.max_output)
+            ),
+            retryable: false,
+            details: None,
+        });
+    }
+    serde_json::from_str(&output).map_err(|err| {
+        let mut shown: String = output.chars().take(80).collect();
+        if shown.len() < output.len() {
+            shown.push('…');
+        }
+        ErrorRecord {
+            kind: ErrorKind::InvalidOutput,
+            message: format!("the plugin returned output that is not JSON ({err}): {shown:?}"),
+            retryable: false,
+            details: None,
+        }
+    })
+}
+
+/// Turns a wasmtime error into a reason a user can act on. What the limiter
+/// saw wins over the trap code: a guest that cannot grow its memory usually
+/// aborts, which shows as `unreachable`.
+fn classify(err: &wasmtime::Error, data: &StepState, limits: &Limits) -> ErrorRecord {
+    let record = |kind: ErrorKind, message: String, retryable: bool| ErrorRecord {
+        kind,
+        message,
+        retryable,
+        details: None,
+    };
+    if let Some(interrupted) = err.downcast_ref::<Interrupted>() {
+        return match interrupted {
+            Interrupted::Timeout => record(
+                ErrorKind::Timeout,
+                format!(
+                    "the attempt ran longer than its timeout of {}",
+                    humantime::format_duration(limits.timeout)
+                ),
+                true,
+            ),
+            Interrupted::Cancelled => {
+                record(ErrorKind::Cancelled, "the run was cancelled".into(), false)
+            }
+        };
+    }
+    if let Some(refused) = data.limiter.refused {
+        return record(
+            ErrorKind::MemoryLimit,
+            format!(
+                "the instance asked for {} of memory; the step allows {} (limits.memory)",
+                bytesize::ByteSize(refused),
+                bytesize::ByteSize(limits.memory)
+            ),
+            false,
+        );
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => record(
+            ErrorKind::FuelExhausted,
+            format!(
+                "the attempt used all of its {} fuel (limits.fuel)",
+                limits.fuel
+            ),
+            false,
+        ),
+        Some(Trap::Interrupt) => record(
+            ErrorKind::Timeout,
+            format!(
+                "the attempt ran longer than its timeout of {}",
+                humantime::format_duration(limits.timeout)
+            ),
+            true,
+        ),
+        Some(Trap::StackOverflow) => record(
+            ErrorKind::StackOverflow,
+            "the plugin overflowed its stack (unbounded recursion?)".into(),
+            false,
+        ),
+        Some(trap) => {
+            if let Some(panic) = data.log.panic_message() {
+                return record(ErrorKind::Panic, panic, true);
+            }
+            let hint = match trap {
+                Trap::MemoryOutOfBounds => {
+                    " (a Rust plugin that recurses without end shows this when its shadow stack runs out)"
+                }
+                _ => "",
+            };
+            record(ErrorKind::Trap, format!("{trap}{hint}"), true)
+        }
+        None => {
+            if let Some(panic) = data.log.panic_message() {
+                return record(ErrorKind::Panic, panic, true);
+            }
+            record(ErrorKind::Trap, format!("{err:#}"), true)
+        }
+    }
+}
+
+/// Bounds memories and tables of one instance, added up: a component may have
+/// several, and each would otherwise get the whole limit.
+#[derive(Debug, Default)]
+struct MemoryLimiter {
+    limit: u64,
+    used: u64,
+    peak: u64,
+    /// The total the guest asked for when it was refused.
+    refused: Option<u64>,
+}
+
+impl MemoryLimiter {
+    fn grow(&mut self, by: u64) -> bool {
+        let wanted = self.used.saturating_add(by);
+        if wanted > self.limit {
+            self.refused.get_or_insert(wanted);
+            return false;
+        }
+        self.used = wanted;
+        self.peak = self.peak.max(wanted);
+        true
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(self.grow(desired.saturating_sub(current) as u64))
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(self.grow((desired.saturating_sub(current) as u64).saturating_mul(TABLE_ELEMENT_BYTES)))
+    }
+}
+
+/// The step log: `host.log` lines and the guest's stdout/stderr split into
+/// lines, bounded by `limits.max_log`. Shared by the store and its streams.
+#[derive(Clone)]
+struct LogSink {
+    inner: Arc<Mutex<LogBuf>>,
+}
+
+struct LogBuf {
+    started: Instant,
+    lines: Vec<LogLine>,
+    bytes: u64,
+    max: u64,
+    dropped: u64,
+    stdout_partial: Vec<u8>,
+    stderr_partial: Vec<u8>,
+    stderr_tail: Vec<u8>,
+    events: Option<Arc<dyn StepEvents>>,
+}
+
+impl LogSink {
+    fn new(max: u64, events: Option<Arc<dyn StepEvents>>) -> LogSink {
+        LogSink {
+            inner: Arc::new(Mutex::new(LogBuf {
+                started: Instant::now(),
+                lines: Vec::new(),
+                bytes: 0,
+                max,
+                dropped: 0,
+                stdout_partial: Vec::new(),
+                stderr_partial: Vec::new(),
+                stderr_tail: Vec::new(),
+                events,
+            })),
+        }
+    }
+
+    fn line(&self, stream: LogStream, level: LogLevel, message: String) {
+        self.inner.lock().unwrap().push(stream, level, message);
+    }
+
+    fn write(&self, stream: LogStream, bytes: &[u8]) {
+        let mut buf = self.inner.lock().unwrap();
+        if stream == LogStream::Stderr {
+            buf.stderr_tail.extend_from_slice(bytes);
+            let excess = buf.stderr_tail.len().saturating_sub(STDERR_TAIL);
+            buf.stderr_tail.drain(..excess);
+        }
+        let level = if stream == LogStream::Stderr {
+            LogLevel::Warn
+        } else {
+            LogLevel::Info
+        };
+        let mut rest = bytes;
+        while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
+            let mut line = std::mem::take(buf.partial(stream));
+            line.extend_from_slice(&rest[..newline]);
+            buf.push(stream, level, String::from_utf8_lossy(&line).into_owned());
+            rest = &rest[newline + 1..];
+        }
+        if buf.bytes >= buf.max {
+            // Nothing more will be kept: count, don't buffer.
+            buf.dropped += rest.len() as u64;
+            return;
+        }
+        buf.partial(stream).extend_from_slice(rest);
+        if buf.partial(stream).len() >= MAX_LINE {
+            let line = std::mem::take(buf.partial(stream));
+            buf.push(stream, level, String::from_utf8_lossy(&line).into_owned());
+        }
+    }
+
+    /// `panicked at FILE:LINE:COL: MESSAGE`, from what the guest wrote to stderr.
+    fn panic_message(&self) -> Option<String> {
+        let buf = self.inner.lock().unwrap();
+        let text = String::from_utf8_lossy(&buf.stderr_tail);
+        let at = text.rfind("panicked at ")?;
+        let rest = &text[at..];
+        let end = rest.find("\nnote:").unwrap_or(rest.len());
+        let message = rest[..end].trim().replace(":\n", ": ").replace('\n', " ");
+        Some(message)
+    }
+
+    fn finish(&self) -> (Vec<LogLine>, u64) {
+        let mut buf = self.inner.lock().unwrap();
+        for stream in [LogStream::Stdout, LogStream::Stderr] {
+            let line = std::mem::take(buf.partial(stream));
+            if !line.is_empty() {
+                let level = if stream == LogStream::Stderr {
+                    LogLevel::Warn
+                } else {
+                    LogLevel::Info
+                };
+                buf.push(stream, level, String::from_utf8_lossy(&line).into_owned());
+            }
+        }
+        if buf.dropped > 0 {
+            let note = format!(
+                "log truncated: {} dropped past limits.max_log",
+                bytesize::ByteSize(buf.dropped)
+            );
+            let at_ms = buf.started.elapsed().as_secs_f64() * 1000.0;
+            buf.lines.push(LogLine {
+                at_ms,
+                stream: LogStream::Host,
+                level: LogLevel::Warn,
+                message: note,
+            });
+        }
+        (std::mem::take(&mut buf.lines), buf.dropped)
+    }
+}
+
+impl LogBuf {
+    fn partial(&mut self, stream: LogStream) -> &mut Vec<u8> {
+        match stream {
+            LogStream::Stderr => &mut self.stderr_partial,
+            _ => &mut self.stdout_partial,
+        }
+    }
+
+    fn push(&mut self, stream: LogStream, level: LogLevel, mut message: String) {
+        let len = message.len() as u64;
+        if self.bytes + len > self.max {
+            self.dropped += len;
+            return;
+        }
+        if message.len() > MAX_LINE {
+            let mut cut = MAX_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        self.bytes += len;
+        let line = LogLine {
+            at_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            stream,
+            level,
+            message,
+        };
+        if let Some(events) = &self.events {
+            events.log(&line);
+        }
+        self.lines.push(line);
+    }
+}
+
+/// The guest's stdout or stderr: every byte is accepted, what fits in the log
+/// is kept, the rest is counted. A flood cannot grow host memory.
+#[derive(Clone)]
+struct GuestOutput {
+    sink: LogSink,
+    stream: LogStream,
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.sink.write(self.stream, &bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.sink.write(self.stream, buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn cut(mut text: String) -> String {
+    if text.len() > MAX_LINE {
+        let mut at = MAX_LINE;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+    }
+    text
+}
+
+impl types::Host for StepState {}
+
+impl host::Host for StepState {
+    async fn log(&mut self, level: host::LogLevel, message: String) -> wasmtime::Result<()> {
+        let level = match level {
+            host::LogLevel::Trace => LogLevel::Trace,
+            host::LogLevel::Debug => LogLevel::Debug,
+            host::LogLevel::Info => LogLevel::Info,
+            host::LogLevel::Warn => LogLevel::Warn,
+            host::LogLevel::Error => LogLevel::Error,
+        };
+        self.log.line(LogStream::Log, level, cut(message));
+        Ok(())
+    }
+
+    async fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.config.get(&key).cloned())
+    }
+
+    async fn progress(&mut self, fraction: f32, message: String) -> wasmtime::Result<()> {
+        let fraction = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let progress = Progress {
+            fraction,
+            message: cut(message),
+        };
+        if let Some(events) = &self.events {
+            events.progress(&progress);
+        }
+        self.progress = Some(progress);
+        Ok(())
+    }
+}
+
+fn check_key(key: &str) -> wasmtime::Result<()> {
+    if key.len() > MAX_STATE_KEY {
+        return Err(wasmtime::Error::msg(format!(
+            "state key of {} bytes is longer than the {MAX_STATE_KEY} allowed",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+impl state::Host for StepState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        check_key(&key)?;
+        Ok(self.state.get(&self.state_scope, &key))
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
+        check_key(&key)?;
+        if value.len() > MAX_STATE_VALUE {
+            return Err(wasmtime::Error::msg(format!(
+                "state value of {} bytes is larger than the {MAX_STATE_VALUE} allowed",
+                value.len()
+            )));
+        }
+        self.state.set(&self.state_scope, &key, value);
+        Ok(())
+    }
+
+    async fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+        check_key(&key)?;
+        self.state.delete(&self.state_scope, &key);
+        Ok(())
+    }
+}

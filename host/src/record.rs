@@ -1,0 +1,267 @@
+//! The run record: what a run did, step by step and attempt by attempt.
+//!
+//! One shape everywhere: `trellis run --json` prints it, the store keeps it and
+//! `GET /v1/runs/{id}` answers with it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `queued -> running -> succeeded | failed | cancelled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// The state of one step of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+    Cancelled,
+}
+
+impl StepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Running => "running",
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+            StepStatus::Skipped => "skipped",
+            StepStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for StepStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an attempt (or a step, or a run) failed. Each kind reads differently to
+/// a user and retries differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The plugin returned `task-error`.
+    TaskError,
+    /// The guest panicked (Rust `panic!`, an abort).
+    Panic,
+    /// The guest trapped (out-of-bounds access, unreachable, division by zero...).
+    Trap,
+    /// The guest's native wasm stack ran out (unbounded recursion).
+    StackOverflow,
+    /// The attempt used all of its fuel.
+    FuelExhausted,
+    /// The instance asked for more memory than the step's `memory` limit.
+    MemoryLimit,
+    /// The attempt ran past the step's `timeout`.
+    Timeout,
+    /// The output was larger than the step's `max_output`.
+    OutputTooLarge,
+    /// The output was not JSON.
+    InvalidOutput,
+    /// A template of the step (`input`, `config`, `if`, `for_each`) or of `[output]` failed.
+    Template,
+    /// The plugin could not be instantiated or is not loaded.
+    Plugin,
+    /// The run or step was cancelled.
+    Cancelled,
+    /// A dependency failed, so the step never ran.
+    DependencyFailed,
+}
+
+impl ErrorKind {
+    /// A short phrase for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ErrorKind::TaskError => "task error",
+            ErrorKind::Panic => "plugin panicked",
+            ErrorKind::Trap => "plugin trapped",
+            ErrorKind::StackOverflow => "stack overflow",
+            ErrorKind::FuelExhausted => "fuel exhausted",
+            ErrorKind::MemoryLimit => "memory limit exceeded",
+            ErrorKind::Timeout => "timed out",
+            ErrorKind::OutputTooLarge => "output too large",
+            ErrorKind::InvalidOutput => "output is not valid JSON",
+            ErrorKind::Template => "template error",
+            ErrorKind::Plugin => "plugin unavailable",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::DependencyFailed => "dependency failed",
+        }
+    }
+}
+
+/// A typed failure, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// Whether the retry policy may try again.
+    pub retryable: bool,
+    /// JSON details from a `task-error`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
+}
+
+impl std::fmt::Display for ErrorRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.describe(), self.message)
+    }
+}
+
+/// Where a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    /// `host.log` from the plugin.
+    Log,
+    Stdout,
+    Stderr,
+    /// Trellis itself (truncation notices).
+    Host,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// One line of a step's log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Milliseconds since the attempt started.
+    pub at_ms: f64,
+    pub stream: LogStream,
+    pub level: LogLevel,
+    pub message: String,
+}
+
+/// One attempt of a step (of one `for_each` item).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// Counts from 1, as `step-context.attempt`.
+    pub attempt: u32,
+    /// The `for_each` position, for fan-out steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<usize>,
+    pub status: StepStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorRecord>,
+    pub started_at: String,
+    pub duration_ms: f64,
+    pub fuel_consumed: u64,
+    /// Bytes over all memories and tables of the instance at their largest.
+    pub peak_memory: u64,
+    pub logs: Vec<LogLine>,
+    /// Log bytes dropped past the step's `max_log`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub log_bytes_dropped: u64,
+    /// The last `host.progress` the plugin reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub fraction: f32,
+    pub message: String,
+}
+
+/// One step of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub id: String,
+    /// The plugin reference as the workflow wrote it.
+    pub plugin: String,
+    /// What it resolved to when the run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_digest: Option<String>,
+    pub status: StepStatus,
+    pub output: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<f64>,
+    /// `for_each` steps: how many items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<usize>,
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// The failure that ended a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunError {
+    /// The step that failed, if a step did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.step {
+            Some(step) => write!(
+                f,
+                "step `{step}` failed: {}: {}",
+                self.kind.describe(),
+                self.message
+            ),
+            None => write!(f, "{}: {}", self.kind.describe(), self.message),
+        }
+    }
+}
+
+/// A whole run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub workflow: String,
+    pub status: RunStatus,
+    pub input: Value,
+    pub output: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RunError>,
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<f64>,
+    pub steps: Vec<StepRecord>,
+}
+
+/// Now, as RFC 3339 with milliseconds.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// A new run id: a UUIDv7, so ids sort by creation time.
+pub fn new_run_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}

@@ -1,0 +1,183 @@
+//! The validated workflow the executor runs: an immutable DAG of steps in
+//! topological order, every template compiled, every default filled in.
+//!
+//! Nothing here refers back to the TOML: a [`Plan`] only exists once the file
+//! passed validation (see `validate`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::template::{TemplateValue, Templates};
+use crate::engine::LimitOverrides;
+
+/// A validated workflow. `Send + Sync`: the executor shares it in an `Arc`.
+#[derive(Debug)]
+pub struct Plan {
+    pub name: String,
+    pub description: Option<String>,
+    /// The display path given to `parse_str` / `load_file`.
+    pub file: String,
+    /// Topological order: every step comes after the steps it needs; steps that
+    /// could go in either order keep the order of the file.
+    pub steps: Vec<PlannedStep>,
+    /// `[output]`. `None`: the run's output is `{ <id>: output }` of the steps
+    /// no other step needs.
+    pub output: Option<TemplateValue>,
+    /// Renders every [`TemplateValue`] of this plan.
+    pub templates: Templates,
+}
+
+impl Plan {
+    /// The step with this id.
+    pub fn step(&self, id: &str) -> Option<&PlannedStep> {
+        self.steps.iter().find(|step| step.id == id)
+    }
+
+    /// Indices of the steps no other step needs, in plan order.
+    pub fn sinks(&self) -> Vec<usize> {
+        let mut needed = vec![false; self.steps.len()];
+        for step in &self.steps {
+            for &need in &step.needs {
+                needed[need] = true;
+            }
+        }
+        (0..self.steps.len()).filter(|&i| !needed[i]).collect()
+    }
+}
+
+#[derive(Debug)]
+pub struct PlannedStep {
+    pub id: String,
+    /// The plugin reference as written: `name`, `name@1.2.0` or `name@sha256:<hex>`.
+    pub plugin: String,
+    /// Indices into [`Plan::steps`] (all smaller than this step's own index):
+    /// the explicit `needs` and every step a template refers to; sorted, no
+    /// duplicates.
+    pub needs: Vec<usize>,
+    /// The plugin's input; JSON `null` when the step has none.
+    pub input: TemplateValue,
+    /// Read by the plugin through `host.config`.
+    pub config: BTreeMap<String, TemplateValue>,
+    /// `if`: evaluated once, before any `for_each` fan-out (`item` is not in
+    /// scope); false skips the step.
+    pub condition: Option<TemplateValue>,
+    /// Renders to the list of items; one instance runs per item, with `item`
+    /// and `index` in scope for `input` and `config`.
+    pub for_each: Option<TemplateValue>,
+    /// The workflow's `[limits]` with the step's own `limits` on top; what is
+    /// still `None` comes from the engine's defaults.
+    pub limits: LimitOverrides,
+    pub retry: RetryPolicy,
+    pub on_failure: OnFailure,
+    /// Hosts (`host` or `host:port`) the step may reach over HTTP.
+    pub allow_hosts: Vec<String>,
+}
+
+/// What a failed step (after its retries) does to the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// The run fails; steps not started yet do not start.
+    Fail,
+    /// The step stays `failed` and the run goes on: steps that need it run and
+    /// can test `steps.<id>.status`.
+    Continue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backoff {
+    /// Every retry waits `initial`.
+    Fixed,
+    /// Retries wait `initial`, then twice as long each time, up to `max`.
+    Exponential,
+}
+
+/// How often a step is attempted and how long to wait between attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// At least 1; 1 means no retry.
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// What a workflow that says nothing about retries gets: a single attempt.
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 1,
+            backoff: Backoff::Exponential,
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `next_attempt` (2, 3, ...; attempts count from 1):
+    /// `initial` for fixed backoff; `initial * 2^(next_attempt - 2)` for
+    /// exponential backoff; never more than `max`. Zero for attempt 1.
+    pub fn delay_before(&self, next_attempt: u32) -> Duration {
+        if next_attempt < 2 {
+            return Duration::ZERO;
+        }
+        let delay = match self.backoff {
+            Backoff::Fixed => self.initial,
+            Backoff::Exponential => {
+                let factor = 1u32.checked_shl(next_attempt - 2).unwrap_or(u32::MAX);
+                self.initial.saturating_mul(factor)
+            }
+        };
+        delay.min(self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exponential_delays_double_up_to_max() {
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            backoff: Backoff::Exponential,
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        let delays: Vec<u128> = (1..=7)
+            .map(|n| policy.delay_before(n).as_millis())
+            .collect();
+        assert_eq!(delays, [0, 100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(policy.delay_before(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn fixed_delays_stay_at_initial() {
+        let policy = RetryPolicy {
+            backoff: Backoff::Fixed,
+            initial: Duration::from_millis(300),
+            ..RetryPolicy::default()
+        };
+        assert_eq!(policy.delay_before(2), Duration::from_millis(300));
+        assert_eq!(policy.delay_before(9), Duration::from_millis(300));
+    }
+
+    #[test]
+    fn default_policy_is_one_attempt() {
+        let policy = RetryPolicy::default();
+        assert_eq!(policy.max_attempts, 1);
+        assert_eq!(policy.backoff, Backoff::Exponential);
+        assert_eq!(policy.initial, Duration::from_millis(100));
+        assert_eq!(policy.max, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn plans_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Plan>();
+    }
+}

@@ -1,0 +1,189 @@
+//! The command line contract: stdout, stderr, exit status; `plugins`.
+
+use serde_json::json;
+
+use crate::support::*;
+
+#[test]
+fn run_prints_only_the_output_on_stdout() {
+    let sandbox = Sandbox::new();
+    let path = sandbox.write(
+        "flow.toml",
+        "[[step]]\nid = \"echo\"\nplugin = \"noop\"\ninput = \"{{ input.who }}\"\n",
+    );
+    let outcome = run_file(&path, Some(r#"{"who": "world"}"#), &[]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    assert_eq!(outcome.json(), json!({ "echo": "world" }));
+}
+
+#[test]
+fn input_can_come_from_a_file() {
+    let sandbox = Sandbox::new();
+    let path = sandbox.write(
+        "flow.toml",
+        "[[step]]\nid = \"echo\"\nplugin = \"noop\"\ninput = \"{{ input }}\"\n",
+    );
+    let input = sandbox.write("input.json", r#"{"from": "file"}"#);
+    let outcome = run_file(&path, Some(&format!("@{}", input.display())), &[]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    assert_eq!(outcome.json(), json!({ "echo": { "from": "file" } }));
+}
+
+#[test]
+fn bad_input_json_is_a_usage_error() {
+    let sandbox = Sandbox::new();
+    let path = sandbox.write("flow.toml", "[[step]]\nid = \"echo\"\nplugin = \"noop\"\n");
+    let outcome = run_file(&path, Some("{not json"), &[]);
+    assert_eq!(outcome.code, 2);
+    assert!(
+        outcome.stderr.contains("--input is not valid JSON"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+#[test]
+fn json_record_has_attempt_metrics() {
+    let sandbox = Sandbox::new();
+    let (outcome, record) = sandbox.run_json(
+        "[[step]]\nid = \"echo\"\nplugin = \"noop\"\ninput = [1, 2]\n",
+        None,
+    );
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    assert_eq!(record["status"], "succeeded");
+    assert_eq!(record["workflow"], "workflow");
+    assert!(record["id"].as_str().unwrap().len() == 36);
+    let echo = step(&record, "echo");
+    assert_eq!(echo["plugin"], "noop");
+    assert_eq!(echo["plugin_version"], "1.0.0");
+    assert!(
+        echo["plugin_digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    let attempt = &echo["attempts"][0];
+    assert_eq!(attempt["attempt"], 1);
+    assert_eq!(attempt["status"], "succeeded");
+    assert!(attempt["fuel_consumed"].as_u64().unwrap() > 1000);
+    assert!(attempt["peak_memory"].as_u64().unwrap() > 0);
+    assert!(attempt["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(attempt["logs"].is_array());
+}
+
+#[test]
+fn plugins_list_shows_names_and_versions() {
+    let outcome = exec(&["plugins", "list", "--plugin-dir", EXAMPLE_PLUGINS, "--json"]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    let list = outcome.json();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "aggregate",
+        "hash",
+        "json-schema",
+        "json-transform",
+        "template",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    for plugin in list.as_array().unwrap() {
+        assert!(
+            semver_like(plugin["version"].as_str().unwrap()),
+            "{plugin:#}"
+        );
+        assert!(
+            !plugin["description"].as_str().unwrap().is_empty(),
+            "{plugin:#}"
+        );
+    }
+}
+
+fn semver_like(version: &str) -> bool {
+    version.split('.').count() == 3
+        && version
+            .split('.')
+            .all(|p| p.chars().next().is_some_and(|c| c.is_ascii_digit()))
+}
+
+#[test]
+fn plugins_inspect_describes_a_component_and_refuses_garbage() {
+    let noop = format!("{FIXTURE_PLUGINS}/noop.wasm");
+    let outcome = exec(&["plugins", "inspect", &noop]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    let info = outcome.json();
+    assert_eq!(info["name"], "noop");
+    assert!(
+        info["imports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i.as_str().unwrap().starts_with("trellis:plugin/host"))
+    );
+
+    let sandbox = Sandbox::new();
+    let garbage = sandbox.write("garbage.wasm", "definitely not wasm");
+    let outcome = exec(&["plugins", "inspect", garbage.to_str().unwrap()]);
+    assert_eq!(outcome.code, 2);
+    assert!(
+        outcome.stderr.contains("not a WebAssembly file"),
+        "{}",
+        outcome.stderr
+    );
+
+    // A core module (the smallest one) is not a component.
+    let core = sandbox.dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let outcome = exec(&["plugins", "inspect", core.to_str().unwrap()]);
+    assert_eq!(outcome.code, 2);
+    assert!(
+        outcome.stderr.contains("core WebAssembly module"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+#[test]
+fn two_plugins_with_the_same_name_and_version_are_an_error() {
+    let sandbox = Sandbox::new();
+    let dir = sandbox.dir.path().join("plugins");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(format!("{FIXTURE_PLUGINS}/noop.wasm"), dir.join("a.wasm")).unwrap();
+    std::fs::copy(format!("{FIXTURE_PLUGINS}/noop.wasm"), dir.join("b.wasm")).unwrap();
+    let outcome = exec(&["plugins", "list", "--plugin-dir", dir.to_str().unwrap()]);
+    assert_eq!(outcome.code, 2);
+    assert!(
+        outcome.stderr.contains("noop 1.0.0 is loaded twice"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+#[test]
+fn a_pinned_version_resolves_and_a_missing_one_is_refused() {
+    let sandbox = Sandbox::new();
+    let path = sandbox.write(
+        "ok.toml",
+        "[[step]]\nid = \"a\"\nplugin = \"noop@1.0.0\"\ninput = 1\n",
+    );
+    let outcome = run_file(&path, None, &[]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    let path = sandbox.write(
+        "bad.toml",
+        "[[step]]\nid = \"a\"\nplugin = \"noop@9.9.9\"\n",
+    );
+    let outcome = run_file(&path, None, &[]);
+    assert_eq!(outcome.code, 2);
+    assert!(
+        outcome.stderr.contains("no version 9.9.9"),
+        "{}",
+        outcome.stderr
+    );
+}

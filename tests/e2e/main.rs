@@ -1,0 +1,15 @@
+//! End-to-end tests: they run the built `trellis` binary like a user would, on
+//! the example plugins and the test fixtures that the build compiled to wasm.
+//!
+//! One test binary, one module per feature (ripgrep's layout).
+
+mod support;
+
+mod cli;
+mod examples;
+mod hostile;
+mod limits;
+mod retries;
+mod scheduling;
+mod templates;
+mod validation;
