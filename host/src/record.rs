@@ -71,6 +71,8 @@ pub enum ErrorKind {
     OutputTooLarge,
     /// The output was not JSON.
     InvalidOutput,
+    /// The guest kept writing to stdout/stderr far past the step's `max_log`.
+    LogFlood,
     /// A template of the step (`input`, `config`, `if`, `for_each`) or of `[output]` failed.
     Template,
     /// The plugin could not be instantiated or is not loaded.
@@ -94,6 +96,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timed out",
             ErrorKind::OutputTooLarge => "output too large",
             ErrorKind::InvalidOutput => "output is not valid JSON",
+            ErrorKind::LogFlood => "log flood",
             ErrorKind::Template => "template error",
             ErrorKind::Plugin => "plugin unavailable",
             ErrorKind::Cancelled => "cancelled",

@@ -120,13 +120,11 @@ fn plugins_inspect_describes_a_component_and_refuses_garbage() {
     assert_eq!(outcome.code, 0, "{}", outcome.stderr);
     let info = outcome.json();
     assert_eq!(info["name"], "noop");
-    assert!(
-        info["imports"]
-            .as_array()
+    assert!(info["imports"].as_array().unwrap().iter().any(|i| {
+        i.as_str()
             .unwrap()
-            .iter()
-            .any(|i| i.as_str().unwrap().starts_with("trellis:plugin/host"))
-    );
+            .starts_with("trellis:plugin/types@0.1.0")
+    }));
 
     let sandbox = Sandbox::new();
     let garbage = sandbox.write("garbage.wasm", "definitely not wasm");

@@ -1,1 +1,1 @@
-
+//! The example workflows in `workflows/`.

@@ -19,8 +19,15 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// The binary, with the compiled-code cache shared by every test (the first
+/// test to load a plugin compiles it; the rest deserialize it).
 pub fn trellis() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_trellis"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
+    cmd.env(
+        "TRELLIS_DATA_DIR",
+        concat!(env!("CARGO_TARGET_TMPDIR"), "/e2e-data"),
+    );
+    cmd
 }
 
 /// A finished `trellis` process.

@@ -70,7 +70,8 @@ input = { x = "{{ steps.phantom.output }}" }
     assert_eq!(code, 2, "{stderr}");
     assert_reports(&stderr, &file, 3, 10, &["no-such-plugin"]);
     assert_reports(&stderr, &file, 8, 15, &["ghost"]);
-    assert_reports(&stderr, &file, 13, 15, &["phantom"]);
+    // The column of `steps.phantom` inside the string.
+    assert_reports(&stderr, &file, 13, 19, &["phantom"]);
 }
 
 #[test]

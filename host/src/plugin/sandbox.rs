@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::trellis::plugin::{host, state, types};
@@ -30,6 +30,10 @@ const MAX_STATE_KEY: usize = 1024;
 const MAX_STATE_VALUE: usize = 1024 * 1024;
 /// A config key or log message longer than this is cut.
 const MAX_LINE: usize = 64 * 1024;
+/// Bytes a guest may write to stdout/stderr past its log limit before the
+/// attempt is stopped: each write is host work that fuel does not count.
+const FLOOD_FACTOR: u64 = 64;
+const MIN_FLOOD: u64 = 64 * 1024 * 1024;
 /// How much of stderr is kept aside to find a panic message, even when the log
 /// itself is full.
 const STDERR_TAIL: usize = 8 * 1024;
@@ -328,6 +332,21 @@ fn classify(err: &wasmtime::Error, data: &StepState, limits: &Limits) -> ErrorRe
             }
         };
     }
+    if let Some((stream, max_log)) = data.log.flooded() {
+        let stream = if stream == LogStream::Stderr {
+            "stderr"
+        } else {
+            "stdout"
+        };
+        return record(
+            ErrorKind::LogFlood,
+            format!(
+                "the plugin kept writing to {stream} far past the step's log limit of {} (limits.max_log)",
+                bytesize::ByteSize(max_log)
+            ),
+            false,
+        );
+    }
     if let Some(refused) = data.limiter.refused {
         return record(
             ErrorKind::MemoryLimit,
@@ -439,6 +458,8 @@ struct LogBuf {
     bytes: u64,
     max: u64,
     dropped: u64,
+    /// Set when the guest wrote past the flood bound: the stream it wrote to.
+    flooded: Option<LogStream>,
     stdout_partial: Vec<u8>,
     stderr_partial: Vec<u8>,
     stderr_tail: Vec<u8>,
@@ -454,6 +475,7 @@ impl LogSink {
                 bytes: 0,
                 max,
                 dropped: 0,
+                flooded: None,
                 stdout_partial: Vec::new(),
                 stderr_partial: Vec::new(),
                 stderr_tail: Vec::new(),
@@ -466,8 +488,13 @@ impl LogSink {
         self.inner.lock().unwrap().push(stream, level, message);
     }
 
-    fn write(&self, stream: LogStream, bytes: &[u8]) {
+    /// Appends guest output; `false` once the guest has flooded.
+    fn write(&self, stream: LogStream, bytes: &[u8]) -> bool {
         let mut buf = self.inner.lock().unwrap();
+        if buf.dropped > (buf.max * FLOOD_FACTOR).max(MIN_FLOOD) {
+            buf.flooded.get_or_insert(stream);
+            return false;
+        }
         if stream == LogStream::Stderr {
             buf.stderr_tail.extend_from_slice(bytes);
             let excess = buf.stderr_tail.len().saturating_sub(STDERR_TAIL);
@@ -488,13 +515,19 @@ impl LogSink {
         if buf.bytes >= buf.max {
             // Nothing more will be kept: count, don't buffer.
             buf.dropped += rest.len() as u64;
-            return;
+            return true;
         }
         buf.partial(stream).extend_from_slice(rest);
         if buf.partial(stream).len() >= MAX_LINE {
             let line = std::mem::take(buf.partial(stream));
             buf.push(stream, level, String::from_utf8_lossy(&line).into_owned());
         }
+        true
+    }
+
+    fn flooded(&self) -> Option<(LogStream, u64)> {
+        let buf = self.inner.lock().unwrap();
+        buf.flooded.map(|stream| (stream, buf.max))
     }
 
     /// `panicked at FILE:LINE:COL: MESSAGE`, from what the guest wrote to stderr.
@@ -604,8 +637,11 @@ impl Pollable for GuestOutput {
 
 impl OutputStream for GuestOutput {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        self.sink.write(self.stream, &bytes);
-        Ok(())
+        if self.sink.write(self.stream, &bytes) {
+            Ok(())
+        } else {
+            Err(StreamError::Trap(wasmtime::Error::msg("log flood")))
+        }
     }
 
     fn flush(&mut self) -> StreamResult<()> {
