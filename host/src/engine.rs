@@ -278,3 +278,68 @@ impl CodeCache {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile_counting(
+        engine: &Engine,
+        cache: &CodeCache,
+        compiles: &mut u32,
+    ) -> wasmtime::component::Component {
+        cache
+            .get_or_compile(engine.wasmtime(), "feed", || {
+                *compiles += 1;
+                wasmtime::component::Component::new(engine.wasmtime(), "(component)")
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn limit_overrides_apply_per_field() {
+        let step = LimitOverrides {
+            fuel: Some(5),
+            ..Default::default()
+        };
+        let workflow = LimitOverrides {
+            fuel: Some(9),
+            memory: Some(1024),
+            ..Default::default()
+        };
+        let merged = step.over(&workflow).apply(Limits::default());
+        assert_eq!(merged.fuel, 5);
+        assert_eq!(merged.memory, 1024);
+        assert_eq!(merged.timeout, Limits::default().timeout);
+    }
+
+    #[test]
+    fn the_code_cache_reuses_entries_and_rebuilds_corrupt_ones() {
+        let engine = Engine::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CodeCache::new(dir.path());
+        let mut compiles = 0;
+        compile_counting(&engine, &cache, &mut compiles);
+        compile_counting(&engine, &cache, &mut compiles);
+        assert_eq!(compiles, 1, "a warm entry is not recompiled");
+
+        let entry = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut bytes = std::fs::read(&entry).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&entry, &bytes).unwrap();
+        compile_counting(&engine, &cache, &mut compiles);
+        assert_eq!(compiles, 2, "a corrupt entry is rebuilt");
+        compile_counting(&engine, &cache, &mut compiles);
+        assert_eq!(compiles, 2, "and the rebuilt entry is used");
+
+        std::fs::write(&entry, b"short").unwrap();
+        compile_counting(&engine, &cache, &mut compiles);
+        assert_eq!(compiles, 3, "a truncated entry is rebuilt");
+    }
+}

@@ -161,9 +161,9 @@ impl Executor {
             let base = record.clone();
             tasks.spawn(async move { (index, run.run_step(index, scope, base).await) });
         };
-        for index in 0..n {
+        for (index, step_record) in record.steps.iter_mut().enumerate() {
             if waiting[index] == 0 {
-                spawn(&mut tasks, index, &scope, &mut record.steps[index]);
+                spawn(&mut tasks, index, &scope, step_record);
             }
         }
 
@@ -304,6 +304,9 @@ impl Executor {
     }
 }
 
+/// The outcome of one instance of a step, with every attempt it took.
+type InstanceResult = (Result<Value, ErrorRecord>, Vec<AttemptRecord>);
+
 /// What every step task of one run shares.
 struct RunContext {
     executor: Executor,
@@ -364,7 +367,7 @@ impl RunContext {
                         )
                     });
                 }
-                let mut results: Vec<Option<(Result<Value, ErrorRecord>, Vec<AttemptRecord>)>> =
+                let mut results: Vec<Option<InstanceResult>> =
                     (0..items.len()).map(|_| None).collect();
                 while let Some(joined) = tasks.join_next().await {
                     match joined {
@@ -423,7 +426,7 @@ impl RunContext {
         index: usize,
         scope: Scope,
         item: Option<usize>,
-    ) -> (Result<Value, ErrorRecord>, Vec<AttemptRecord>) {
+    ) -> InstanceResult {
         let step = &self.plan.steps[index];
         let templates = &self.plan.templates;
         let input = match templates.render(&step.input, &scope) {

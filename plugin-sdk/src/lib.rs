@@ -29,6 +29,7 @@ use serde::de::DeserializeOwned;
 
 /// The bindings generated from `wit/`. Most plugins never name them.
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",

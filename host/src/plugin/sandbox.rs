@@ -754,3 +754,94 @@ impl state::Host for StepState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(lines: &[LogLine]) -> Vec<(LogStream, &str)> {
+        lines
+            .iter()
+            .map(|l| (l.stream, l.message.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn guest_output_is_split_into_lines_across_writes() {
+        let sink = LogSink::new(1024, None);
+        sink.write(LogStream::Stdout, b"hel");
+        sink.write(LogStream::Stdout, b"lo\nwor");
+        sink.write(LogStream::Stderr, b"oops\n");
+        sink.line(LogStream::Log, LogLevel::Info, "from host.log".into());
+        sink.write(LogStream::Stdout, b"ld");
+        let (lines, dropped) = sink.finish();
+        assert_eq!(dropped, 0);
+        assert_eq!(
+            messages(&lines),
+            vec![
+                (LogStream::Stdout, "hello"),
+                (LogStream::Stderr, "oops"),
+                (LogStream::Log, "from host.log"),
+                (LogStream::Stdout, "world"),
+            ]
+        );
+        assert_eq!(lines[1].level, LogLevel::Warn);
+    }
+
+    #[test]
+    fn the_log_keeps_what_fits_and_counts_the_rest() {
+        let sink = LogSink::new(10, None);
+        sink.write(LogStream::Stdout, b"12345\n67890\nabcdef\n");
+        let (lines, dropped) = sink.finish();
+        assert_eq!(dropped, 6);
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[2].stream, LogStream::Host);
+        assert!(
+            lines[2].message.starts_with("log truncated: 6 B dropped"),
+            "{}",
+            lines[2].message
+        );
+    }
+
+    #[test]
+    fn a_flood_far_past_the_limit_is_refused() {
+        let sink = LogSink::new(10, None);
+        let chunk = vec![b'x'; 1024 * 1024];
+        let mut accepted = 0;
+        while sink.write(LogStream::Stderr, &chunk) {
+            accepted += 1;
+            assert!(accepted < 1000, "never refused");
+        }
+        assert_eq!(sink.flooded(), Some((LogStream::Stderr, 10)));
+    }
+
+    #[test]
+    fn the_panic_message_is_found_on_stderr() {
+        let sink = LogSink::new(1024, None);
+        sink.write(
+            LogStream::Stderr,
+            b"\nthread '<unnamed>' panicked at src/lib.rs:10:5:\nit broke\nnote: run with `RUST_BACKTRACE=1`\n",
+        );
+        assert_eq!(
+            sink.panic_message().as_deref(),
+            Some("panicked at src/lib.rs:10:5: it broke")
+        );
+        assert_eq!(LogSink::new(10, None).panic_message(), None);
+    }
+
+    #[test]
+    fn the_limiter_adds_up_memories_and_tables() {
+        let mut limiter = MemoryLimiter {
+            limit: 1000,
+            ..Default::default()
+        };
+        assert!(limiter.memory_growing(0, 600, None).unwrap());
+        assert!(limiter.table_growing(0, 50, None).unwrap()); // 400 bytes
+        assert!(
+            !limiter.memory_growing(0, 100, None).unwrap(),
+            "a second memory shares the limit"
+        );
+        assert_eq!(limiter.refused, Some(1100));
+        assert_eq!(limiter.peak, 1000);
+    }
+}
