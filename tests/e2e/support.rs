@@ -22,6 +22,28 @@ pub fn workspace() -> PathBuf {
 /// The binary, with the compiled-code cache shared by every test (the first
 /// test to load a plugin compiles it; the rest deserialize it).
 pub fn trellis() -> Command {
+    static WARM: std::sync::Once = std::sync::Once::new();
+    // Fill the cache once, before every test's process would compile the same
+    // plugins at the same time.
+    WARM.call_once(|| {
+        let status = bare()
+            .args([
+                "plugins",
+                "list",
+                "--plugin-dir",
+                EXAMPLE_PLUGINS,
+                "--plugin-dir",
+                FIXTURE_PLUGINS,
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "the plugins do not load");
+    });
+    bare()
+}
+
+fn bare() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_trellis"));
     cmd.env(
         "TRELLIS_DATA_DIR",
