@@ -240,6 +240,15 @@ async fn run(
         observer: progress.clone().map(|p| p as Arc<dyn RunObserver>),
         ..RunOptions::default()
     };
+    // Ctrl-C cancels the run: running attempts stop at the next epoch tick and
+    // the record (status `cancelled`) is still printed.
+    let cancel = options.cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("cancelling the run (Ctrl-C)");
+            cancel.cancel();
+        }
+    });
     let record = executor.run(plan, input, options).await;
     if let Some(progress) = progress {
         progress.bar.finish_and_clear();

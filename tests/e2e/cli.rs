@@ -185,3 +185,36 @@ fn a_pinned_version_resolves_and_a_missing_one_is_refused() {
         outcome.stderr
     );
 }
+
+#[test]
+fn ctrl_c_cancels_the_run_and_still_prints_its_record() {
+    let sandbox = Sandbox::new();
+    let path = sandbox.write(
+        "flow.toml",
+        "[[step]]\nid = \"nap\"\nplugin = \"sleep\"\ninput = { ms = 30000 }\n\n[[step]]\nid = \"after\"\nplugin = \"noop\"\nneeds = [\"nap\"]\n",
+    );
+    let child = trellis()
+        .arg("run")
+        .arg(&path)
+        .args(["--plugin-dir", FIXTURE_PLUGINS, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Give the process time to load its plugins and start the step.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let record: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(record["status"], "cancelled");
+    assert_eq!(step(&record, "nap")["status"], "cancelled");
+    assert!(step(&record, "nap")["duration_ms"].as_f64().unwrap() < 20_000.0);
+    assert_eq!(step(&record, "after")["status"], "cancelled");
+    assert!(stderr.contains("was cancelled"), "{stderr}");
+}
