@@ -20,6 +20,7 @@ use crate::record::{
     AttemptRecord, ErrorKind, ErrorRecord, LogLine, Progress, RunError, RunRecord, RunStatus,
     StepRecord, StepStatus, new_run_id, now_rfc3339,
 };
+use crate::store::Store;
 use crate::workflow::{OnFailure, Plan, Scope};
 
 /// Live notifications from a run, for progress bars and event streams.
@@ -38,6 +39,8 @@ pub struct RunOptions {
     pub observer: Option<Arc<dyn RunObserver>>,
     /// Cancelling stops running attempts at the next epoch tick.
     pub cancel: CancellationToken,
+    /// Where step results go as they finish; `None` keeps the run in memory.
+    pub store: Option<Arc<dyn Store>>,
 }
 
 /// Executes runs. Cheap to clone; clones share the concurrency bound.
@@ -78,42 +81,79 @@ impl Executor {
     /// Runs `plan` on `input` to the end and returns its record.
     pub async fn run(&self, plan: Arc<Plan>, input: Value, options: RunOptions) -> RunRecord {
         let run_id = options.run_id.clone().unwrap_or_else(new_run_id);
-        let created_at = now_rfc3339();
-        let started = Instant::now();
-        let mut record = RunRecord {
-            id: run_id.clone(),
-            workflow: plan.name.clone(),
-            status: RunStatus::Running,
-            input: input.clone(),
-            output: Value::Null,
-            error: None,
-            created_at: created_at.clone(),
-            started_at: Some(created_at),
-            finished_at: None,
-            duration_ms: None,
-            steps: plan
-                .steps
-                .iter()
-                .map(|step| StepRecord {
-                    id: step.id.clone(),
-                    plugin: step.plugin.clone(),
-                    plugin_version: None,
-                    plugin_digest: None,
-                    status: StepStatus::Pending,
-                    output: Value::Null,
-                    error: None,
-                    started_at: None,
-                    duration_ms: None,
-                    items: None,
-                    attempts: Vec::new(),
-                })
-                .collect(),
-        };
+        let record = queued_record(&plan, run_id, input);
+        self.execute(plan, record, options).await
+    }
 
-        // Pin every plugin now: the run keeps these exact builds to its end.
+    /// Runs `record` (queued, or as stored when the process stopped) to the end.
+    ///
+    /// Steps that had finished keep their records and are not run again; a
+    /// step that was running is attempted again, its attempt numbers going on
+    /// from the stored ones (the interrupted attempt is marked so).
+    pub async fn execute(
+        &self,
+        plan: Arc<Plan>,
+        mut record: RunRecord,
+        options: RunOptions,
+    ) -> RunRecord {
+        let started = Instant::now();
+        let run_id = record.id.clone();
+        let input = record.input.clone();
+        record.status = RunStatus::Running;
+        let started_at = record.started_at.get_or_insert_with(now_rfc3339).clone();
+        if let Some(store) = &options.store
+            && let Err(err) = store.run_started(&run_id, &started_at).await
+        {
+            tracing::error!(run_id, error = %err, "cannot store that the run started");
+        }
+
+        // Which steps are done already (a resumed run) and which will run.
+        let mut done = vec![false; plan.steps.len()];
+        let mut previous_attempts = vec![0u32; plan.steps.len()];
+        for (index, step_record) in record.steps.iter_mut().enumerate() {
+            match step_record.status {
+                StepStatus::Succeeded | StepStatus::Skipped | StepStatus::Failed => {
+                    done[index] = true
+                }
+                StepStatus::Pending | StepStatus::Running | StepStatus::Cancelled => {
+                    for attempt in &mut step_record.attempts {
+                        if attempt.status == StepStatus::Running {
+                            attempt.status = StepStatus::Failed;
+                            attempt.error = Some(ErrorRecord {
+                                kind: ErrorKind::Interrupted,
+                                message: "the host stopped during this attempt".into(),
+                                retryable: true,
+                                details: None,
+                            });
+                        }
+                    }
+                    previous_attempts[index] = step_record
+                        .attempts
+                        .iter()
+                        .map(|a| a.attempt)
+                        .max()
+                        .unwrap_or(0);
+                    step_record.status = StepStatus::Pending;
+                    step_record.error = None;
+                }
+            }
+        }
+
+        // Pin every plugin now: the run keeps these exact builds to its end
+        // (a resumed run, the builds it started with, if still loaded).
         let mut plugins = Vec::with_capacity(plan.steps.len());
         for (step, step_record) in plan.steps.iter().zip(&mut record.steps) {
-            match self.inner.registry.resolve(&step.plugin) {
+            let pinned = step_record.plugin_digest.as_ref().and_then(|digest| {
+                let name = step.plugin.split('@').next().unwrap_or(&step.plugin);
+                self.inner
+                    .registry
+                    .resolve(&format!("{name}@{digest}"))
+                    .ok()
+            });
+            match pinned
+                .map(Ok)
+                .unwrap_or_else(|| self.inner.registry.resolve(&step.plugin))
+            {
                 Ok(plugin) => {
                     step_record.plugin_version = Some(plugin.version.to_string());
                     step_record.plugin_digest = Some(format!("sha256:{}", plugin.digest));
@@ -125,7 +165,9 @@ impl Executor {
                         kind: ErrorKind::Plugin,
                         message: err.to_string(),
                     });
-                    return self.finish(record, started, &plan, RunStatus::Failed);
+                    return self
+                        .finish(record, started, RunStatus::Failed, options.store.as_deref())
+                        .await;
                 }
             }
         }
@@ -137,10 +179,16 @@ impl Executor {
             run_id,
             observer: options.observer.clone(),
             cancel: options.cancel.clone(),
+            store: options.store.clone(),
+            previous_attempts,
         });
 
         let n = plan.steps.len();
-        let mut waiting: Vec<usize> = plan.steps.iter().map(|s| s.needs.len()).collect();
+        let mut waiting: Vec<usize> = plan
+            .steps
+            .iter()
+            .map(|s| s.needs.iter().filter(|&&need| !done[need]).count())
+            .collect();
         let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
         for (index, step) in plan.steps.iter().enumerate() {
             for &need in &step.needs {
@@ -149,8 +197,20 @@ impl Executor {
         }
 
         let mut scope = Scope::new(&run.run_id, &plan.name, &input);
-        let mut tasks = JoinSet::new();
         let mut failure: Option<RunError> = None;
+        for (index, step_record) in record
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| done[*index])
+        {
+            let step = &plan.steps[index];
+            scope.set_step(&step.id, step_record.status.as_str(), &step_record.output);
+            if step_record.status == StepStatus::Failed && step.on_failure == OnFailure::Fail {
+                failure.get_or_insert_with(|| step_failure(step_record));
+            }
+        }
+        let mut tasks = JoinSet::new();
         let spawn = |tasks: &mut JoinSet<(usize, StepRecord)>,
                      index: usize,
                      scope: &Scope,
@@ -161,9 +221,11 @@ impl Executor {
             let base = record.clone();
             tasks.spawn(async move { (index, run.run_step(index, scope, base).await) });
         };
-        for (index, step_record) in record.steps.iter_mut().enumerate() {
-            if waiting[index] == 0 {
-                spawn(&mut tasks, index, &scope, step_record);
+        if failure.is_none() {
+            for (index, step_record) in record.steps.iter_mut().enumerate() {
+                if waiting[index] == 0 && !done[index] {
+                    spawn(&mut tasks, index, &scope, step_record);
+                }
             }
         }
 
@@ -205,7 +267,11 @@ impl Executor {
             record.steps[index] = step_record;
             for &dependent in &dependents[index] {
                 waiting[dependent] -= 1;
-                if waiting[dependent] == 0 && failure.is_none() && !options.cancel.is_cancelled() {
+                if waiting[dependent] == 0
+                    && !done[dependent]
+                    && failure.is_none()
+                    && !options.cancel.is_cancelled()
+                {
                     spawn(&mut tasks, dependent, &scope, &mut record.steps[dependent]);
                 }
             }
@@ -262,7 +328,8 @@ impl Executor {
                 }
             }
         };
-        self.finish(record, started, &plan, status)
+        self.finish(record, started, status, options.store.as_deref())
+            .await
     }
 
     /// `[output]`, or `{ sink id: output }` for the steps no other step needs.
@@ -290,17 +357,70 @@ impl Executor {
         Ok(Value::Object(sinks))
     }
 
-    fn finish(
+    async fn finish(
         &self,
         mut record: RunRecord,
         started: Instant,
-        _plan: &Plan,
         status: RunStatus,
+        store: Option<&dyn Store>,
     ) -> RunRecord {
         record.status = status;
         record.finished_at = Some(now_rfc3339());
+        // A resumed run counts the time of this incarnation only.
         record.duration_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+        if let Some(store) = store
+            && let Err(err) = store.finish_run(&record).await
+        {
+            tracing::error!(run_id = %record.id, error = %err, "cannot store the finished run");
+        }
         record
+    }
+}
+
+/// A queued run of `plan`: every step pending.
+pub fn queued_record(plan: &Plan, run_id: String, input: Value) -> RunRecord {
+    RunRecord {
+        id: run_id,
+        workflow: plan.name.clone(),
+        status: RunStatus::Queued,
+        input,
+        output: Value::Null,
+        error: None,
+        created_at: now_rfc3339(),
+        started_at: None,
+        finished_at: None,
+        duration_ms: None,
+        steps: plan
+            .steps
+            .iter()
+            .map(|step| StepRecord {
+                id: step.id.clone(),
+                plugin: step.plugin.clone(),
+                plugin_version: None,
+                plugin_digest: None,
+                status: StepStatus::Pending,
+                output: Value::Null,
+                error: None,
+                started_at: None,
+                duration_ms: None,
+                items: None,
+                attempts: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
+fn step_failure(step: &StepRecord) -> RunError {
+    let error = step.error.clone().unwrap_or(ErrorRecord {
+        kind: ErrorKind::Trap,
+        message: "failed".into(),
+        retryable: false,
+        details: None,
+    });
+    RunError {
+        step: Some(step.id.clone()),
+        kind: error.kind,
+        message: error.message,
     }
 }
 
@@ -315,6 +435,9 @@ struct RunContext {
     run_id: String,
     observer: Option<Arc<dyn RunObserver>>,
     cancel: CancellationToken,
+    store: Option<Arc<dyn Store>>,
+    /// Per step: the highest attempt number a previous incarnation stored.
+    previous_attempts: Vec<u32>,
 }
 
 impl RunContext {
@@ -403,7 +526,7 @@ impl RunContext {
             }
         };
 
-        record.attempts = attempts;
+        record.attempts.extend(attempts);
         record.duration_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         match result {
             Ok(output) => {
@@ -417,6 +540,44 @@ impl RunContext {
                 record
             }
             Err(error) => fail(record, error),
+        }
+    }
+
+    /// Stores that `attempt` of a (non-`for_each`) step has started, so that
+    /// after a crash the next incarnation numbers its attempt `attempt + 1`.
+    async fn save_running(&self, index: usize, attempt: u32, this_incarnation: &[AttemptRecord]) {
+        let Some(store) = &self.store else { return };
+        let step = &self.plan.steps[index];
+        let plugin = &self.plugins[index];
+        let mut attempts = this_incarnation.to_vec();
+        attempts.push(AttemptRecord {
+            attempt,
+            item: None,
+            status: StepStatus::Running,
+            error: None,
+            started_at: now_rfc3339(),
+            duration_ms: 0.0,
+            fuel_consumed: 0,
+            peak_memory: 0,
+            logs: Vec::new(),
+            log_bytes_dropped: 0,
+            progress: None,
+        });
+        let record = StepRecord {
+            id: step.id.clone(),
+            plugin: step.plugin.clone(),
+            plugin_version: Some(plugin.version.to_string()),
+            plugin_digest: Some(format!("sha256:{}", plugin.digest)),
+            status: StepStatus::Running,
+            output: Value::Null,
+            error: None,
+            started_at: None,
+            duration_ms: None,
+            items: None,
+            attempts,
+        };
+        if let Err(err) = store.save_step(&self.run_id, index, &record).await {
+            tracing::error!(run_id = %self.run_id, step = %step.id, error = %err, "cannot store that the step started");
         }
     }
 
@@ -451,7 +612,11 @@ impl RunContext {
         });
 
         let mut attempts = Vec::new();
-        let mut attempt = 1;
+        // A resumed step goes on numbering from the stored attempts, and gets
+        // at least one more attempt even if the interrupted one was the last.
+        let previous = self.previous_attempts[index];
+        let mut attempt = previous + 1;
+        let last_attempt = step.retry.max_attempts.max(previous + 1);
         loop {
             let permit = tokio::select! {
                 permit = self.executor.inner.permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
@@ -459,6 +624,9 @@ impl RunContext {
             };
             if let Some(observer) = &self.observer {
                 observer.step_started(&step.id, attempt, item);
+            }
+            if item.is_none() {
+                self.save_running(index, attempt, &attempts).await;
             }
             let outcome = self.plugins[index]
                 .invoke(Invocation {
@@ -479,7 +647,7 @@ impl RunContext {
             attempts.push(attempt_record);
             match result {
                 Ok(output) => return (Ok(output), attempts),
-                Err(error) if error.retryable && attempt < step.retry.max_attempts => {
+                Err(error) if error.retryable && attempt < last_attempt => {
                     let delay = step.retry.delay_before(attempt + 1);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}

@@ -5,9 +5,12 @@
 //! wasmtime.
 
 pub mod cli;
+pub mod config;
 pub mod engine;
 pub mod executor;
 pub mod plugin;
 pub mod record;
+pub mod service;
+pub mod store;
 pub mod telemetry;
 pub mod workflow;

@@ -79,6 +79,8 @@ pub enum ErrorKind {
     Plugin,
     /// The run or step was cancelled.
     Cancelled,
+    /// The host stopped (crashed, was killed) while the attempt ran.
+    Interrupted,
     /// A dependency failed, so the step never ran.
     DependencyFailed,
 }
@@ -100,6 +102,7 @@ impl ErrorKind {
             ErrorKind::Template => "template error",
             ErrorKind::Plugin => "plugin unavailable",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Interrupted => "interrupted",
             ErrorKind::DependencyFailed => "dependency failed",
         }
     }

@@ -38,11 +38,13 @@ const MIN_FLOOD: u64 = 64 * 1024 * 1024;
 /// itself is full.
 const STDERR_TAIL: usize = 8 * 1024;
 
-/// Durable key-value state, scoped to a workflow (the `state` import).
+/// Durable key-value state, scoped to a workflow (the `state` import). An
+/// error traps the guest: state it cannot read or write is a host fault.
+#[async_trait::async_trait]
 pub trait StateStore: Send + Sync {
-    fn get(&self, scope: &str, key: &str) -> Option<Vec<u8>>;
-    fn set(&self, scope: &str, key: &str, value: Vec<u8>);
-    fn delete(&self, scope: &str, key: &str);
+    async fn get(&self, scope: &str, key: &str) -> Result<Option<Vec<u8>>, String>;
+    async fn set(&self, scope: &str, key: &str, value: Vec<u8>) -> Result<(), String>;
+    async fn delete(&self, scope: &str, key: &str) -> Result<(), String>;
 }
 
 /// State kept in memory for the life of the process.
@@ -51,18 +53,21 @@ pub struct MemoryStateStore {
     map: Mutex<HashMap<(String, String), Vec<u8>>>,
 }
 
+#[async_trait::async_trait]
 impl StateStore for MemoryStateStore {
-    fn get(&self, scope: &str, key: &str) -> Option<Vec<u8>> {
+    async fn get(&self, scope: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
         let map = self.map.lock().unwrap();
-        map.get(&(scope.to_string(), key.to_string())).cloned()
+        Ok(map.get(&(scope.to_string(), key.to_string())).cloned())
     }
-    fn set(&self, scope: &str, key: &str, value: Vec<u8>) {
+    async fn set(&self, scope: &str, key: &str, value: Vec<u8>) -> Result<(), String> {
         let mut map = self.map.lock().unwrap();
         map.insert((scope.to_string(), key.to_string()), value);
+        Ok(())
     }
-    fn delete(&self, scope: &str, key: &str) {
+    async fn delete(&self, scope: &str, key: &str) -> Result<(), String> {
         let mut map = self.map.lock().unwrap();
         map.remove(&(scope.to_string(), key.to_string()));
+        Ok(())
     }
 }
 
@@ -720,6 +725,10 @@ impl host::Host for StepState {
     }
 }
 
+fn state_error(message: String) -> wasmtime::Error {
+    wasmtime::Error::msg(format!("the state store failed: {message}"))
+}
+
 fn check_key(key: &str) -> wasmtime::Result<()> {
     if key.len() > MAX_STATE_KEY {
         return Err(wasmtime::Error::msg(format!(
@@ -733,7 +742,10 @@ fn check_key(key: &str) -> wasmtime::Result<()> {
 impl state::Host for StepState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
         check_key(&key)?;
-        Ok(self.state.get(&self.state_scope, &key))
+        self.state
+            .get(&self.state_scope, &key)
+            .await
+            .map_err(state_error)
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
@@ -744,14 +756,18 @@ impl state::Host for StepState {
                 value.len()
             )));
         }
-        self.state.set(&self.state_scope, &key, value);
-        Ok(())
+        self.state
+            .set(&self.state_scope, &key, value)
+            .await
+            .map_err(state_error)
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<()> {
         check_key(&key)?;
-        self.state.delete(&self.state_scope, &key);
-        Ok(())
+        self.state
+            .delete(&self.state_scope, &key)
+            .await
+            .map_err(state_error)
     }
 }
 

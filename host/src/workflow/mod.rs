@@ -6,7 +6,7 @@
 //! 1. [`schema`]: serde types of the file as written (`deny_unknown_fields`,
 //!    spans kept where validation needs a location);
 //! 2. `validate`: ids, references, plugins, templates, the dependency graph,
-//!    limits and retries; every problem is reported at once, each as
+//!    limits, retries and the `[input]` JSON Schema; every problem is reported at once, each as
 //!    `FILE:LINE:COL: message`;
 //! 3. [`Plan`]: an immutable DAG in run order, templates compiled, defaults
 //!    filled in.
@@ -50,7 +50,7 @@ mod ui_tests;
 use std::path::Path;
 
 pub use diagnostic::{Diagnostic, Diagnostics};
-pub use plan::{Backoff, OnFailure, Plan, PlannedStep, RetryPolicy};
+pub use plan::{Backoff, InputSchema, OnFailure, Plan, PlannedStep, RetryPolicy, SchemaViolation};
 pub use template::{CompiledTemplate, Scope, TemplateError, TemplateValue, Templates};
 
 use diagnostic::Reporter;

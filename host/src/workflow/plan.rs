@@ -5,6 +5,8 @@
 //! passed validation (see `validate`).
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +24,8 @@ pub struct Plan {
     /// Topological order: every step comes after the steps it needs; steps that
     /// could go in either order keep the order of the file.
     pub steps: Vec<PlannedStep>,
+    /// `[input]`'s schema: a run's input must satisfy it. `None`: any input.
+    pub input_schema: Option<InputSchema>,
     /// `[output]`. `None`: the run's output is `{ <id>: output }` of the steps
     /// no other step needs.
     pub output: Option<TemplateValue>,
@@ -45,6 +49,111 @@ impl Plan {
         }
         (0..self.steps.len()).filter(|&i| !needed[i]).collect()
     }
+}
+
+/// The JSON Schema a run's input must satisfy, compiled. Cheap to clone.
+#[derive(Clone)]
+pub struct InputSchema(Arc<CompiledSchema>);
+
+struct CompiledSchema {
+    schema: serde_json::Value,
+    description: Option<String>,
+    validator: jsonschema::Validator,
+}
+
+/// One way an input fails its [`InputSchema`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SchemaViolation {
+    /// JSON Pointer of the failing value in the input: `""` for the input
+    /// itself, `"/order/items/0/qty"` for a value inside it.
+    pub path: String,
+    pub message: String,
+}
+
+/// Longest input value (as JSON) quoted in a [`SchemaViolation`] message;
+/// a longer one is called "value" (the path says which).
+const MAX_QUOTED_VALUE: usize = 80;
+
+impl InputSchema {
+    /// Compiles `schema` (its draft from `$schema`, 2020-12 when it has none).
+    /// Only references inside the schema resolve: nothing is fetched.
+    pub(crate) fn compile(
+        schema: serde_json::Value,
+        description: Option<String>,
+    ) -> Result<Self, jsonschema::ValidationError<'static>> {
+        let validator = jsonschema::validator_for(&schema)?;
+        Ok(InputSchema(Arc::new(CompiledSchema {
+            schema,
+            description,
+            validator,
+        })))
+    }
+
+    /// The schema as written in the workflow, as JSON.
+    pub fn schema(&self) -> &serde_json::Value {
+        &self.0.schema
+    }
+
+    /// `[input]`'s `description`.
+    pub fn description(&self) -> Option<&str> {
+        self.0.description.as_deref()
+    }
+
+    /// Every violation, each with the JSON Pointer of the failing value (""
+    /// for the root) and a message.
+    pub fn validate(&self, input: &serde_json::Value) -> Result<(), Vec<SchemaViolation>> {
+        let violations: Vec<SchemaViolation> = self
+            .0
+            .validator
+            .iter_errors(input)
+            .map(|error| SchemaViolation {
+                path: error.instance_path().as_str().to_owned(),
+                message: error_message(&error),
+            })
+            .collect();
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(violations)
+        }
+    }
+}
+
+/// Only the schema: the compiled validator says nothing more.
+impl fmt::Debug for InputSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InputSchema")
+            .field("schema", &self.0.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+/// jsonschema's message for `error`, the failing value quoted only when short.
+pub(crate) fn error_message(error: &jsonschema::ValidationError<'_>) -> String {
+    if is_short(error.instance(), MAX_QUOTED_VALUE) {
+        error.to_string()
+    } else {
+        error.masked().to_string()
+    }
+}
+
+/// Whether `value` as JSON takes at most `limit` bytes (without writing out
+/// more than that).
+fn is_short(value: &serde_json::Value, limit: usize) -> bool {
+    struct Bounded(usize);
+    impl std::io::Write for Bounded {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 = self
+                .0
+                .checked_sub(bytes.len())
+                .ok_or(std::io::ErrorKind::WriteZero)?;
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    serde_json::to_writer(Bounded(limit), value).is_ok()
 }
 
 #[derive(Debug)]
@@ -179,5 +288,13 @@ mod tests {
     fn plans_are_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<Plan>();
+        check::<InputSchema>();
+    }
+
+    #[test]
+    fn only_short_values_are_quoted() {
+        assert!(is_short(&serde_json::json!("abc"), 5));
+        assert!(!is_short(&serde_json::json!("abcd"), 5));
+        assert!(!is_short(&serde_json::json!({ "a": [1, 2, 3] }), 5));
     }
 }

@@ -30,6 +30,7 @@ pub struct WorkflowFile {
     pub description: Option<String>,
     pub limits: Option<LimitsTable>,
     pub retry: Option<RetryTable>,
+    pub input: Option<Spanned<InputTable>>,
     #[serde(default)]
     pub step: Vec<Spanned<StepTable>>,
     pub output: Option<Spanned<TomlValue>>,
@@ -54,6 +55,15 @@ pub struct RetryTable {
     pub backoff: Option<Backoff>,
     pub initial: Option<Spanned<HumanDuration>>,
     pub max: Option<Spanned<HumanDuration>>,
+}
+
+/// `[input]`: what a run's input must look like.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [input] table")]
+pub struct InputTable {
+    /// A JSON Schema, written as TOML or as a string of JSON text.
+    pub schema: Option<Spanned<TomlValue>>,
+    pub description: Option<String>,
 }
 
 /// One `[[step]]`.

@@ -1,6 +1,6 @@
 //! The validation pass: from the file as written ([`schema`](super::schema)) to
 //! a [`Plan`], checking what serde cannot: ids, references, plugins, templates,
-//! the dependency graph, limits and retry settings.
+//! the dependency graph, limits, retry settings and the input's JSON Schema.
 //!
 //! Every problem is reported, each at the place in the file that has to change.
 //! A plan is only built when there was none.
@@ -16,8 +16,8 @@ use toml::Spanned;
 use super::PluginCatalog;
 use super::closest;
 use super::diagnostic::Reporter;
-use super::plan::{OnFailure, Plan, PlannedStep, RetryPolicy};
-use super::schema::{LimitsTable, Parsed, RetryTable, StepTable, TomlValue};
+use super::plan::{InputSchema, OnFailure, Plan, PlannedStep, RetryPolicy, error_message};
+use super::schema::{InputTable, LimitsTable, Parsed, RetryTable, StepTable, TomlValue};
 use super::template::{SCOPE_NAMES, TemplateValue, TemplatesBuilder};
 use crate::engine::{LimitOverrides, MAX_MEMORY};
 
@@ -138,6 +138,8 @@ impl Validator<'_, '_> {
             max: from_workflow(file.retry.as_ref().is_some_and(|r| r.max.is_some())),
         };
 
+        let input_schema = file.input.as_ref().and_then(|input| self.input(input));
+
         if file.step.is_empty() && !parsed.dropped_top_key("step") {
             self.report.error_at(
                 0,
@@ -228,6 +230,7 @@ impl Validator<'_, '_> {
             description: file.description.clone(),
             file: file_name.to_owned(),
             steps,
+            input_schema,
             output,
             templates: self.templates.finish(),
         })
@@ -589,6 +592,135 @@ impl Validator<'_, '_> {
         None
     }
 
+    /// `[input]`: the schema as JSON, checked against its meta-schema and compiled.
+    fn input(&mut self, table: &Spanned<InputTable>) -> Option<InputSchema> {
+        let Some(schema) = &table.get_ref().schema else {
+            self.report.error(
+                &table.span(),
+                "[input] has no `schema`: give the JSON Schema a run's input must match, \
+                 like `schema = { type = \"object\" }`",
+            );
+            return None;
+        };
+        let (json, from_text) = match schema.get_ref() {
+            TomlValue::String(text) => (self.json_text(text, schema.span())?, true),
+            _ => (self.json(schema)?, false),
+        };
+        // A problem inside a schema written as TOML is reported where it is
+        // written; inside JSON text, at the text (the message has the pointer).
+        let locate = |pointer: &str| {
+            if from_text {
+                schema.span().start
+            } else {
+                span_at(schema, pointer).start
+            }
+        };
+        let message = |error: &jsonschema::ValidationError<'_>| {
+            let at = error.instance_path().as_str();
+            let at = if at.is_empty() {
+                String::new()
+            } else {
+                format!(" at {at}")
+            };
+            format!("invalid input schema{at}: {}", error_message(error))
+        };
+
+        // Every way the schema breaks its draft's rules; compiling stops at the first.
+        let problems: Vec<(usize, String)> = match jsonschema::meta::validator_for(&json) {
+            Ok(meta) => meta
+                .iter_errors(&json)
+                .map(|error| (locate(error.instance_path().as_str()), message(&error)))
+                .collect(),
+            Err(error) => vec![(schema.span().start, message(&error))],
+        };
+        if !problems.is_empty() {
+            for (at, message) in problems {
+                self.report.error_at(at, message);
+            }
+            return None;
+        }
+        match InputSchema::compile(json, table.get_ref().description.clone()) {
+            Ok(compiled) => Some(compiled),
+            Err(error) => {
+                self.report
+                    .error_at(locate(error.instance_path().as_str()), message(&error));
+                None
+            }
+        }
+    }
+
+    /// A schema written as TOML, as JSON; `None` (reported) if it has no JSON form.
+    fn json(&mut self, value: &Spanned<TomlValue>) -> Option<Json> {
+        Some(match value.get_ref() {
+            TomlValue::String(text) => Json::String(text.clone()),
+            TomlValue::Integer(n) => Json::from(*n),
+            TomlValue::Float(f) => match serde_json::Number::from_f64(*f) {
+                Some(number) => Json::Number(number),
+                None => {
+                    self.report
+                        .error(&value.span(), format!("{f} has no JSON form"));
+                    return None;
+                }
+            },
+            TomlValue::Boolean(b) => Json::Bool(*b),
+            TomlValue::Datetime(text) => Json::String(text.clone()),
+            TomlValue::Array(items) => {
+                // Convert every item, so that every problem is reported.
+                let items: Vec<Option<Json>> = items.iter().map(|item| self.json(item)).collect();
+                Json::Array(items.into_iter().collect::<Option<_>>()?)
+            }
+            TomlValue::Table(table) => {
+                let entries: Vec<(String, Option<Json>)> = table
+                    .iter()
+                    .map(|(key, item)| (key.clone(), self.json(item)))
+                    .collect();
+                Json::Object(
+                    entries
+                        .into_iter()
+                        .map(|(key, item)| Some((key, item?)))
+                        .collect::<Option<_>>()?,
+                )
+            }
+        })
+    }
+
+    /// A schema written as a string of JSON text, parsed; `None` (reported) if
+    /// it is not JSON.
+    fn json_text(&mut self, text: &str, span: Range<usize>) -> Option<Json> {
+        let error = match serde_json::from_str(text) {
+            Ok(json) => return Some(json),
+            Err(error) => error,
+        };
+        let (line, column) = (error.line(), error.column());
+        let full = error.to_string();
+        let reason = full
+            .strip_suffix(&format!(" at line {line} column {column}"))
+            .unwrap_or(&full);
+        // serde_json counts columns in bytes, the column of the offending byte.
+        let line_start: usize = text
+            .split_inclusive('\n')
+            .take(line.saturating_sub(1))
+            .map(str::len)
+            .sum();
+        let at = (line_start + column.saturating_sub(1)).min(text.len());
+        let mut message = format!("the input schema is not valid JSON: {reason}");
+        let offset = match self.offset_in(text, &span, at) {
+            Some(offset) => offset,
+            None => {
+                message.push_str(&format!(" (line {line}, column {column} of the JSON text)"));
+                span.start
+            }
+        };
+        if !text.trim_start().starts_with('{') {
+            message.push_str(
+                "; a string `schema` is JSON text, like '''{ \"type\": \"object\" }''' \
+                 (or write the schema as a TOML table)",
+            );
+        }
+        self.report.error_at(offset, message);
+        None
+    }
+
     fn suggest_id(&self, id: &str) -> String {
         closest(id, self.ids.keys().map(String::as_str))
             .map(|name| format!("; did you mean `{name}`?"))
@@ -796,6 +928,25 @@ impl Validator<'_, '_> {
         }
         None
     }
+}
+
+/// The span of the value at JSON Pointer `pointer` inside `value`, or of the
+/// deepest value on the way there that exists.
+fn span_at(value: &Spanned<TomlValue>, pointer: &str) -> Range<usize> {
+    let mut here = value;
+    for segment in pointer.split('/').skip(1) {
+        let key = segment.replace("~1", "/").replace("~0", "~");
+        let next = match here.get_ref() {
+            TomlValue::Table(table) => table.get(&key),
+            TomlValue::Array(items) => key.parse::<usize>().ok().and_then(|i| items.get(i)),
+            _ => None,
+        };
+        match next {
+            Some(next) => here = next,
+            None => break,
+        }
+    }
+    here.span()
 }
 
 fn literal(value: TemplateValue) -> Json {

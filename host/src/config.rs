@@ -1,0 +1,1087 @@
+//! The configuration of a Trellis process: `trellis.toml`, then `TRELLIS_*`
+//! environment variables, then command-line flags, each layer over the one
+//! before it. Every key has a default, so no layer is required.
+//!
+//! ```toml
+//! bind = "127.0.0.1:8080"          # TRELLIS_BIND, --bind
+//! data_dir = "trellis-data"        # TRELLIS_DATA_DIR, --data-dir
+//! store = "sqlite"                 # or "postgres://user@host/db"; TRELLIS_STORE
+//! durability = "normal"            # or "fsync"; TRELLIS_DURABILITY
+//! plugin_dirs = ["plugins"]        # TRELLIS_PLUGIN_DIRS, --plugin-dir (repeatable)
+//! workflow_dirs = ["workflows"]    # TRELLIS_WORKFLOW_DIRS, --workflow-dir (repeatable)
+//! auth_token = ""                  # TRELLIS_AUTH_TOKEN; empty = no auth (loopback only)
+//! max_concurrent_steps = 64        # TRELLIS_MAX_CONCURRENT_STEPS
+//! max_body = "16MiB"               # TRELLIS_MAX_BODY
+//!
+//! [limits]                         # under every workflow's own [limits]
+//! fuel = 1_000_000_000             # TRELLIS_FUEL
+//! memory = "128MiB"                # TRELLIS_MEMORY
+//! timeout = "60s"                  # TRELLIS_TIMEOUT
+//! max_output = "16MiB"
+//! max_log = "1MiB"
+//!
+//! [secrets]                        # names only: values are read when a step needs them
+//! api_token = { env = "API_TOKEN" }          # or { file = "/run/secrets/api_token" }
+//! ```
+//!
+//! Paths:
+//! - relative paths in the file are relative to the **file's directory**, so a
+//!   configuration means the same thing whatever directory the server starts in;
+//! - relative paths from the environment or flags, and the defaults
+//!   (`trellis-data`, `workflows`), are relative to the current directory;
+//! - `TRELLIS_PLUGIN_DIRS` and `TRELLIS_WORKFLOW_DIRS` are lists like `PATH`
+//!   (`:`-separated; `;` on Windows).
+//!
+//! An environment variable set to the empty string counts as unset: it never
+//! clears a value from the file (an empty `TRELLIS_AUTH_TOKEN` does not turn off
+//! the file's token).
+//!
+//! Boundary: this module parses and checks values. It does not read secret
+//! values, open the store, create directories or bind; [`Config::check_bind`] is
+//! for the server to call before it listens.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::value::{Error as ValueError, StrDeserializer};
+use toml::Spanned;
+
+use crate::engine::{LimitOverrides, Limits, MAX_MEMORY};
+use crate::workflow::schema::{HumanDuration, LimitsTable, Size};
+use crate::workflow::{Diagnostic, Diagnostics};
+
+/// The file read when no `--config` is given, if it exists.
+pub const DEFAULT_FILE: &str = "trellis.toml";
+
+/// The resolved configuration: every layer applied, every value checked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where the HTTP API listens.
+    pub bind: SocketAddr,
+    /// The SQLite file and the compiled-code cache live here.
+    pub data_dir: PathBuf,
+    pub store: StoreKind,
+    /// What a commit survives (DESIGN.md, "Storage").
+    pub durability: Durability,
+    /// Where plugins are loaded from. Default: the example plugins the build
+    /// put in [`crate::cli::BUILTIN_PLUGIN_DIR`], if that directory exists.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Where workflow files are loaded from.
+    pub workflow_dirs: Vec<PathBuf>,
+    /// The bearer token every route but `/healthz` requires; `None` = no auth.
+    pub auth_token: Option<String>,
+    /// Step attempts running at once over all runs; at least 1.
+    pub max_concurrent_steps: usize,
+    /// The largest request body the API accepts, in bytes.
+    pub max_body: u64,
+    /// The limits under every workflow's own `[limits]`.
+    pub limits: Limits,
+    /// Where each named secret comes from; the values are not read here.
+    pub secrets: BTreeMap<String, SecretSource>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let plugin_dirs = match crate::cli::BUILTIN_PLUGIN_DIR {
+            Some(dir) if Path::new(dir).is_dir() => vec![PathBuf::from(dir)],
+            _ => Vec::new(),
+        };
+        Config {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("trellis-data"),
+            store: StoreKind::Sqlite,
+            durability: Durability::Normal,
+            plugin_dirs,
+            workflow_dirs: vec![PathBuf::from("workflows")],
+            auth_token: None,
+            max_concurrent_steps: 64,
+            max_body: 16 * 1024 * 1024,
+            limits: Limits::default(),
+            secrets: BTreeMap::new(),
+        }
+    }
+}
+
+/// Like the derived `Debug`, but without the auth token or a database password,
+/// so a configuration can be logged.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("bind", &self.bind)
+            .field("data_dir", &self.data_dir)
+            .field("store", &self.store)
+            .field("durability", &self.durability)
+            .field("plugin_dirs", &self.plugin_dirs)
+            .field("workflow_dirs", &self.workflow_dirs)
+            .field(
+                "auth_token",
+                &self.auth_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("max_concurrent_steps", &self.max_concurrent_steps)
+            .field("max_body", &self.max_body)
+            .field("limits", &self.limits)
+            .field("secrets", &self.secrets)
+            .finish()
+    }
+}
+
+/// Where runs are stored.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// `"sqlite"`: a file in the data dir.
+    Sqlite,
+    /// `"postgres://..."` (or `postgresql://`): the connection URL, for
+    /// several servers sharing one database.
+    Postgres(String),
+}
+
+impl FromStr for StoreKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "sqlite" {
+            return Ok(StoreKind::Sqlite);
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(StoreKind::Postgres(s.to_owned()));
+        }
+        // Only the part before `://`: the rest may hold a password.
+        let kind = s.split("://").next().unwrap_or_default();
+        Err(format!(
+            "unknown store \"{kind}\": write \"sqlite\" or a URL like \"postgres://user@host/db\""
+        ))
+    }
+}
+
+/// Shows a Postgres URL without its password.
+impl fmt::Debug for StoreKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreKind::Sqlite => f.write_str("Sqlite"),
+            StoreKind::Postgres(url) => f
+                .debug_tuple("Postgres")
+                .field(&redact_password(url))
+                .finish(),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:<redacted>@host/db`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:<redacted>{}", &rest[at..]),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// What a committed write survives (DESIGN.md, "Storage").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// `"normal"`: a killed process (SQLite `synchronous=NORMAL`).
+    #[default]
+    Normal,
+    /// `"fsync"`: power loss too; every commit waits for the disk.
+    Fsync,
+}
+
+impl FromStr for Durability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "normal" => Ok(Durability::Normal),
+            "fsync" => Ok(Durability::Fsync),
+            other => Err(format!(
+                "unknown durability \"{other}\": write \"normal\" or \"fsync\""
+            )),
+        }
+    }
+}
+
+/// Where a secret's value comes from: `{ env = "VAR" }` or `{ file = "/path" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    rename_all = "lowercase",
+    expecting = "a secret source: { env = \"VAR\" } or { file = \"/path\" }"
+)]
+pub enum SecretSource {
+    /// An environment variable of the server process.
+    Env(String),
+    /// A file (e.g. a mounted Docker or Kubernetes secret), read whole; a
+    /// relative path in `trellis.toml` is relative to that file's directory.
+    File(PathBuf),
+}
+
+/// What the command line gave; each given value overrides the file and the
+/// environment. An empty list means the flag was not given.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub bind: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub plugin_dirs: Vec<PathBuf>,
+    pub workflow_dirs: Vec<PathBuf>,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not TOML, has a key Trellis does not know, or a value that
+    /// is wrong: each problem as `FILE:LINE:COL: message`.
+    #[error("{0}")]
+    File(Diagnostics),
+    /// An environment variable's value does not parse or is out of range.
+    #[error("{var}: {message}")]
+    Env { var: &'static str, message: String },
+    /// A bind address other machines can reach, and no auth token.
+    #[error(
+        "refusing to listen on {bind} without an auth token: set auth_token in trellis.toml or TRELLIS_AUTH_TOKEN, or bind 127.0.0.1"
+    )]
+    UnprotectedBind { bind: SocketAddr },
+}
+
+impl Config {
+    /// The configuration from `file` (the `--config` path, which must exist;
+    /// `None`: `./trellis.toml` if it exists, else only defaults), the process
+    /// environment and `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Config::load_with_env(file, overrides, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with the environment given as a lookup function.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        let file = match file {
+            Some(path) => Some(path.to_owned()),
+            None => Some(PathBuf::from(DEFAULT_FILE)).filter(|path| path.is_file()),
+        };
+        if let Some(path) = file {
+            let source = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            config.apply_file(&path, &source)?;
+        }
+        config.apply_env(&Env(env))?;
+        config.apply_overrides(overrides);
+        Ok(config)
+    }
+
+    /// Refuses a bind address other machines can reach (anything but
+    /// 127.0.0.0/8 and ::1) when there is no auth token: every route would be
+    /// open to the network, and plugins run whatever a caller sends them.
+    pub fn check_bind(&self) -> Result<(), ConfigError> {
+        if self.bind.ip().to_canonical().is_loopback() || self.auth_token.is_some() {
+            Ok(())
+        } else {
+            Err(ConfigError::UnprotectedBind { bind: self.bind })
+        }
+    }
+
+    /// The file's values over `self`; `path` names the file in messages and
+    /// anchors its relative paths.
+    fn apply_file(&mut self, path: &Path, source: &str) -> Result<(), ConfigError> {
+        let problems = |found: Vec<(usize, String)>| {
+            ConfigError::File(Diagnostics(
+                found
+                    .into_iter()
+                    .map(|(offset, message)| {
+                        let (line, column) = position(source, offset);
+                        Diagnostic {
+                            file: path.display().to_string(),
+                            line,
+                            column,
+                            message,
+                        }
+                    })
+                    .collect(),
+            ))
+        };
+        let file: ConfigFile = toml::from_str(source).map_err(|error| {
+            let offset = error.span().map_or(0, |span| span.start);
+            problems(vec![(offset, error.message().trim_end().to_owned())])
+        })?;
+
+        let base = path.parent().unwrap_or(Path::new(""));
+        let mut found = Vec::new();
+        let mut check = |span: Range<usize>, result: Result<(), String>| {
+            if let Err(message) = result {
+                found.push((span.start, message));
+            }
+        };
+        if let Some(bind) = file.bind {
+            check(
+                bind.span(),
+                parse_bind(bind.get_ref()).map(|v| self.bind = v),
+            );
+        }
+        if let Some(data_dir) = file.data_dir {
+            self.data_dir = base.join(data_dir);
+        }
+        if let Some(store) = file.store {
+            check(
+                store.span(),
+                store.get_ref().parse().map(|v| self.store = v),
+            );
+        }
+        if let Some(durability) = file.durability {
+            let parsed = durability.get_ref().parse();
+            check(durability.span(), parsed.map(|v| self.durability = v));
+        }
+        if let Some(dirs) = file.plugin_dirs {
+            self.plugin_dirs = dirs.into_iter().map(|dir| base.join(dir)).collect();
+        }
+        if let Some(dirs) = file.workflow_dirs {
+            self.workflow_dirs = dirs.into_iter().map(|dir| base.join(dir)).collect();
+        }
+        if let Some(token) = file.auth_token {
+            self.auth_token = Some(token).filter(|token| !token.is_empty());
+        }
+        if let Some(steps) = file.max_concurrent_steps {
+            let value = *steps.get_ref();
+            check(
+                steps.span(),
+                check_concurrency(value).map(|()| self.max_concurrent_steps = value),
+            );
+        }
+        if let Some(max_body) = file.max_body {
+            self.max_body = max_body.0;
+        }
+        if let Some(limits) = file.limits {
+            let mut overrides = LimitOverrides::default();
+            if let Some(fuel) = limits.fuel {
+                let value = *fuel.get_ref();
+                check(
+                    fuel.span(),
+                    check_fuel(value).map(|()| overrides.fuel = Some(value)),
+                );
+            }
+            if let Some(memory) = limits.memory {
+                let value = memory.get_ref().0;
+                let checked = check_memory(value).map(|()| overrides.memory = Some(value));
+                check(memory.span(), checked);
+            }
+            if let Some(timeout) = limits.timeout {
+                let value = timeout.get_ref().0;
+                let checked = check_timeout(value).map(|()| overrides.timeout = Some(value));
+                check(timeout.span(), checked);
+            }
+            overrides.max_output = limits.max_output.map(|size| size.into_inner().0);
+            overrides.max_log = limits.max_log.map(|size| size.into_inner().0);
+            self.limits = overrides.apply(self.limits);
+        }
+        for (name, secret) in file.secrets {
+            let secret = match secret {
+                SecretSource::File(file) => SecretSource::File(base.join(file)),
+                env => env,
+            };
+            self.secrets.insert(name, secret);
+        }
+        if found.is_empty() {
+            Ok(())
+        } else {
+            found.sort_by_key(|(offset, _)| *offset);
+            Err(problems(found))
+        }
+    }
+
+    /// The `TRELLIS_*` variables over `self`.
+    fn apply_env(&mut self, env: &Env<'_>) -> Result<(), ConfigError> {
+        if let Some(bind) = env.parse("TRELLIS_BIND", parse_bind)? {
+            self.bind = bind;
+        }
+        if let Some(dir) = env.get("TRELLIS_DATA_DIR") {
+            self.data_dir = PathBuf::from(dir);
+        }
+        if let Some(store) = env.parse("TRELLIS_STORE", str::parse)? {
+            self.store = store;
+        }
+        if let Some(durability) = env.parse("TRELLIS_DURABILITY", str::parse)? {
+            self.durability = durability;
+        }
+        if let Some(dirs) = env.get("TRELLIS_PLUGIN_DIRS") {
+            self.plugin_dirs = split_paths(&dirs);
+        }
+        if let Some(dirs) = env.get("TRELLIS_WORKFLOW_DIRS") {
+            self.workflow_dirs = split_paths(&dirs);
+        }
+        if let Some(token) = env.get("TRELLIS_AUTH_TOKEN") {
+            self.auth_token = Some(token);
+        }
+        let steps = env.parse("TRELLIS_MAX_CONCURRENT_STEPS", |s| {
+            let steps = parse_count(s)?;
+            check_concurrency(steps).map(|()| steps)
+        })?;
+        if let Some(steps) = steps {
+            self.max_concurrent_steps = steps;
+        }
+        if let Some(max_body) = env.parse("TRELLIS_MAX_BODY", parse_size)? {
+            self.max_body = max_body;
+        }
+        let fuel = env.parse("TRELLIS_FUEL", |s| {
+            let fuel = parse_count(s)?;
+            check_fuel(fuel).map(|()| fuel)
+        })?;
+        if let Some(fuel) = fuel {
+            self.limits.fuel = fuel;
+        }
+        let memory = env.parse("TRELLIS_MEMORY", |s| {
+            let memory = parse_size(s)?;
+            check_memory(memory).map(|()| memory)
+        })?;
+        if let Some(memory) = memory {
+            self.limits.memory = memory;
+        }
+        let timeout = env.parse("TRELLIS_TIMEOUT", |s| {
+            let timeout = parse_duration(s)?;
+            check_timeout(timeout).map(|()| timeout)
+        })?;
+        if let Some(timeout) = timeout {
+            self.limits.timeout = timeout;
+        }
+        Ok(())
+    }
+
+    /// The flags over `self`.
+    fn apply_overrides(&mut self, overrides: &Overrides) {
+        if let Some(bind) = overrides.bind {
+            self.bind = bind;
+        }
+        if let Some(dir) = &overrides.data_dir {
+            self.data_dir = dir.clone();
+        }
+        if !overrides.plugin_dirs.is_empty() {
+            self.plugin_dirs = overrides.plugin_dirs.clone();
+        }
+        if !overrides.workflow_dirs.is_empty() {
+            self.workflow_dirs = overrides.workflow_dirs.clone();
+        }
+    }
+}
+
+/// `trellis.toml` as written. Values whose checks need a location keep their
+/// span; sizes and durations parse as in workflow files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table of settings")]
+struct ConfigFile {
+    bind: Option<Spanned<String>>,
+    data_dir: Option<PathBuf>,
+    store: Option<Spanned<String>>,
+    durability: Option<Spanned<String>>,
+    plugin_dirs: Option<Vec<PathBuf>>,
+    workflow_dirs: Option<Vec<PathBuf>>,
+    auth_token: Option<String>,
+    max_concurrent_steps: Option<Spanned<usize>>,
+    max_body: Option<Size>,
+    limits: Option<LimitsTable>,
+    #[serde(default)]
+    secrets: BTreeMap<String, SecretSource>,
+}
+
+/// The environment, where an empty value counts as unset.
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    fn get(&self, var: &str) -> Option<String> {
+        (self.0)(var).filter(|value| !value.is_empty())
+    }
+
+    /// `var`'s value through `parse`; an error names the variable.
+    fn parse<T>(
+        &self,
+        var: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        self.get(var)
+            .map(|value| parse(&value).map_err(|message| ConfigError::Env { var, message }))
+            .transpose()
+    }
+}
+
+fn split_paths(list: &str) -> Vec<PathBuf> {
+    std::env::split_paths(list)
+        .filter(|path| !path.as_os_str().is_empty())
+        .collect()
+}
+
+fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!(
+            "invalid bind address \"{s}\": write an IP address and port like \"127.0.0.1:8080\" or \"[::1]:8080\" (not a host name)"
+        )
+    })
+}
+
+/// A whole number; `_` may separate digits, as in TOML (`1_000_000`).
+fn parse_count<T: FromStr>(s: &str) -> Result<T, String> {
+    s.trim()
+        .replace('_', "")
+        .parse()
+        .map_err(|_| format!("invalid number \"{s}\": write a whole number like 64"))
+}
+
+/// A size as in a workflow's `[limits]`: `"64MiB"` or a number of bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    Size::deserialize(StrDeserializer::<ValueError>::new(s))
+        .map(|size| size.0)
+        .map_err(|error| error.to_string())
+}
+
+/// A duration as in a workflow's `[limits]`: `"10s"`, `"1m 30s"`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    HumanDuration::deserialize(StrDeserializer::<ValueError>::new(s))
+        .map(|duration| duration.0)
+        .map_err(|error| error.to_string())
+}
+
+fn check_concurrency(steps: usize) -> Result<(), String> {
+    if steps == 0 {
+        return Err("`max_concurrent_steps` must be at least 1".to_owned());
+    }
+    Ok(())
+}
+
+// The same bounds as a workflow's `[limits]` (workflow::validate).
+fn check_fuel(fuel: u64) -> Result<(), String> {
+    if fuel == 0 {
+        return Err("`fuel` must be at least 1".to_owned());
+    }
+    Ok(())
+}
+
+fn check_memory(bytes: u64) -> Result<(), String> {
+    if bytes == 0 {
+        return Err("`memory` must be more than 0 bytes".to_owned());
+    }
+    if bytes > MAX_MEMORY {
+        return Err(format!(
+            "`memory` is {}, but a wasm32 instance cannot use more than {}",
+            bytesize::ByteSize(bytes).display().iec(),
+            bytesize::ByteSize(MAX_MEMORY).display().iec(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_timeout(timeout: Duration) -> Result<(), String> {
+    if timeout.is_zero() {
+        return Err("`timeout` must be longer than 0s".to_owned());
+    }
+    Ok(())
+}
+
+/// 1-based line and column (in characters) of byte `offset` of `source`.
+fn position(source: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(source.len());
+    while !source.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &source[..offset];
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    let line = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Loads `toml` written to a `trellis.toml` in a fresh directory, with `env`
+    /// as the whole environment.
+    fn load(
+        toml: &str,
+        env: &[(&str, &str)],
+        overrides: &Overrides,
+    ) -> (tempfile::TempDir, Result<Config, ConfigError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trellis.toml");
+        std::fs::write(&path, toml).unwrap();
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config = Config::load_with_env(Some(&path), overrides, &|name| env.get(name).cloned());
+        (dir, config)
+    }
+
+    fn load_ok(toml: &str, env: &[(&str, &str)], overrides: &Overrides) -> Config {
+        let (_dir, config) = load(toml, env, overrides);
+        config.unwrap()
+    }
+
+    /// The message, with the temp dir's path replaced by `DIR`.
+    fn load_err(toml: &str, env: &[(&str, &str)]) -> String {
+        let (dir, config) = load(toml, env, &Overrides::default());
+        let message = config.unwrap_err().to_string();
+        message.replace(&dir.path().display().to_string(), "DIR")
+    }
+
+    #[test]
+    fn defaults_without_file_or_environment() {
+        let config = Config::load_with_env(None, &Overrides::default(), &|_| None).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.bind, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.data_dir, PathBuf::from("trellis-data"));
+        assert_eq!(config.store, StoreKind::Sqlite);
+        assert_eq!(config.durability, Durability::Normal);
+        assert_eq!(config.workflow_dirs, vec![PathBuf::from("workflows")]);
+        assert_eq!(config.auth_token, None);
+        assert_eq!(config.max_concurrent_steps, 64);
+        assert_eq!(config.max_body, 16 * 1024 * 1024);
+        assert_eq!(config.limits, Limits::default());
+        assert!(config.secrets.is_empty());
+        let builtin = crate::cli::BUILTIN_PLUGIN_DIR.filter(|dir| Path::new(dir).is_dir());
+        assert_eq!(
+            config.plugin_dirs,
+            builtin.map(PathBuf::from).into_iter().collect::<Vec<_>>()
+        );
+        assert!(config.check_bind().is_ok());
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        assert_eq!(load_ok("", &[], &Overrides::default()), Config::default());
+    }
+
+    #[test]
+    fn every_key_of_the_file() {
+        let (dir, config) = load(
+            r#"
+                bind = "0.0.0.0:9000"
+                data_dir = "data"
+                store = "sqlite"
+                durability = "fsync"
+                plugin_dirs = ["plugins", "/opt/plugins"]
+                workflow_dirs = ["flows"]
+                auth_token = "s3cret"
+                max_concurrent_steps = 8
+                max_body = "1MiB"
+
+                [limits]
+                fuel = 1_000
+                memory = "64MiB"
+                timeout = "10s"
+                max_output = 2048
+                max_log = "4KiB"
+
+                [secrets]
+                api_token = { env = "API_TOKEN" }
+                db_password = { file = "secrets/db" }
+                tls_key = { file = "/run/secrets/key" }
+            "#,
+            &[],
+            &Overrides::default(),
+        );
+        let config = config.unwrap();
+        let dir = dir.path();
+        assert_eq!(config.bind, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.data_dir, dir.join("data"));
+        assert_eq!(config.store, StoreKind::Sqlite);
+        assert_eq!(config.durability, Durability::Fsync);
+        assert_eq!(
+            config.plugin_dirs,
+            vec![dir.join("plugins"), PathBuf::from("/opt/plugins")]
+        );
+        assert_eq!(config.workflow_dirs, vec![dir.join("flows")]);
+        assert_eq!(config.auth_token.as_deref(), Some("s3cret"));
+        assert_eq!(config.max_concurrent_steps, 8);
+        assert_eq!(config.max_body, 1024 * 1024);
+        assert_eq!(
+            config.limits,
+            Limits {
+                fuel: 1000,
+                memory: 64 * 1024 * 1024,
+                timeout: Duration::from_secs(10),
+                max_output: 2048,
+                max_log: 4096,
+            }
+        );
+        assert_eq!(
+            config.secrets,
+            BTreeMap::from([
+                (
+                    "api_token".to_owned(),
+                    SecretSource::Env("API_TOKEN".to_owned())
+                ),
+                (
+                    "db_password".to_owned(),
+                    SecretSource::File(dir.join("secrets/db"))
+                ),
+                (
+                    "tls_key".to_owned(),
+                    SecretSource::File(PathBuf::from("/run/secrets/key"))
+                ),
+            ])
+        );
+    }
+
+    #[test]
+    fn limits_the_file_leaves_out_keep_their_defaults() {
+        let config = load_ok("[limits]\nfuel = 5\n", &[], &Overrides::default());
+        assert_eq!(
+            config.limits,
+            Limits {
+                fuel: 5,
+                ..Limits::default()
+            }
+        );
+    }
+
+    #[test]
+    fn an_empty_auth_token_means_no_auth() {
+        let config = load_ok("auth_token = \"\"\n", &[], &Overrides::default());
+        assert_eq!(config.auth_token, None);
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let config = load_ok(
+            r#"
+                bind = "127.0.0.1:1"
+                data_dir = "from-file"
+                store = "sqlite"
+                durability = "normal"
+                plugin_dirs = ["file-plugins"]
+                workflow_dirs = ["file-flows"]
+                auth_token = "file-token"
+                max_concurrent_steps = 2
+                max_body = 10
+                [limits]
+                fuel = 1
+                memory = 1
+                timeout = "1s"
+            "#,
+            &[
+                ("TRELLIS_BIND", "[::1]:9090"),
+                ("TRELLIS_DATA_DIR", "env-data"),
+                ("TRELLIS_STORE", "postgres://trellis@db/trellis"),
+                ("TRELLIS_DURABILITY", "fsync"),
+                ("TRELLIS_PLUGIN_DIRS", "a:/b::c"),
+                ("TRELLIS_WORKFLOW_DIRS", "flows"),
+                ("TRELLIS_AUTH_TOKEN", "env-token"),
+                ("TRELLIS_MAX_CONCURRENT_STEPS", "3"),
+                ("TRELLIS_MAX_BODY", "2KiB"),
+                ("TRELLIS_FUEL", "1_000"),
+                ("TRELLIS_MEMORY", "1MiB"),
+                ("TRELLIS_TIMEOUT", "1m 30s"),
+            ],
+            &Overrides::default(),
+        );
+        assert_eq!(config.bind, "[::1]:9090".parse().unwrap());
+        assert_eq!(config.data_dir, PathBuf::from("env-data"));
+        assert_eq!(
+            config.store,
+            StoreKind::Postgres("postgres://trellis@db/trellis".to_owned())
+        );
+        assert_eq!(config.durability, Durability::Fsync);
+        assert_eq!(
+            config.plugin_dirs,
+            vec![PathBuf::from("a"), PathBuf::from("/b"), PathBuf::from("c")]
+        );
+        assert_eq!(config.workflow_dirs, vec![PathBuf::from("flows")]);
+        assert_eq!(config.auth_token.as_deref(), Some("env-token"));
+        assert_eq!(config.max_concurrent_steps, 3);
+        assert_eq!(config.max_body, 2048);
+        assert_eq!(config.limits.fuel, 1000);
+        assert_eq!(config.limits.memory, 1024 * 1024);
+        assert_eq!(config.limits.timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn an_empty_variable_counts_as_unset() {
+        let config = load_ok(
+            "auth_token = \"file-token\"\ndata_dir = \"/data\"\n",
+            &[("TRELLIS_AUTH_TOKEN", ""), ("TRELLIS_DATA_DIR", "")],
+            &Overrides::default(),
+        );
+        assert_eq!(config.auth_token.as_deref(), Some("file-token"));
+        assert_eq!(config.data_dir, PathBuf::from("/data"));
+    }
+
+    #[test]
+    fn flags_override_the_environment() {
+        let overrides = Overrides {
+            bind: Some("127.0.0.2:7000".parse().unwrap()),
+            data_dir: Some(PathBuf::from("flag-data")),
+            plugin_dirs: vec![PathBuf::from("flag-plugins")],
+            workflow_dirs: vec![PathBuf::from("flag-flows"), PathBuf::from("more")],
+        };
+        let config = load_ok(
+            "bind = \"127.0.0.1:1\"\n",
+            &[
+                ("TRELLIS_BIND", "127.0.0.1:2"),
+                ("TRELLIS_DATA_DIR", "env-data"),
+                ("TRELLIS_PLUGIN_DIRS", "env-plugins"),
+                ("TRELLIS_WORKFLOW_DIRS", "env-flows"),
+            ],
+            &overrides,
+        );
+        assert_eq!(config.bind, "127.0.0.2:7000".parse().unwrap());
+        assert_eq!(config.data_dir, PathBuf::from("flag-data"));
+        assert_eq!(config.plugin_dirs, vec![PathBuf::from("flag-plugins")]);
+        assert_eq!(
+            config.workflow_dirs,
+            vec![PathBuf::from("flag-flows"), PathBuf::from("more")]
+        );
+    }
+
+    #[test]
+    fn flags_not_given_leave_the_environment_alone() {
+        let config = load_ok(
+            "",
+            &[("TRELLIS_PLUGIN_DIRS", "env-plugins")],
+            &Overrides::default(),
+        );
+        assert_eq!(config.plugin_dirs, vec![PathBuf::from("env-plugins")]);
+    }
+
+    #[test]
+    fn a_postgres_store_is_parsed() {
+        let config = load_ok(
+            "store = \"postgresql://trellis:pw@db:5432/trellis\"\n",
+            &[],
+            &Overrides::default(),
+        );
+        assert_eq!(
+            config.store,
+            StoreKind::Postgres("postgresql://trellis:pw@db:5432/trellis".to_owned())
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_token_and_the_database_password() {
+        let config = Config {
+            auth_token: Some("tok-123".to_owned()),
+            store: StoreKind::Postgres("postgres://u:pw-456@db:5432/x".to_owned()),
+            ..Config::default()
+        };
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("tok-123"), "{debug}");
+        assert!(!debug.contains("pw-456"), "{debug}");
+        assert!(
+            debug.contains("postgres://u:<redacted>@db:5432/x"),
+            "{debug}"
+        );
+        assert_eq!(
+            redact_password("postgres://u@db/x"),
+            "postgres://u@db/x",
+            "no password, nothing to hide"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_reported_at_its_line_and_column() {
+        let message = load_err("bind = \"127.0.0.1:80\"\n  bnd = 1\n", &[]);
+        assert!(
+            message.starts_with("DIR/trellis.toml:2:3: unknown field `bnd`, expected one of"),
+            "{message}"
+        );
+        let message = load_err("[limits]\nfule = 1\n", &[]);
+        assert!(
+            message.starts_with("DIR/trellis.toml:2:1: unknown field `fule`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_bad_size_is_reported_at_its_value() {
+        let message = load_err("max_body = \"lots\"\n", &[]);
+        assert_eq!(
+            message,
+            "DIR/trellis.toml:1:12: invalid size \"lots\"; write it like \"64MiB\", \"512KiB\", \"1GB\" or as a number of bytes"
+        );
+    }
+
+    #[test]
+    fn a_bad_duration_is_reported_at_its_value() {
+        let message = load_err("[limits]\ntimeout = \"10 parsecs\"\n", &[]);
+        assert!(
+            message.starts_with("DIR/trellis.toml:2:11: invalid duration \"10 parsecs\""),
+            "{message}"
+        );
+        let message = load_err("[limits]\ntimeout = 10\n", &[]);
+        assert!(
+            message.starts_with("DIR/trellis.toml:2:11: a duration needs a unit"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn every_wrong_value_is_reported_in_file_order() {
+        let message = load_err(
+            r#"
+bind = "localhost:8080"
+store = "mysql://u:pw@db/x"
+durability = "sometimes"
+max_concurrent_steps = 0
+[limits]
+fuel = 0
+memory = "8GiB"
+timeout = "0s"
+"#,
+            &[],
+        );
+        assert_eq!(
+            message,
+            [
+                "DIR/trellis.toml:2:8: invalid bind address \"localhost:8080\": write an IP address and port like \"127.0.0.1:8080\" or \"[::1]:8080\" (not a host name)",
+                "DIR/trellis.toml:3:9: unknown store \"mysql\": write \"sqlite\" or a URL like \"postgres://user@host/db\"",
+                "DIR/trellis.toml:4:14: unknown durability \"sometimes\": write \"normal\" or \"fsync\"",
+                "DIR/trellis.toml:5:24: `max_concurrent_steps` must be at least 1",
+                "DIR/trellis.toml:7:8: `fuel` must be at least 1",
+                "DIR/trellis.toml:8:10: `memory` is 8.0 GiB, but a wasm32 instance cannot use more than 4.0 GiB",
+                "DIR/trellis.toml:9:11: `timeout` must be longer than 0s",
+            ]
+            .join("\n")
+        );
+    }
+
+    #[test]
+    fn a_bad_secret_source_is_reported() {
+        let message = load_err("[secrets]\nkey = { path = \"/x\" }\n", &[]);
+        assert!(
+            message.starts_with("DIR/trellis.toml:2:")
+                && message.contains("unknown variant `path`, expected `env` or `file`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_toml_is_reported() {
+        let message = load_err("bind = \n", &[]);
+        assert!(message.starts_with("DIR/trellis.toml:1:8: "), "{message}");
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let error = Config::load_with_env(
+            Some(Path::new("/nonexistent/trellis.toml")),
+            &Overrides::default(),
+            &|_| None,
+        )
+        .unwrap_err();
+        assert!(matches!(error, ConfigError::Read { .. }));
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot read /nonexistent/trellis.toml: "),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_bad_variable_is_named() {
+        let cases = [
+            (
+                "TRELLIS_BIND",
+                "0.0.0.0",
+                "invalid bind address \"0.0.0.0\"",
+            ),
+            ("TRELLIS_STORE", "redis://x", "unknown store \"redis\""),
+            ("TRELLIS_DURABILITY", "fast", "unknown durability \"fast\""),
+            (
+                "TRELLIS_MAX_CONCURRENT_STEPS",
+                "many",
+                "invalid number \"many\"",
+            ),
+            (
+                "TRELLIS_MAX_CONCURRENT_STEPS",
+                "0",
+                "`max_concurrent_steps` must be at least 1",
+            ),
+            ("TRELLIS_MAX_BODY", "lots", "invalid size \"lots\""),
+            ("TRELLIS_FUEL", "-1", "invalid number \"-1\""),
+            ("TRELLIS_MEMORY", "5GiB", "`memory` is 5.0 GiB, but"),
+            ("TRELLIS_TIMEOUT", "10", "a duration needs a unit"),
+            ("TRELLIS_TIMEOUT", "soon", "invalid duration \"soon\""),
+        ];
+        for (var, value, expected) in cases {
+            let message = load_err("", &[(var, value)]);
+            assert!(
+                message.starts_with(&format!("{var}: {expected}")),
+                "{var}={value}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_non_loopback_bind_needs_a_token() {
+        let config = load_ok(
+            "",
+            &[("TRELLIS_BIND", "0.0.0.0:8080")],
+            &Overrides::default(),
+        );
+        let error = config.check_bind().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "refusing to listen on 0.0.0.0:8080 without an auth token: set auth_token in trellis.toml or TRELLIS_AUTH_TOKEN, or bind 127.0.0.1"
+        );
+        for bind in ["[::]:80", "192.168.1.5:80", "[::ffff:10.0.0.1]:80"] {
+            let config = Config {
+                bind: bind.parse().unwrap(),
+                ..Config::default()
+            };
+            assert!(config.check_bind().is_err(), "{bind}");
+        }
+    }
+
+    #[test]
+    fn a_non_loopback_bind_with_a_token_is_allowed() {
+        let config = load_ok(
+            "bind = \"0.0.0.0:8080\"\n",
+            &[("TRELLIS_AUTH_TOKEN", "t")],
+            &Overrides::default(),
+        );
+        assert!(config.check_bind().is_ok());
+    }
+
+    #[test]
+    fn every_loopback_address_is_allowed_without_a_token() {
+        for bind in [
+            "127.0.0.1:80",
+            "127.1.2.3:80",
+            "[::1]:80",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            let config = Config {
+                bind: bind.parse().unwrap(),
+                ..Config::default()
+            };
+            assert!(config.check_bind().is_ok(), "{bind}");
+        }
+    }
+
+    #[test]
+    fn positions_count_lines_and_characters() {
+        assert_eq!(position("a = 1\nbé = 2\n", 0), (1, 1));
+        assert_eq!(position("a = 1\nbé = 2\n", 6), (2, 1));
+        assert_eq!(position("a = 1\nbé = 2\n", 9), (2, 3));
+        assert_eq!(position("a", 100), (1, 2));
+    }
+}

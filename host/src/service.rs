@@ -1,0 +1,729 @@
+//! The long-running side of Trellis, behind the HTTP API: accepts runs
+//! durably, runs them, resumes unfinished runs on start, answers status,
+//! cancels, and streams each run's events (replayed to late subscribers).
+//!
+//! The API layer (`api`) only translates HTTP to these calls.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::engine::{CodeCache, Engine};
+use crate::executor::{Executor, RunObserver, RunOptions, queued_record};
+use crate::plugin::{Plugin, PluginRegistry, StateStore};
+use crate::record::{
+    LogLine, Progress, RunRecord, RunStatus, StepRecord, StepStatus, new_run_id, now_rfc3339,
+};
+use crate::store::{Created, NewRun, RunPage, RunQuery, SqliteStore, Store, StoreError};
+use crate::workflow::{self, Diagnostics, Plan, SchemaViolation};
+
+/// Events of one run kept for replay; past this, the oldest log events are
+/// dropped (step events are always kept).
+const MAX_REPLAY_LOGS: usize = 10_000;
+/// Live events a slow subscriber may lag behind before it is cut off.
+const EVENT_BUFFER: usize = 1024;
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("cannot set up plugins: {0}")]
+    Plugins(#[from] crate::plugin::PluginError),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("the `{0}` store is not supported yet: use store = \"sqlite\"")]
+    UnsupportedStore(String),
+    #[error("cannot create the data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why a run was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("no workflow named `{0}`")]
+    UnknownWorkflow(String),
+    #[error("workflow `{name}` has errors and refuses runs until fixed:\n{diagnostics}")]
+    InvalidWorkflow { name: String, diagnostics: String },
+    #[error("the input does not match the workflow's input schema")]
+    InvalidInput(Vec<SchemaViolation>),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a run could not be cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("no run with id `{0}`")]
+    NotFound(String),
+    #[error("run `{id}` already finished ({status:?})")]
+    Finished { id: String, status: RunStatus },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A run was accepted (or an earlier one with the same idempotency key found).
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub run: RunRecord,
+    /// `false`: the idempotency key matched an earlier run, which this is.
+    pub created: bool,
+}
+
+/// A workflow file the service knows, valid or not.
+#[derive(Debug, Clone)]
+pub struct WorkflowEntry {
+    pub name: String,
+    pub file: String,
+    pub source: String,
+    pub plan: Result<Arc<Plan>, Arc<Diagnostics>>,
+}
+
+/// One event of a run, as the event stream sends it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RunEvent {
+    StepStarted {
+        seq: u64,
+        step: String,
+        attempt: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        item: Option<usize>,
+    },
+    Log {
+        seq: u64,
+        step: String,
+        line: LogLine,
+    },
+    Progress {
+        seq: u64,
+        step: String,
+        progress: Progress,
+    },
+    StepFinished {
+        seq: u64,
+        step: StepRecord,
+    },
+    RunFinished {
+        seq: u64,
+        run: RunRecord,
+    },
+}
+
+impl RunEvent {
+    pub fn seq(&self) -> u64 {
+        match self {
+            RunEvent::StepStarted { seq, .. }
+            | RunEvent::Log { seq, .. }
+            | RunEvent::Progress { seq, .. }
+            | RunEvent::StepFinished { seq, .. }
+            | RunEvent::RunFinished { seq, .. } => *seq,
+        }
+    }
+
+    /// The SSE event name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RunEvent::StepStarted { .. } => "step_started",
+            RunEvent::Log { .. } => "log",
+            RunEvent::Progress { .. } => "progress",
+            RunEvent::StepFinished { .. } => "step_finished",
+            RunEvent::RunFinished { .. } => "run_finished",
+        }
+    }
+}
+
+/// What a subscriber gets: the events so far, then live ones (if the run is
+/// still going). The stream ends after `run_finished`.
+pub struct EventSubscription {
+    pub replay: Vec<RunEvent>,
+    pub live: Option<broadcast::Receiver<RunEvent>>,
+}
+
+/// The service. Cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    executor: Executor,
+    store: Arc<dyn Store>,
+    registry: Arc<PluginRegistry>,
+    workflows: RwLock<BTreeMap<String, WorkflowEntry>>,
+    active: Mutex<HashMap<String, Arc<ActiveRun>>>,
+    /// Set when the service shuts down: no new runs start.
+    closing: CancellationToken,
+}
+
+impl Service {
+    /// Loads plugins and workflows, opens the store, resumes unfinished runs.
+    pub async fn start(config: &Config) -> Result<Service, StartError> {
+        if let crate::config::StoreKind::Postgres(url) = &config.store {
+            return Err(StartError::UnsupportedStore(url.clone()));
+        }
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let engine = Engine::new()?;
+        let mut registry =
+            PluginRegistry::new(engine)?.with_cache(CodeCache::new(config.data_dir.join("cache")));
+        let report = registry.load_dirs(&config.plugin_dirs).await;
+        for (path, err) in &report.errors {
+            tracing::warn!(path = %path.display(), error = %err, "plugin not loaded");
+        }
+        tracing::info!(plugins = report.loaded, "plugins loaded");
+        let registry = Arc::new(registry);
+
+        let durability = match config.durability {
+            crate::config::Durability::Normal => crate::store::Durability::Normal,
+            crate::config::Durability::Fsync => crate::store::Durability::Fsync,
+        };
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
+            &config.data_dir.join("trellis.db"),
+            durability,
+        )?);
+        let executor = Executor::new(
+            registry.clone(),
+            config.limits,
+            config.max_concurrent_steps,
+            Arc::new(DurableState(store.clone())),
+        );
+        let service = Service {
+            inner: Arc::new(Inner {
+                executor,
+                store,
+                registry,
+                workflows: RwLock::new(BTreeMap::new()),
+                active: Mutex::new(HashMap::new()),
+                closing: CancellationToken::new(),
+            }),
+        };
+        for dir in &config.workflow_dirs {
+            service.load_workflow_dir(dir);
+        }
+        service.recover().await?;
+        Ok(service)
+    }
+
+    fn load_workflow_dir(&self, dir: &Path) {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(err) => {
+                tracing::warn!(dir = %dir.display(), error = %err, "cannot read the workflow dir");
+                return;
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        files.sort();
+        for path in files {
+            let source = match std::fs::read_to_string(&path) {
+                Ok(source) => source,
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), error = %err, "cannot read the workflow");
+                    continue;
+                }
+            };
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("workflow")
+                .to_string();
+            let entry = self.plan(&source, &path.display().to_string(), &stem);
+            if let Err(diagnostics) = &entry.plan {
+                tracing::warn!(workflow = %entry.name, "workflow has errors:\n{diagnostics}");
+            }
+            self.inner
+                .workflows
+                .write()
+                .unwrap()
+                .insert(entry.name.clone(), entry);
+        }
+    }
+
+    fn plan(&self, source: &str, file: &str, default_name: &str) -> WorkflowEntry {
+        match workflow::parse_str(source, file, default_name, self.inner.registry.as_ref()) {
+            Ok(plan) => WorkflowEntry {
+                name: plan.name.clone(),
+                file: file.to_string(),
+                source: source.to_string(),
+                plan: Ok(Arc::new(plan)),
+            },
+            Err(diagnostics) => WorkflowEntry {
+                name: default_name.to_string(),
+                file: file.to_string(),
+                source: source.to_string(),
+                plan: Err(Arc::new(diagnostics)),
+            },
+        }
+    }
+
+    /// Adds or replaces a workflow from TOML text; refuses one with errors
+    /// (the previous version stays).
+    pub fn put_workflow(
+        &self,
+        name: &str,
+        source: &str,
+    ) -> Result<WorkflowEntry, Arc<Diagnostics>> {
+        let entry = self.plan(source, &format!("{name}.toml"), name);
+        let plan = entry.plan.clone()?;
+        let entry = WorkflowEntry {
+            name: plan.name.clone(),
+            ..entry
+        };
+        self.inner
+            .workflows
+            .write()
+            .unwrap()
+            .insert(entry.name.clone(), entry.clone());
+        Ok(entry)
+    }
+
+    pub fn workflows(&self) -> Vec<WorkflowEntry> {
+        self.inner
+            .workflows
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn workflow(&self, name: &str) -> Option<WorkflowEntry> {
+        self.inner.workflows.read().unwrap().get(name).cloned()
+    }
+
+    pub fn plugins(&self) -> Vec<Arc<Plugin>> {
+        self.inner.registry.iter().cloned().collect()
+    }
+
+    /// Accepts a run: durable when this returns, then started.
+    pub async fn submit(
+        &self,
+        name: &str,
+        input: Value,
+        idempotency_key: Option<&str>,
+    ) -> Result<Submitted, SubmitError> {
+        if self.inner.closing.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let entry = self
+            .workflow(name)
+            .ok_or_else(|| SubmitError::UnknownWorkflow(name.to_string()))?;
+        let plan = match &entry.plan {
+            Ok(plan) => plan.clone(),
+            Err(diagnostics) => {
+                return Err(SubmitError::InvalidWorkflow {
+                    name: name.to_string(),
+                    diagnostics: diagnostics.to_string(),
+                });
+            }
+        };
+        if let Some(schema) = &plan.input_schema {
+            schema.validate(&input).map_err(SubmitError::InvalidInput)?;
+        }
+        let record = queued_record(&plan, new_run_id(), input);
+        // Registered before it is stored, so an event subscriber or a cancel
+        // that sees it stored also finds it here.
+        let active = Arc::new(ActiveRun::new(record.clone()));
+        self.inner
+            .active
+            .lock()
+            .unwrap()
+            .insert(record.id.clone(), active.clone());
+        let created = self
+            .inner
+            .store
+            .create_run(NewRun {
+                record: &record,
+                workflow_source: &entry.source,
+                workflow_file: &entry.file,
+                idempotency_key,
+            })
+            .await;
+        match created {
+            Ok(Created::New) => {}
+            Ok(Created::Existing(existing)) => {
+                self.inner.active.lock().unwrap().remove(&record.id);
+                let run = self.live(&existing.id).unwrap_or(*existing);
+                return Ok(Submitted {
+                    run,
+                    created: false,
+                });
+            }
+            Err(err) => {
+                self.inner.active.lock().unwrap().remove(&record.id);
+                return Err(err.into());
+            }
+        }
+        crate::telemetry::run_accepted(&plan.name);
+        self.spawn(plan, record.clone(), active);
+        Ok(Submitted {
+            run: record,
+            created: true,
+        })
+    }
+
+    fn spawn(&self, plan: Arc<Plan>, record: RunRecord, active: Arc<ActiveRun>) {
+        let service = self.clone();
+        tokio::spawn(async move {
+            let options = RunOptions {
+                run_id: Some(record.id.clone()),
+                observer: Some(active.clone()),
+                cancel: active.cancel.clone(),
+                store: Some(service.inner.store.clone()),
+            };
+            let record = service.inner.executor.execute(plan, record, options).await;
+            crate::telemetry::run_finished(&record.workflow, status_label(record.status));
+            active.finish(record.clone());
+            service.inner.active.lock().unwrap().remove(&record.id);
+        });
+    }
+
+    /// Resumes every run that was queued or running when the process stopped.
+    async fn recover(&self) -> Result<(), StoreError> {
+        let unfinished = self.inner.store.unfinished_runs().await?;
+        if !unfinished.is_empty() {
+            tracing::info!(runs = unfinished.len(), "resuming unfinished runs");
+        }
+        for run in unfinished {
+            let name = run.record.workflow.clone();
+            let entry = self.plan(&run.workflow_source, &run.workflow_file, &name);
+            let active = Arc::new(ActiveRun::new(run.record.clone()));
+            self.inner
+                .active
+                .lock()
+                .unwrap()
+                .insert(run.record.id.clone(), active.clone());
+            match entry.plan {
+                Ok(plan) => self.spawn(plan, run.record, active),
+                Err(diagnostics) => {
+                    // The definition it started with no longer plans (a plugin
+                    // it needs is gone): it cannot go on.
+                    let mut record = run.record;
+                    record.status = RunStatus::Failed;
+                    record.finished_at = Some(now_rfc3339());
+                    record.error = Some(crate::record::RunError {
+                        step: None,
+                        kind: crate::record::ErrorKind::Plugin,
+                        message: format!(
+                            "cannot resume the run: its workflow no longer loads:\n{diagnostics}"
+                        ),
+                    });
+                    self.inner.store.finish_run(&record).await?;
+                    active.finish(record.clone());
+                    self.inner.active.lock().unwrap().remove(&record.id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn live(&self, id: &str) -> Option<RunRecord> {
+        let active = self.inner.active.lock().unwrap().get(id).cloned()?;
+        Some(active.snapshot())
+    }
+
+    /// The run: live while it runs, from the store once finished.
+    pub async fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        if let Some(run) = self.live(id) {
+            return Ok(Some(run));
+        }
+        self.inner.store.get_run(id).await
+    }
+
+    pub async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
+        self.inner.store.list_runs(query).await
+    }
+
+    /// The finished run, or `None` if it is still running after `timeout`.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<RunRecord>, StoreError> {
+        let active = self.inner.active.lock().unwrap().get(id).cloned();
+        match active {
+            Some(active) => {
+                let mut done = active.done.subscribe();
+                let finished = tokio::time::timeout(timeout, done.wait_for(|d| d.is_some())).await;
+                Ok(match finished {
+                    Ok(Ok(record)) => record.clone(),
+                    _ => None,
+                })
+            }
+            None => Ok(self
+                .inner
+                .store
+                .get_run(id)
+                .await?
+                .filter(|r| is_terminal(r.status))),
+        }
+    }
+
+    /// Stops a run: running attempts stop at the next epoch tick.
+    pub async fn cancel(&self, id: &str) -> Result<RunRecord, CancelError> {
+        let active = self.inner.active.lock().unwrap().get(id).cloned();
+        if let Some(active) = active {
+            active.cancel.cancel();
+            let mut done = active.done.subscribe();
+            if let Ok(Ok(record)) =
+                tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| d.is_some())).await
+                && let Some(record) = record.clone()
+            {
+                return Ok(record);
+            }
+            return Ok(active.snapshot());
+        }
+        match self.inner.store.get_run(id).await? {
+            None => Err(CancelError::NotFound(id.to_string())),
+            Some(run) => Err(CancelError::Finished {
+                id: id.to_string(),
+                status: run.status,
+            }),
+        }
+    }
+
+    /// The run's events so far and, while it runs, the live ones.
+    pub async fn events(&self, id: &str) -> Result<Option<EventSubscription>, StoreError> {
+        let active = self.inner.active.lock().unwrap().get(id).cloned();
+        if let Some(active) = active {
+            return Ok(Some(active.subscribe()));
+        }
+        Ok(self
+            .inner
+            .store
+            .get_run(id)
+            .await?
+            .map(|run| EventSubscription {
+                replay: replay(&run),
+                live: None,
+            }))
+    }
+
+    /// Runs in this process that have not finished.
+    pub fn in_flight(&self) -> usize {
+        self.inner.active.lock().unwrap().len()
+    }
+
+    /// Stops accepting new work (for a graceful shutdown).
+    pub fn close(&self) {
+        self.inner.closing.cancel();
+    }
+}
+
+fn is_terminal(status: RunStatus) -> bool {
+    matches!(
+        status,
+        RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled
+    )
+}
+
+fn status_label(status: RunStatus) -> &'static str {
+    match status {
+        RunStatus::Queued => "queued",
+        RunStatus::Running => "running",
+        RunStatus::Succeeded => "succeeded",
+        RunStatus::Failed => "failed",
+        RunStatus::Cancelled => "cancelled",
+    }
+}
+
+/// The events a finished run had, rebuilt from its record.
+fn replay(run: &RunRecord) -> Vec<RunEvent> {
+    let mut events = Vec::new();
+    let mut seq = 0;
+    let mut next = || {
+        seq += 1;
+        seq
+    };
+    for step in &run.steps {
+        for attempt in &step.attempts {
+            events.push(RunEvent::StepStarted {
+                seq: next(),
+                step: step.id.clone(),
+                attempt: attempt.attempt,
+                item: attempt.item,
+            });
+            for line in &attempt.logs {
+                events.push(RunEvent::Log {
+                    seq: next(),
+                    step: step.id.clone(),
+                    line: line.clone(),
+                });
+            }
+        }
+        if !matches!(step.status, StepStatus::Pending | StepStatus::Running) {
+            events.push(RunEvent::StepFinished {
+                seq: next(),
+                step: step.clone(),
+            });
+        }
+    }
+    if is_terminal(run.status) {
+        events.push(RunEvent::RunFinished {
+            seq: next(),
+            run: run.clone(),
+        });
+    }
+    events
+}
+
+/// A run going on in this process: its live record and its event log.
+struct ActiveRun {
+    cancel: CancellationToken,
+    state: Mutex<ActiveState>,
+    live: broadcast::Sender<RunEvent>,
+    done: watch::Sender<Option<RunRecord>>,
+}
+
+struct ActiveState {
+    snapshot: RunRecord,
+    events: Vec<RunEvent>,
+    logs_kept: usize,
+    seq: u64,
+}
+
+impl ActiveRun {
+    fn new(record: RunRecord) -> ActiveRun {
+        let events = replay(&record);
+        let seq = events.len() as u64;
+        ActiveRun {
+            cancel: CancellationToken::new(),
+            state: Mutex::new(ActiveState {
+                snapshot: record,
+                logs_kept: 0,
+                events,
+                seq,
+            }),
+            live: broadcast::channel(EVENT_BUFFER).0,
+            done: watch::channel(None).0,
+        }
+    }
+
+    fn snapshot(&self) -> RunRecord {
+        self.state.lock().unwrap().snapshot.clone()
+    }
+
+    fn subscribe(&self) -> EventSubscription {
+        let state = self.state.lock().unwrap();
+        // Under the lock: no event falls between the replay and the receiver.
+        EventSubscription {
+            replay: state.events.clone(),
+            live: Some(self.live.subscribe()),
+        }
+    }
+
+    /// Records an event and sends it to live subscribers.
+    fn emit(&self, make: impl FnOnce(u64) -> RunEvent, update: impl FnOnce(&mut RunRecord)) {
+        let mut state = self.state.lock().unwrap();
+        update(&mut state.snapshot);
+        state.seq += 1;
+        let event = make(state.seq);
+        let is_log = matches!(event, RunEvent::Log { .. });
+        if !is_log || state.logs_kept < MAX_REPLAY_LOGS {
+            state.logs_kept += usize::from(is_log);
+            state.events.push(event.clone());
+        }
+        let _ = self.live.send(event);
+    }
+
+    fn finish(&self, record: RunRecord) {
+        let run = record.clone();
+        self.emit(
+            |seq| RunEvent::RunFinished { seq, run },
+            |snapshot| *snapshot = record.clone(),
+        );
+        self.done.send_replace(Some(record));
+    }
+}
+
+impl RunObserver for ActiveRun {
+    fn step_started(&self, step: &str, attempt: u32, item: Option<usize>) {
+        let id = step.to_string();
+        self.emit(
+            |seq| RunEvent::StepStarted {
+                seq,
+                step: id,
+                attempt,
+                item,
+            },
+            |snapshot| {
+                snapshot.status = RunStatus::Running;
+                if let Some(record) = snapshot.steps.iter_mut().find(|s| s.id == step) {
+                    record.status = StepStatus::Running;
+                    record.started_at.get_or_insert_with(now_rfc3339);
+                }
+            },
+        );
+    }
+
+    fn step_log(&self, step: &str, line: &LogLine) {
+        let (step, line) = (step.to_string(), line.clone());
+        self.emit(|seq| RunEvent::Log { seq, step, line }, |_| {});
+    }
+
+    fn step_progress(&self, step: &str, progress: &crate::record::Progress) {
+        let (step, progress) = (step.to_string(), progress.clone());
+        self.emit(
+            |seq| RunEvent::Progress {
+                seq,
+                step,
+                progress,
+            },
+            |_| {},
+        );
+    }
+
+    fn step_finished(&self, step: &StepRecord) {
+        let finished = step.clone();
+        self.emit(
+            |seq| RunEvent::StepFinished {
+                seq,
+                step: finished,
+            },
+            |snapshot| {
+                if let Some(record) = snapshot.steps.iter_mut().find(|s| s.id == step.id) {
+                    *record = step.clone();
+                }
+            },
+        );
+    }
+}
+
+/// Plugin `state` kept in the store.
+struct DurableState(Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl StateStore for DurableState {
+    async fn get(&self, scope: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
+        self.0
+            .state_get(scope, key)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    async fn set(&self, scope: &str, key: &str, value: Vec<u8>) -> Result<(), String> {
+        self.0
+            .state_set(scope, key, &value)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    async fn delete(&self, scope: &str, key: &str) -> Result<(), String> {
+        self.0
+            .state_delete(scope, key)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,117 @@
+//! Persistence behind one trait: runs, their steps (with attempts, errors,
+//! metrics and bounded logs), plugin `state`, idempotency keys.
+//!
+//! [`SqliteStore`] is the embedded default (one file in the data dir, WAL).
+//! Every method is async; implementations may batch writes (group commit),
+//! but a method returns only once its write is committed.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::record::{RunRecord, RunStatus, StepRecord};
+
+pub use sqlite::{Durability, SqliteStore};
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store's database failed: {0}")]
+    Database(String),
+    #[error("the store holds data it cannot read: {0}")]
+    Corrupt(String),
+    #[error("the store is closed")]
+    Closed,
+    #[error("the run cursor {0:?} is not valid")]
+    BadCursor(String),
+}
+
+/// A run as accepted: its record (status `queued`, every step `pending`), the
+/// exact workflow text it runs (so a restart re-plans the same definition) and
+/// the idempotency key it was submitted with.
+#[derive(Debug, Clone)]
+pub struct NewRun<'a> {
+    pub record: &'a RunRecord,
+    /// The workflow's TOML source and the file name it was loaded from.
+    pub workflow_source: &'a str,
+    pub workflow_file: &'a str,
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// What `create_run` did.
+#[derive(Debug, Clone)]
+pub enum Created {
+    /// The run is stored.
+    New,
+    /// A run with the same idempotency key and workflow exists: this one.
+    Existing(Box<RunRecord>),
+}
+
+/// A run that was queued or running when the process stopped.
+#[derive(Debug, Clone)]
+pub struct UnfinishedRun {
+    /// As stored: finished steps keep their records; a step that was
+    /// running has the attempts that had finished.
+    pub record: RunRecord,
+    pub workflow_source: String,
+    pub workflow_file: String,
+}
+
+/// `GET /v1/runs` filters and paging.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunQuery {
+    pub workflow: Option<String>,
+    pub status: Option<RunStatus>,
+    /// At most this many (the store caps it at 1000; 0 means 50).
+    pub limit: usize,
+    /// Opaque: the `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// One page of runs, newest first. The runs carry no step details (`steps` is
+/// empty) to keep pages small; `GET /v1/runs/{id}` has them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunPage {
+    pub runs: Vec<RunRecord>,
+    /// Pass as `cursor` for the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Durable storage of runs and state.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new run durably. With an idempotency key that was already used
+    /// for the same workflow, stores nothing and returns the earlier run.
+    async fn create_run(&self, run: NewRun<'_>) -> Result<Created, StoreError>;
+
+    /// The whole record: run fields, every step, every attempt.
+    async fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError>;
+
+    /// Runs newest first (by id: ids are UUIDv7, so by creation time).
+    async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError>;
+
+    /// The run moved to `running` (sets `status` and `started_at`).
+    async fn run_started(&self, id: &str, started_at: &str) -> Result<(), StoreError>;
+
+    /// A step's record at `index` in the workflow's step order, replacing any
+    /// earlier one: called when a step starts, after each attempt, and when it
+    /// finishes.
+    async fn save_step(
+        &self,
+        run_id: &str,
+        index: usize,
+        step: &StepRecord,
+    ) -> Result<(), StoreError>;
+
+    /// The run ended: status, output, error, finish time, and every step.
+    async fn finish_run(&self, record: &RunRecord) -> Result<(), StoreError>;
+
+    /// Runs whose status is `queued` or `running`, oldest first.
+    async fn unfinished_runs(&self) -> Result<Vec<UnfinishedRun>, StoreError>;
+
+    /// Plugin state, scoped to a workflow.
+    async fn state_get(&self, workflow: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn state_set(&self, workflow: &str, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    async fn state_delete(&self, workflow: &str, key: &str) -> Result<(), StoreError>;
+}
