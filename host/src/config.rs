@@ -50,6 +50,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::value::{Error as ValueError, StrDeserializer};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use toml::Spanned;
 
 use crate::engine::{LimitOverrides, Limits, MAX_MEMORY};
@@ -213,17 +214,57 @@ impl FromStr for Durability {
 }
 
 /// Where a secret's value comes from: `{ env = "VAR" }` or `{ file = "/path" }`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(
-    rename_all = "lowercase",
-    expecting = "a secret source: { env = \"VAR\" } or { file = \"/path\" }"
-)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
     /// An environment variable of the server process.
     Env(String),
     /// A file (e.g. a mounted Docker or Kubernetes secret), read whole; a
     /// relative path in `trellis.toml` is relative to that file's directory.
     File(PathBuf),
+}
+
+/// A `[secrets]` entry as written; exactly one key must be set.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretTable {
+    env: Option<String>,
+    file: Option<PathBuf>,
+}
+
+const SECRET_SOURCE: &str = "write { env = \"VAR\" } or { file = \"/path\" }";
+
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SecretVisitor;
+
+        impl<'de> Visitor<'de> for SecretVisitor {
+            type Value = SecretSource;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a secret source: {SECRET_SOURCE}")
+            }
+
+            // Never echo the string: it may be the secret itself.
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<SecretSource, E> {
+                Err(E::custom(format!(
+                    "a secret's value does not belong in the configuration file: {SECRET_SOURCE}"
+                )))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<SecretSource, A::Error> {
+                let table = SecretTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                match (table.env, table.file) {
+                    (Some(var), None) => Ok(SecretSource::Env(var)),
+                    (None, Some(path)) => Ok(SecretSource::File(path)),
+                    _ => Err(de::Error::custom(format!(
+                        "a secret comes from exactly one place: {SECRET_SOURCE}"
+                    ))),
+                }
+            }
+        }
+
+        deserializer.deserialize_any(SecretVisitor)
+    }
 }
 
 /// What the command line gave; each given value overrides the file and the
@@ -965,10 +1006,19 @@ timeout = "0s"
     #[test]
     fn a_bad_secret_source_is_reported() {
         let message = load_err("[secrets]\nkey = { path = \"/x\" }\n", &[]);
-        assert!(
-            message.starts_with("DIR/trellis.toml:2:")
-                && message.contains("unknown variant `path`, expected `env` or `file`"),
-            "{message}"
+        assert_eq!(
+            message,
+            "DIR/trellis.toml:2:9: unknown field `path`, expected `env` or `file`"
+        );
+        let message = load_err("[secrets]\nkey = { env = \"A\", file = \"/x\" }\n", &[]);
+        assert_eq!(
+            message,
+            "DIR/trellis.toml:2:7: a secret comes from exactly one place: write { env = \"VAR\" } or { file = \"/path\" }"
+        );
+        let message = load_err("[secrets]\nkey = \"hunter2\"\n", &[]);
+        assert_eq!(
+            message,
+            "DIR/trellis.toml:2:7: a secret's value does not belong in the configuration file: write { env = \"VAR\" } or { file = \"/path\" }"
         );
     }
 
@@ -1018,7 +1068,11 @@ timeout = "0s"
             ("TRELLIS_MAX_BODY", "lots", "invalid size \"lots\""),
             ("TRELLIS_FUEL", "-1", "invalid number \"-1\""),
             ("TRELLIS_MEMORY", "5GiB", "`memory` is 5.0 GiB, but"),
-            ("TRELLIS_TIMEOUT", "10", "a duration needs a unit"),
+            (
+                "TRELLIS_TIMEOUT",
+                "10",
+                "invalid duration \"10\" (time unit needed",
+            ),
             ("TRELLIS_TIMEOUT", "soon", "invalid duration \"soon\""),
         ];
         for (var, value, expected) in cases {

@@ -7,12 +7,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::engine::Limits;
 use crate::plugin::{AttemptOutcome, Invocation, Plugin, PluginRegistry, StateStore, StepEvents};
@@ -21,6 +23,7 @@ use crate::record::{
     StepRecord, StepStatus, new_run_id, now_rfc3339,
 };
 use crate::store::Store;
+use crate::telemetry;
 use crate::workflow::{OnFailure, Plan, Scope};
 
 /// Live notifications from a run, for progress bars and event streams.
@@ -53,6 +56,8 @@ struct Inner {
     registry: Arc<PluginRegistry>,
     defaults: Limits,
     permits: Arc<Semaphore>,
+    /// Attempts waiting for a permit (the queue-depth gauge).
+    waiting: AtomicUsize,
     state: Arc<dyn StateStore>,
 }
 
@@ -69,6 +74,7 @@ impl Executor {
                 registry,
                 defaults,
                 permits: Arc::new(Semaphore::new(max_concurrent_steps.max(1))),
+                waiting: AtomicUsize::new(0),
                 state,
             }),
         }
@@ -219,7 +225,15 @@ impl Executor {
             let run = run.clone();
             let scope = scope.clone();
             let base = record.clone();
-            tasks.spawn(async move { (index, run.run_step(index, scope, base).await) });
+            let span = tracing::info_span!(
+                "step",
+                run_id = %run.run_id,
+                step_id = %run.plan.steps[index].id,
+                plugin = %run.plugins[index].label(),
+            );
+            tasks.spawn(
+                async move { (index, run.run_step(index, scope, base).await) }.instrument(span),
+            );
         };
         if failure.is_none() {
             for (index, step_record) in record.steps.iter_mut().enumerate() {
@@ -618,10 +632,18 @@ impl RunContext {
         let mut attempt = previous + 1;
         let last_attempt = step.retry.max_attempts.max(previous + 1);
         loop {
+            let waiting = self.executor.inner.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+            telemetry::queue_depth(waiting);
             let permit = tokio::select! {
-                permit = self.executor.inner.permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                _ = self.cancel.cancelled() => return (Err(cancelled_error()), attempts),
+                permit = self.executor.inner.permits.clone().acquire_owned() => Some(permit.expect("the semaphore is never closed")),
+                _ = self.cancel.cancelled() => None,
             };
+            let waiting = self.executor.inner.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
+            telemetry::queue_depth(waiting);
+            let Some(permit) = permit else {
+                return (Err(cancelled_error()), attempts);
+            };
+            telemetry::steps_in_flight(1);
             if let Some(observer) = &self.observer {
                 observer.step_started(&step.id, attempt, item);
             }
@@ -643,6 +665,17 @@ impl RunContext {
                 })
                 .await;
             drop(permit);
+            telemetry::steps_in_flight(-1);
+            telemetry::step_attempt(
+                &self.plugins[index].name,
+                if outcome.result.is_ok() {
+                    "succeeded"
+                } else {
+                    "failed"
+                },
+                outcome.duration,
+                outcome.fuel_consumed,
+            );
             let (result, attempt_record) = attempt_record(attempt, item, outcome);
             attempts.push(attempt_record);
             match result {

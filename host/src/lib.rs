@@ -1,9 +1,10 @@
 //! Trellis: workflow orchestration whose tasks are WebAssembly components.
 //!
-//! Data flows one way: trigger (CLI) -> [`executor`] -> [`plugin`] sandbox ->
+//! Data flows one way: trigger ([`api`], [`cli`]) -> [`service`] -> [`executor`] -> [`plugin`] sandbox ->
 //! [`record`]. [`workflow`] turns TOML into a validated plan; [`engine`] owns
 //! wasmtime.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod engine;

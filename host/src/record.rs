@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// `queued -> running -> succeeded | failed | cancelled`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     Queued,
@@ -18,7 +18,7 @@ pub enum RunStatus {
 }
 
 /// The state of one step of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
     Pending,
@@ -50,7 +50,7 @@ impl std::fmt::Display for StepStatus {
 
 /// Why an attempt (or a step, or a run) failed. Each kind reads differently to
 /// a user and retries differently.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The plugin returned `task-error`.
@@ -109,7 +109,7 @@ impl ErrorKind {
 }
 
 /// A typed failure, as recorded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorRecord {
     pub kind: ErrorKind,
     pub message: String,
@@ -127,7 +127,7 @@ impl std::fmt::Display for ErrorRecord {
 }
 
 /// Where a log line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LogStream {
     /// `host.log` from the plugin.
@@ -138,7 +138,9 @@ pub enum LogStream {
     Host,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LogLevel {
     Trace,
@@ -149,7 +151,7 @@ pub enum LogLevel {
 }
 
 /// One line of a step's log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LogLine {
     /// Milliseconds since the attempt started.
     pub at_ms: f64,
@@ -159,7 +161,7 @@ pub struct LogLine {
 }
 
 /// One attempt of a step (of one `for_each` item).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttemptRecord {
     /// Counts from 1, as `step-context.attempt`.
     pub attempt: u32,
@@ -187,14 +189,14 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub fraction: f32,
     pub message: String,
 }
 
 /// One step of a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StepRecord {
     pub id: String,
     /// The plugin reference as the workflow wrote it.
@@ -219,7 +221,7 @@ pub struct StepRecord {
 }
 
 /// The failure that ended a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunError {
     /// The step that failed, if a step did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -243,7 +245,7 @@ impl std::fmt::Display for RunError {
 }
 
 /// A whole run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunRecord {
     pub id: String,
     pub workflow: String,

@@ -92,7 +92,7 @@ pub struct WorkflowEntry {
 }
 
 /// One event of a run, as the event stream sends it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RunEvent {
     StepStarted {
@@ -382,7 +382,8 @@ impl Service {
 
     fn spawn(&self, plan: Arc<Plan>, record: RunRecord, active: Arc<ActiveRun>) {
         let service = self.clone();
-        tokio::spawn(async move {
+        let span = tracing::info_span!("run", run_id = %record.id, workflow = %record.workflow);
+        let run = async move {
             let options = RunOptions {
                 run_id: Some(record.id.clone()),
                 observer: Some(active.clone()),
@@ -393,7 +394,8 @@ impl Service {
             crate::telemetry::run_finished(&record.workflow, status_label(record.status));
             active.finish(record.clone());
             service.inner.active.lock().unwrap().remove(&record.id);
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(run, span));
     }
 
     /// Resumes every run that was queued or running when the process stopped.

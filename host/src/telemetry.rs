@@ -15,6 +15,8 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -37,23 +39,37 @@ pub fn init(format: LogFormat) {
         },
         _ => (EnvFilter::new("warn"), None),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let installed = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .try_init(),
-    };
+    let installed = subscriber(format, filter, std::io::stderr).try_init();
     if installed.is_ok()
         && let Some((directives, error)) = bad_filter
     {
         tracing::warn!(
             "ignoring TRELLIS_LOG=\"{directives}\" ({error}); logging warnings and errors"
         );
+    }
+}
+
+/// The log subscriber: `filter`ed events in `format` to `writer`.
+fn subscriber<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(builder.finish()),
+        LogFormat::Json => Box::new(
+            builder
+                .json()
+                .with_current_span(true)
+                .with_span_list(true)
+                .finish(),
+        ),
     }
 }
 
@@ -229,7 +245,6 @@ mod tests {
         });
 
         let text = handle.render();
-        eprintln!("{text}");
         let value = |series: &str| sample(&text, series);
         assert_eq!(
             value(r#"trellis_runs_accepted_total{workflow="nightly"}"#),
@@ -281,6 +296,54 @@ mod tests {
         );
     }
 
+    /// A log destination the test can read back.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_carry_the_fields_of_every_enclosing_span() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = subscriber(LogFormat::Json, EnvFilter::new("info"), move || {
+            writer.clone()
+        });
+        tracing::subscriber::with_default(subscriber, || {
+            let run = tracing::info_span!("run", run_id = "r-1", workflow = "nightly");
+            let _run = run.enter();
+            let step = tracing::info_span!("step", step_id = "resize", plugin = "imagemagick");
+            step.in_scope(|| tracing::warn!(attempt = 2, "retrying"));
+            tracing::debug!("filtered out");
+        });
+
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let line = &lines[0];
+        assert_eq!(line["level"], "WARN");
+        assert_eq!(line["fields"]["message"], "retrying");
+        assert_eq!(line["fields"]["attempt"], 2);
+        assert_eq!(line["span"]["name"], "step");
+        assert_eq!(line["span"]["step_id"], "resize");
+        assert_eq!(line["span"]["plugin"], "imagemagick");
+        assert_eq!(line["spans"][0]["name"], "run");
+        assert_eq!(line["spans"][0]["run_id"], "r-1");
+        assert_eq!(line["spans"][1]["step_id"], "resize");
+    }
+
     #[test]
     fn install_is_idempotent_and_records_globally() {
         let first = Metrics::install();
@@ -293,7 +356,7 @@ mod tests {
         assert!(
             first
                 .render()
-                .contains("# HELP trellis_step_duration_seconds")
+                .contains("# HELP trellis_runs_accepted_total Runs accepted, by workflow.")
         );
     }
 }

@@ -530,9 +530,12 @@ enum Message {
     Read(Box<dyn FnOnce(&mut Connection) + Send>),
 }
 
+/// The SQL of one write, run on the writer's connection.
+type WriteOp = Box<dyn FnOnce(&Connection) -> Result<Written, StoreError> + Send>;
+
 /// One write, run inside a batch's transaction under its own savepoint.
 struct WriteCommand {
-    op: Box<dyn FnOnce(&Connection) -> Result<Written, StoreError> + Send>,
+    op: WriteOp,
     /// Answered after the commit (or with the reason there was none).
     reply: oneshot::Sender<Result<Written, StoreError>>,
 }
@@ -620,10 +623,7 @@ fn commit_batch(conn: &mut Connection, writes: Vec<WriteCommand>) {
 }
 
 /// Runs one write under a savepoint: kept if it succeeds, undone if not.
-fn apply(
-    tx: &mut rusqlite::Transaction<'_>,
-    op: Box<dyn FnOnce(&Connection) -> Result<Written, StoreError> + Send>,
-) -> Result<Written, StoreError> {
+fn apply(tx: &mut rusqlite::Transaction<'_>, op: WriteOp) -> Result<Written, StoreError> {
     let savepoint = tx.savepoint()?;
     let written = op(&savepoint)?; // dropping the savepoint rolls it back
     savepoint.commit()?;
@@ -939,4 +939,760 @@ fn decode_cursor(cursor: &str) -> Result<String, StoreError> {
         .and_then(|bytes| String::from_utf8(bytes).ok())
         .filter(|id| !id.is_empty())
         .ok_or_else(|| StoreError::BadCursor(cursor.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::record::{
+        AttemptRecord, ErrorKind, ErrorRecord, LogLevel, LogLine, LogStream, Progress, RunError,
+        StepStatus, new_run_id,
+    };
+
+    const SOURCE: &str = "name = \"orders\"\n[[step]]\nid = \"parse\"\nplugin = \"json\"\n";
+
+    fn open(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open(&dir.path().join("trellis.db"), Durability::Normal).unwrap()
+    }
+
+    fn pending_step(id: &str) -> StepRecord {
+        StepRecord {
+            id: id.into(),
+            plugin: "json-transform".into(),
+            plugin_version: None,
+            plugin_digest: None,
+            status: StepStatus::Pending,
+            output: Value::Null,
+            error: None,
+            started_at: None,
+            duration_ms: None,
+            items: None,
+            attempts: Vec::new(),
+        }
+    }
+
+    /// A step that failed once and then succeeded, with every optional field set.
+    fn finished_step(id: &str) -> StepRecord {
+        let failed = AttemptRecord {
+            attempt: 1,
+            item: Some(0),
+            status: StepStatus::Failed,
+            error: Some(ErrorRecord {
+                kind: ErrorKind::TaskError,
+                message: "upstream said no".into(),
+                retryable: true,
+                details: Some(json!({"code": 503, "retry_after": [1, 2.5]})),
+            }),
+            started_at: "2026-01-02T03:04:05.006Z".into(),
+            duration_ms: 1.25,
+            fuel_consumed: 123_456,
+            peak_memory: 1_114_112,
+            logs: vec![LogLine {
+                at_ms: 0.5,
+                stream: LogStream::Stderr,
+                level: LogLevel::Warn,
+                message: "retrying — ünïcode".into(),
+            }],
+            log_bytes_dropped: 42,
+            progress: Some(Progress {
+                fraction: 0.5,
+                message: "half way".into(),
+            }),
+        };
+        let succeeded = AttemptRecord {
+            attempt: 2,
+            item: Some(0),
+            status: StepStatus::Succeeded,
+            error: None,
+            started_at: "2026-01-02T03:04:05.106Z".into(),
+            duration_ms: 2.0,
+            fuel_consumed: 99,
+            peak_memory: 65_536,
+            logs: Vec::new(),
+            log_bytes_dropped: 0,
+            progress: None,
+        };
+        StepRecord {
+            id: id.into(),
+            plugin: "json-transform@1.0.0".into(),
+            plugin_version: Some("1.0.0".into()),
+            plugin_digest: Some("sha256:abcd".into()),
+            status: StepStatus::Succeeded,
+            output: json!([{"total": 120.5}]),
+            error: None,
+            started_at: Some("2026-01-02T03:04:05.006Z".into()),
+            duration_ms: Some(101.0),
+            items: Some(1),
+            attempts: vec![failed, succeeded],
+        }
+    }
+
+    fn queued_run(workflow: &str) -> RunRecord {
+        RunRecord {
+            id: new_run_id(),
+            workflow: workflow.into(),
+            status: RunStatus::Queued,
+            input: json!({"items": [1, 2, 3], "customer": {"name": "Ada"}}),
+            output: Value::Null,
+            error: None,
+            created_at: "2026-01-02T03:04:05.000Z".into(),
+            started_at: None,
+            finished_at: None,
+            duration_ms: None,
+            steps: vec![pending_step("parse"), pending_step("price")],
+        }
+    }
+
+    fn new_run<'a>(record: &'a RunRecord, key: Option<&'a str>) -> NewRun<'a> {
+        NewRun {
+            record,
+            workflow_source: SOURCE,
+            workflow_file: "workflows/orders.toml",
+            idempotency_key: key,
+        }
+    }
+
+    async fn create(store: &SqliteStore, record: &RunRecord) {
+        let created = store.create_run(new_run(record, None)).await.unwrap();
+        assert!(matches!(created, Created::New));
+    }
+
+    #[tokio::test]
+    async fn a_whole_record_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut record = queued_run("orders");
+        record.status = RunStatus::Failed;
+        record.output = json!({"total": 120.5, "lines": ["a", "b"]});
+        record.error = Some(RunError {
+            step: Some("price".into()),
+            kind: ErrorKind::FuelExhausted,
+            message: "used 1000000 fuel".into(),
+        });
+        record.started_at = Some("2026-01-02T03:04:05.001Z".into());
+        record.finished_at = Some("2026-01-02T03:04:06.001Z".into());
+        record.duration_ms = Some(1000.25);
+        record.steps = vec![finished_step("parse"), pending_step("price")];
+
+        create(&store, &record).await;
+
+        assert_eq!(store.get_run(&record.id).await.unwrap(), Some(record));
+        assert_eq!(store.get_run(&new_run_id()).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_is_scoped_to_its_workflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let first = queued_run("orders");
+        let again = queued_run("orders");
+        let elsewhere = queued_run("billing");
+
+        let created = store.create_run(new_run(&first, Some("k1"))).await.unwrap();
+        assert!(matches!(created, Created::New));
+        match store.create_run(new_run(&again, Some("k1"))).await.unwrap() {
+            Created::Existing(earlier) => assert_eq!(*earlier, first),
+            Created::New => panic!("a repeated key made a second run"),
+        }
+        assert_eq!(store.get_run(&again.id).await.unwrap(), None);
+        let created = store
+            .create_run(new_run(&elsewhere, Some("k1")))
+            .await
+            .unwrap();
+        assert!(matches!(created, Created::New));
+        // Runs without a key never collide.
+        create(&store, &queued_run("orders")).await;
+        create(&store, &queued_run("orders")).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_creates_with_one_key_make_one_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(&dir));
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let record = queued_run("orders");
+                    let created = store
+                        .create_run(new_run(&record, Some("same")))
+                        .await
+                        .unwrap();
+                    (record.id, created)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        let mut earlier_ids = HashSet::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                (id, Created::New) => winners.push(id),
+                (_, Created::Existing(earlier)) => {
+                    earlier_ids.insert(earlier.id);
+                }
+            }
+        }
+        assert_eq!(winners.len(), 1, "exactly one create wins");
+        assert!(earlier_ids.iter().all(|id| *id == winners[0]));
+        let page = store.list_runs(&RunQuery::default()).await.unwrap();
+        assert_eq!(page.runs.len(), 1);
+        assert_eq!(page.runs[0].id, winners[0]);
+    }
+
+    /// Every page of `query`, followed by cursor.
+    async fn all_pages(store: &SqliteStore, mut query: RunQuery) -> (Vec<String>, usize) {
+        let mut ids = Vec::new();
+        let mut pages = 0;
+        loop {
+            let page = store.list_runs(&query).await.unwrap();
+            pages += 1;
+            let limit = if query.limit == 0 { 50 } else { query.limit };
+            assert!(page.runs.len() <= limit);
+            for run in &page.runs {
+                assert!(run.steps.is_empty(), "pages carry no steps");
+                ids.push(run.id.clone());
+            }
+            match page.next_cursor {
+                Some(cursor) => query.cursor = Some(cursor),
+                None => return (ids, pages),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn list_pages_newest_first_without_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut all = Vec::new();
+        for i in 0..120 {
+            let mut record = queued_run(if i % 2 == 0 { "even" } else { "odd" });
+            if i % 3 == 0 {
+                record.status = RunStatus::Succeeded;
+            }
+            create(&store, &record).await;
+            all.push(record);
+        }
+        let newest_first = |keep: &dyn Fn(&RunRecord) -> bool| {
+            let mut ids: Vec<String> = all
+                .iter()
+                .filter(|r| keep(r))
+                .map(|r| r.id.clone())
+                .collect();
+            ids.sort_unstable_by(|a, b| b.cmp(a));
+            ids
+        };
+
+        let (ids, pages) = all_pages(
+            &store,
+            RunQuery {
+                limit: 7,
+                ..RunQuery::default()
+            },
+        )
+        .await;
+        assert_eq!(ids, newest_first(&|_| true));
+        assert_eq!(pages, 18); // 17 full pages of 7, then 1
+
+        // 60 runs in pages of 10: the sixth page is full and the last.
+        let (ids, pages) = all_pages(
+            &store,
+            RunQuery {
+                workflow: Some("even".into()),
+                limit: 10,
+                ..RunQuery::default()
+            },
+        )
+        .await;
+        assert_eq!(ids, newest_first(&|r| r.workflow == "even"));
+        assert_eq!(pages, 6);
+
+        let (ids, _) = all_pages(
+            &store,
+            RunQuery {
+                workflow: Some("odd".into()),
+                status: Some(RunStatus::Succeeded),
+                limit: 3,
+                cursor: None,
+            },
+        )
+        .await;
+        let expected = newest_first(&|r| r.workflow == "odd" && r.status == RunStatus::Succeeded);
+        assert_eq!(expected.len(), 20);
+        assert_eq!(ids, expected);
+
+        let (ids, _) = all_pages(
+            &store,
+            RunQuery {
+                status: Some(RunStatus::Queued),
+                limit: 1000,
+                ..RunQuery::default()
+            },
+        )
+        .await;
+        assert_eq!(ids, newest_first(&|r| r.status == RunStatus::Queued));
+
+        // Limit 0 means 50; more than 1000 is cut to 1000.
+        let page = store.list_runs(&RunQuery::default()).await.unwrap();
+        assert_eq!(page.runs.len(), 50);
+        assert_eq!(page.runs[0], {
+            let mut newest = all.iter().max_by(|a, b| a.id.cmp(&b.id)).unwrap().clone();
+            newest.steps.clear();
+            newest
+        });
+        let page = store
+            .list_runs(&RunQuery {
+                limit: 5000,
+                ..RunQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!((page.runs.len(), page.next_cursor), (120, None));
+
+        let page = store
+            .list_runs(&RunQuery {
+                workflow: Some("nobody".into()),
+                ..RunQuery::default()
+            })
+            .await
+            .unwrap();
+        assert!(page.runs.is_empty());
+        assert_eq!(page.next_cursor, None);
+    }
+
+    #[tokio::test]
+    async fn a_cursor_we_did_not_issue_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        for bad in ["not-hex!", "abc", "", "ff"] {
+            let result = store
+                .list_runs(&RunQuery {
+                    cursor: Some(bad.into()),
+                    ..RunQuery::default()
+                })
+                .await;
+            match result {
+                Err(StoreError::BadCursor(cursor)) => assert_eq!(cursor, bad),
+                other => panic!("cursor {bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn save_step_replaces_the_step_at_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut record = queued_run("orders");
+        create(&store, &record).await;
+
+        let mut running = pending_step("price");
+        running.status = StepStatus::Running;
+        running.started_at = Some("2026-01-02T03:04:05.000Z".into());
+        store.save_step(&record.id, 1, &running).await.unwrap();
+        record.steps[1] = running;
+        assert_eq!(
+            store.get_run(&record.id).await.unwrap().as_ref(),
+            Some(&record)
+        );
+
+        let done = finished_step("price");
+        store.save_step(&record.id, 1, &done).await.unwrap();
+        record.steps[1] = done;
+        assert_eq!(store.get_run(&record.id).await.unwrap(), Some(record));
+
+        let missing = store.save_step(&new_run_id(), 0, &pending_step("x")).await;
+        assert!(
+            matches!(&missing, Err(StoreError::Database(m)) if m.starts_with("there is no run")),
+            "{missing:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn run_started_then_finish_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut record = queued_run("orders");
+        create(&store, &record).await;
+
+        store
+            .run_started(&record.id, "2026-01-02T03:04:05.500Z")
+            .await
+            .unwrap();
+        let started = store.get_run(&record.id).await.unwrap().unwrap();
+        assert_eq!(started.status, RunStatus::Running);
+        assert_eq!(
+            started.started_at.as_deref(),
+            Some("2026-01-02T03:04:05.500Z")
+        );
+
+        record.status = RunStatus::Succeeded;
+        record.output = json!({"total": 3});
+        record.started_at = started.started_at;
+        record.finished_at = Some("2026-01-02T03:04:06.000Z".into());
+        record.duration_ms = Some(500.0);
+        record.steps = vec![finished_step("parse"), finished_step("price")];
+        store.finish_run(&record).await.unwrap();
+        assert_eq!(
+            store.get_run(&record.id).await.unwrap().as_ref(),
+            Some(&record)
+        );
+
+        // A late `run_started` does not bring a finished run back.
+        store
+            .run_started(&record.id, "2026-01-02T03:09:00.000Z")
+            .await
+            .unwrap();
+        assert_eq!(store.get_run(&record.id).await.unwrap(), Some(record));
+
+        let mut unknown = queued_run("orders");
+        unknown.status = RunStatus::Failed;
+        assert!(store.finish_run(&unknown).await.is_err());
+        assert!(store.run_started(&unknown.id, "now").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn unfinished_runs_are_queued_or_running_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let queued = queued_run("orders");
+        let running = queued_run("orders");
+        let finished = queued_run("orders");
+        let other = queued_run("billing");
+        for record in [&queued, &running, &finished] {
+            create(&store, record).await;
+        }
+        let other_source = "name = \"billing\"\n";
+        let created = store
+            .create_run(NewRun {
+                record: &other,
+                workflow_source: other_source,
+                workflow_file: "billing.toml",
+                idempotency_key: None,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(created, Created::New));
+        store.run_started(&running.id, "t1").await.unwrap();
+        let step = finished_step("parse");
+        store.save_step(&running.id, 0, &step).await.unwrap();
+        let mut done = finished.clone();
+        done.status = RunStatus::Cancelled;
+        store.finish_run(&done).await.unwrap();
+
+        let unfinished = store.unfinished_runs().await.unwrap();
+        let ids: Vec<&str> = unfinished.iter().map(|u| u.record.id.as_str()).collect();
+        let mut expected = vec![queued.id.as_str(), running.id.as_str(), other.id.as_str()];
+        expected.sort_unstable();
+        assert_eq!(ids, expected);
+        for run in &unfinished {
+            if run.record.id == other.id {
+                assert_eq!(run.workflow_source, other_source);
+                assert_eq!(run.workflow_file, "billing.toml");
+                assert_eq!(run.record, other);
+            } else {
+                assert_eq!(run.workflow_source, SOURCE);
+                assert_eq!(run.workflow_file, "workflows/orders.toml");
+            }
+            if run.record.id == running.id {
+                assert_eq!(run.record.status, RunStatus::Running);
+                assert_eq!(run.record.steps[0], step);
+                assert_eq!(run.record.steps[1], pending_step("price"));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn state_is_scoped_by_workflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        assert_eq!(store.state_get("a", "k").await.unwrap(), None);
+        store.state_set("a", "k", b"one").await.unwrap();
+        store.state_set("b", "k", &[0, 255, 7]).await.unwrap();
+        assert_eq!(
+            store.state_get("a", "k").await.unwrap(),
+            Some(b"one".to_vec())
+        );
+        assert_eq!(
+            store.state_get("b", "k").await.unwrap(),
+            Some(vec![0, 255, 7])
+        );
+        store.state_set("a", "k", b"two").await.unwrap();
+        assert_eq!(
+            store.state_get("a", "k").await.unwrap(),
+            Some(b"two".to_vec())
+        );
+        store.state_set("a", "empty", b"").await.unwrap();
+        assert_eq!(
+            store.state_get("a", "empty").await.unwrap(),
+            Some(Vec::new())
+        );
+        store.state_delete("a", "k").await.unwrap();
+        assert_eq!(store.state_get("a", "k").await.unwrap(), None);
+        assert_eq!(
+            store.state_get("b", "k").await.unwrap(),
+            Some(vec![0, 255, 7])
+        );
+        // Deleting what is not there is not an error.
+        store.state_delete("a", "k").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn data_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut record = queued_run("orders");
+        record.steps[0] = finished_step("parse");
+        {
+            let store = open(&dir);
+            create(&store, &record).await;
+            store.state_set("orders", "count", b"1").await.unwrap();
+        }
+        let store = SqliteStore::open(&dir.path().join("trellis.db"), Durability::Fsync).unwrap();
+        assert_eq!(
+            store.get_run(&record.id).await.unwrap().as_ref(),
+            Some(&record)
+        );
+        assert_eq!(
+            store.state_get("orders", "count").await.unwrap(),
+            Some(b"1".to_vec())
+        );
+        match store.create_run(new_run(&record, None)).await {
+            Err(StoreError::Database(message)) => assert!(message.contains("UNIQUE"), "{message}"),
+            other => panic!("a second run with the same id: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_schema_version_is_recorded_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trellis.db");
+        drop(open(&dir));
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |row| row.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+
+        // Opening again applies nothing and keeps the version.
+        drop(open(&dir));
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        match SqliteStore::open(&path, Durability::Normal) {
+            Err(StoreError::Database(message)) => {
+                assert!(message.contains("schema version 99"), "{message}");
+                assert!(message.contains("newer trellis"), "{message}");
+            }
+            other => panic!("opened a database from the future: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no-such-dir").join("trellis.db");
+        match SqliteStore::open(&path, Durability::Normal) {
+            Err(StoreError::Database(message)) => {
+                assert!(message.contains("no-such-dir"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_json_is_reported_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let record = queued_run("orders");
+        create(&store, &record).await;
+        let conn = Connection::open(dir.path().join("trellis.db")).unwrap();
+        conn.execute(
+            "UPDATE steps SET record = '{\"id\": 1' WHERE run_id = ?1 AND idx = 1",
+            [&record.id],
+        )
+        .unwrap();
+        match store.get_run(&record.id).await {
+            Err(StoreError::Corrupt(message)) => {
+                assert!(
+                    message.contains(&format!("run {}: step 1", record.id)),
+                    "{message}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_store_reads_its_writes() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let record = queued_run("orders");
+        create(&store, &record).await;
+        assert_eq!(
+            store.get_run(&record.id).await.unwrap().as_ref(),
+            Some(&record)
+        );
+        store.state_set("orders", "k", b"v").await.unwrap();
+        assert_eq!(
+            store.state_get("orders", "k").await.unwrap(),
+            Some(b"v".to_vec())
+        );
+        let page = store.list_runs(&RunQuery::default()).await.unwrap();
+        assert_eq!(page.runs.len(), 1);
+        assert_eq!(store.unfinished_runs().await.unwrap().len(), 1);
+    }
+
+    /// Builds a write command whose reply the test can await.
+    fn command(
+        op: impl FnOnce(&Connection) -> Result<Written, StoreError> + Send + 'static,
+    ) -> (WriteCommand, oneshot::Receiver<Result<Written, StoreError>>) {
+        let (reply, answer) = oneshot::channel();
+        (
+            WriteCommand {
+                op: Box::new(op),
+                reply,
+            },
+            answer,
+        )
+    }
+
+    fn set_state(key: &'static str) -> impl FnOnce(&Connection) -> Result<Written, StoreError> {
+        move |conn| {
+            conn.execute(
+                "INSERT INTO state (workflow, key, value) VALUES ('w', ?1, x'00')",
+                [key],
+            )?;
+            Ok(Written::Done)
+        }
+    }
+
+    #[test]
+    fn a_failing_write_fails_alone_in_its_batch() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        configure_writer(&conn, Durability::Normal, false, ":memory:").unwrap();
+        migrate(&mut conn, ":memory:").unwrap();
+        let (first, first_answer) = command(set_state("first"));
+        // Writes a row, then fails: its row must not stay.
+        let (failing, failing_answer) = command(|conn| {
+            set_state("half")(conn)?;
+            conn.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+            Ok(Written::Done)
+        });
+        let (last, last_answer) = command(set_state("last"));
+        commit_batch(&mut conn, vec![first, failing, last]);
+
+        assert!(matches!(
+            first_answer.blocking_recv(),
+            Ok(Ok(Written::Done))
+        ));
+        match failing_answer.blocking_recv() {
+            Ok(Err(StoreError::Database(message))) => {
+                assert!(message.contains("no_such_table"), "{message}")
+            }
+            _ => panic!("the failing write succeeded"),
+        }
+        assert!(matches!(last_answer.blocking_recv(), Ok(Ok(Written::Done))));
+        let keys: Vec<String> = conn
+            .prepare("SELECT key FROM state ORDER BY key")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(keys, ["first", "last"]);
+        assert!(conn.is_autocommit(), "the batch is committed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_are_all_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(&dir));
+        let tasks: Vec<_> = (0..500)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let record = queued_run(if i % 2 == 0 { "a" } else { "b" });
+                    store.create_run(new_run(&record, None)).await.unwrap();
+                    store
+                        .save_step(&record.id, 0, &finished_step("parse"))
+                        .await
+                        .unwrap();
+                    record.id
+                })
+            })
+            .collect();
+        let mut ids = HashSet::new();
+        for task in tasks {
+            ids.insert(task.await.unwrap());
+        }
+        drop(store);
+        let store = open(&dir);
+        let page = store
+            .list_runs(&RunQuery {
+                limit: 1000,
+                ..RunQuery::default()
+            })
+            .await
+            .unwrap();
+        let listed: HashSet<String> = page.runs.into_iter().map(|r| r.id).collect();
+        assert_eq!(listed, ids);
+        let any = ids.iter().next().unwrap();
+        let run = store.get_run(any).await.unwrap().unwrap();
+        assert_eq!(run.steps[0], finished_step("parse"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn zz_throughput() {
+        for durability in [Durability::Normal, Durability::Fsync] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(SqliteStore::open(&dir.path().join("t.db"), durability).unwrap());
+            let n = 5000;
+            let t = std::time::Instant::now();
+            let tasks: Vec<_> = (0..n)
+                .map(|i| {
+                    let store = Arc::clone(&store);
+                    tokio::spawn(async move {
+                        let record = queued_run(if i % 2 == 0 { "a" } else { "b" });
+                        store.create_run(new_run(&record, None)).await.unwrap();
+                        store.run_started(&record.id, "t").await.unwrap();
+                        store
+                            .save_step(&record.id, 0, &finished_step("parse"))
+                            .await
+                            .unwrap();
+                        store
+                            .save_step(&record.id, 1, &finished_step("price"))
+                            .await
+                            .unwrap();
+                        let mut r = record.clone();
+                        r.status = RunStatus::Succeeded;
+                        r.steps = vec![finished_step("parse"), finished_step("price")];
+                        store.finish_run(&r).await.unwrap();
+                        store.get_run(&record.id).await.unwrap().unwrap();
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let e = t.elapsed();
+            eprintln!(
+                "{durability:?}: {n} runs (6 ops each) in {e:?} = {:.0} runs/s",
+                n as f64 / e.as_secs_f64()
+            );
+            // sequential
+            let t = std::time::Instant::now();
+            for _ in 0..200 {
+                let record = queued_run("s");
+                store.create_run(new_run(&record, None)).await.unwrap();
+            }
+            eprintln!(
+                "{durability:?}: sequential create {:?}/op",
+                t.elapsed() / 200
+            );
+        }
+    }
 }

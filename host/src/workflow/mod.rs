@@ -6,8 +6,8 @@
 //! 1. [`schema`]: serde types of the file as written (`deny_unknown_fields`,
 //!    spans kept where validation needs a location);
 //! 2. `validate`: ids, references, plugins, templates, the dependency graph,
-//!    limits, retries and the `[input]` JSON Schema; every problem is reported at once, each as
-//!    `FILE:LINE:COL: message`;
+//!    limits, retries and the `[input]` JSON Schema; every problem is
+//!    reported at once, each as `FILE:LINE:COL: message`;
 //! 3. [`Plan`]: an immutable DAG in run order, templates compiled, defaults
 //!    filled in.
 //!

@@ -651,3 +651,217 @@ fn dynamic_step_lookups_and_values_without_json_form() {
         ]
     );
 }
+
+/// A one-step workflow with `input` (an `[input]` table) in front.
+fn with_input(input: &str) -> String {
+    format!("{input}\n[[step]]\nid = \"a\"\nplugin = \"noop\"\n")
+}
+
+const ORDER_SCHEMA: &str = r#"[input]
+description = "An order to price"
+schema = { type = "object", required = ["order", "customer"], properties = { customer = { type = "string" }, order = { type = "object", properties = { items = { type = "array", items = { type = "object", properties = { qty = { type = "integer", minimum = 1 } } } } } } } }
+"#;
+
+#[test]
+fn input_schema_accepts_valid_input() {
+    let plan = plan(&with_input(ORDER_SCHEMA));
+    let schema = plan.input_schema.as_ref().expect("an input schema");
+    assert_eq!(schema.description(), Some("An order to price"));
+    assert_eq!(schema.schema()["required"], json!(["order", "customer"]));
+    assert_eq!(
+        schema.validate(&json!({ "customer": "ada", "order": { "items": [{ "qty": 2 }] } })),
+        Ok(())
+    );
+    // Debug shows the schema, not the compiled validator.
+    let debug = format!("{schema:?}");
+    assert!(debug.starts_with("InputSchema { schema: "), "{debug}");
+    // Clones share the schema and its compiled validator.
+    assert!(std::ptr::eq(schema.clone().schema(), schema.schema()));
+}
+
+#[test]
+fn input_schema_lists_every_violation_with_its_path() {
+    let plan = plan(&with_input(ORDER_SCHEMA));
+    let schema = plan.input_schema.unwrap();
+    let violations = schema
+        .validate(
+            &json!({ "order": { "items": [{ "qty": "three" }, { "qty": 2 }, { "qty": 0 }] } }),
+        )
+        .unwrap_err();
+    let violation = |path: &str, message: &str| SchemaViolation {
+        path: path.to_owned(),
+        message: message.to_owned(),
+    };
+    assert_eq!(
+        violations,
+        [
+            violation("", "\"customer\" is a required property"),
+            violation("/order/items/0/qty", "\"three\" is not of type \"integer\""),
+            violation("/order/items/2/qty", "0 is less than the minimum of 1"),
+        ]
+    );
+    assert_eq!(
+        serde_json::to_value(&violations[0]).unwrap(),
+        json!({ "path": "", "message": "\"customer\" is a required property" })
+    );
+}
+
+#[test]
+fn violations_do_not_quote_long_values() {
+    let plan = plan(&with_input("[input]\nschema = { type = \"array\" }"));
+    let long = json!({ "text": "x".repeat(200) });
+    assert_eq!(
+        plan.input_schema.unwrap().validate(&long),
+        Err(vec![SchemaViolation {
+            path: String::new(),
+            message: "value is not of type \"array\"".to_owned(),
+        }])
+    );
+}
+
+#[test]
+fn a_workflow_without_input_accepts_any_input() {
+    assert!(plan(&with_input("")).input_schema.is_none());
+}
+
+#[test]
+fn input_schema_as_json_text() {
+    let from_text = plan(&with_input(
+        r#"[input]
+schema = '''
+{
+  "type": "object",
+  "required": ["order"],
+  "properties": { "order": { "type": "object" } }
+}
+'''"#,
+    ));
+    let from_toml = plan(&with_input(
+        r#"[input]
+schema = { type = "object", required = ["order"], properties = { order = { type = "object" } } }"#,
+    ));
+    let from_text = from_text.input_schema.unwrap();
+    assert_eq!(from_text.schema(), from_toml.input_schema.unwrap().schema());
+    assert!(from_text.description().is_none());
+    assert_eq!(
+        from_text.validate(&json!({ "order": 1 })),
+        Err(vec![SchemaViolation {
+            path: "/order".to_owned(),
+            message: "1 is not of type \"object\"".to_owned(),
+        }])
+    );
+}
+
+#[test]
+fn input_schema_as_a_table_of_its_own() {
+    let plan = plan(&with_input(
+        "[input.schema]\ntype = \"object\"\nproperties.n.type = \"integer\"\n",
+    ));
+    assert_eq!(
+        plan.input_schema.unwrap().validate(&json!({ "n": 1.5 })),
+        Err(vec![SchemaViolation {
+            path: "/n".to_owned(),
+            message: "1.5 is not of type \"integer\"".to_owned(),
+        }])
+    );
+}
+
+#[test]
+fn invalid_input_schema_is_reported_where_it_is_wrong() {
+    assert_eq!(
+        errors(&with_input(
+            r#"[input]
+schema = { type = "object", required = "order", properties = { order = { type = "strng" } } }"#
+        )),
+        [
+            "w.toml:2:40: invalid input schema at /required: \"order\" is not of type \"array\"",
+            "w.toml:2:81: invalid input schema at /properties/order/type: \"strng\" is not valid under any of the schemas listed in the 'anyOf' keyword",
+        ]
+    );
+    assert_eq!(
+        error(&with_input("[input]\nschema = 5")),
+        "w.toml:2:10: invalid input schema: 5 is not of types \"boolean\", \"object\""
+    );
+    assert_eq!(
+        error(&with_input("[input]\nschema = { maximum = inf }")),
+        "w.toml:2:22: inf has no JSON form"
+    );
+    // In JSON text, at the text; the pointer says where inside.
+    assert_eq!(
+        error(&with_input("[input]\nschema = '''{ \"minLength\": -1 }'''")),
+        "w.toml:2:10: invalid input schema at /minLength: -1 is less than the minimum of 0"
+    );
+}
+
+#[test]
+fn input_schema_resolves_no_outside_reference() {
+    let text = error(&with_input(
+        "[input]\nschema = { \"$ref\" = \"https://example.com/order.json\" }",
+    ));
+    assert!(
+        text.starts_with(
+            "w.toml:2:10: invalid input schema: Resource 'https://example.com/order.json'"
+        ),
+        "{text}"
+    );
+    let text = error(&with_input(
+        "[input]\nschema = { \"$ref\" = \"file:///etc/passwd\" }",
+    ));
+    assert!(
+        text.starts_with("w.toml:2:10: invalid input schema: "),
+        "{text}"
+    );
+    // References inside the schema work.
+    let plan = plan(&with_input(
+        "[input]\nschema = { \"$defs\" = { qty = { type = \"integer\" } }, items = { \"$ref\" = \"#/$defs/qty\" } }",
+    ));
+    assert!(
+        plan.input_schema
+            .unwrap()
+            .validate(&json!([1, "2"]))
+            .is_err()
+    );
+}
+
+#[test]
+fn input_schema_text_that_is_not_json() {
+    assert_eq!(
+        error(&with_input(
+            "[input]\nschema = '''\n{\n  \"type\": \"object\",\n}\n'''"
+        )),
+        "w.toml:5:1: the input schema is not valid JSON: trailing comma"
+    );
+    assert_eq!(
+        error(&with_input("[input]\nschema = \"object\"")),
+        "w.toml:2:11: the input schema is not valid JSON: expected value; a string `schema` is \
+         JSON text, like '''{ \"type\": \"object\" }''' (or write the schema as a TOML table)"
+    );
+    // With escapes the text cannot be located inside the string.
+    assert_eq!(
+        error(&with_input("[input]\nschema = \"{\\\"type\\\": }\"")),
+        "w.toml:2:10: the input schema is not valid JSON: expected value \
+         (line 1, column 10 of the JSON text)"
+    );
+}
+
+#[test]
+fn unknown_keys_in_input_and_input_without_schema() {
+    assert_eq!(
+        errors(&with_input(
+            "[input]\nschema = {}\nshcema = 1\ncolor = \"red\""
+        )),
+        [
+            "w.toml:3:1: unknown field `shcema` in [input]; did you mean `schema`?",
+            "w.toml:4:1: unknown field `color` in [input] (known fields: schema, description)",
+        ]
+    );
+    assert_eq!(
+        error(&with_input("[input]\ndescription = \"anything\"")),
+        "w.toml:1:1: [input] has no `schema`: give the JSON Schema a run's input must match, \
+         like `schema = { type = \"object\" }`"
+    );
+    assert_eq!(
+        error(&with_input("input = \"{}\"")),
+        "w.toml:1:9: `input`: invalid type: string \"{}\", expected an [input] table"
+    );
+}

@@ -75,6 +75,12 @@ fn summary(plan: &Plan) -> String {
     if let Some(description) = &plan.description {
         let _ = writeln!(out, "description: {description}");
     }
+    if let Some(schema) = &plan.input_schema {
+        let _ = writeln!(out, "input schema: {}", schema.schema());
+        if let Some(description) = schema.description() {
+            let _ = writeln!(out, "input description: {description}");
+        }
+    }
     for (index, step) in plan.steps.iter().enumerate() {
         let needs: Vec<&str> = step
             .needs

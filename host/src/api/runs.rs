@@ -1,0 +1,452 @@
+//! Runs: trigger, status, list, cancel, events.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::header::LOCATION;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::broadcast;
+use utoipa::{IntoParams, ToSchema};
+
+use super::extract::{ApiPath, ApiQuery, JsonBody, run_id};
+use super::{ApiError, AppState};
+use crate::record::{RunRecord, RunStatus};
+use crate::service::{CancelError, EventSubscription, RunEvent, SubmitError};
+use crate::store::RunQuery;
+
+/// The longest `?wait=` a trigger may ask for: a client that wants longer
+/// polls `GET /v1/runs/{id}` or follows the events.
+pub const MAX_WAIT: Duration = Duration::from_secs(5 * 60);
+/// The longest `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+/// Runs per page when `limit` is not given, and the most a page may hold.
+pub const DEFAULT_PAGE: usize = 50;
+pub const MAX_PAGE: usize = 1000;
+/// How often an idle event stream sends a comment, so proxies keep it open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// Set on the answer to a trigger whose `Idempotency-Key` matched an earlier run.
+static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct TriggerParams {
+    /// Wait up to this long for the run to finish (`500ms`, `30s`, `2m`; at
+    /// most `5m`): 200 with the finished run, or 202 with the run as it is
+    /// if it is still going at the deadline.
+    wait: Option<String>,
+}
+
+/// Start a run of a workflow.
+///
+/// The body is the run's input (any JSON; empty = `{}`). Answers once the run
+/// is stored durably.
+#[utoipa::path(
+    post,
+    path = "/v1/workflows/{name}/runs",
+    tag = "runs",
+    params(
+        ("name" = String, Path, description = "The workflow's name"),
+        TriggerParams,
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "At most 255 characters. A second trigger of the same workflow with the same key starts nothing and answers 200 with the first run"),
+    ),
+    request_body(content = Value, content_type = "application/json",
+        description = "The run's input; must satisfy the workflow's `[input] schema` if it has one"),
+    responses(
+        (status = 202, description = "Accepted (queued or running); `Location` is the run's URL", body = RunRecord,
+            headers(("Location" = String, description = "/v1/runs/{id}"))),
+        (status = 200, description = "With `?wait`: the finished run. With an `Idempotency-Key` seen before: the earlier run (header `Idempotent-Replayed: true`)", body = RunRecord,
+            headers(("Location" = String, description = "/v1/runs/{id}"))),
+        (status = 400, description = "Malformed JSON (`details`: line, column), a bad `wait` or `Idempotency-Key`", body = super::ErrorBody),
+        (status = 404, description = "No workflow with this name", body = super::ErrorBody),
+        (status = 409, description = "The workflow has errors (`details`: its diagnostics)", body = super::ErrorBody),
+        (status = 413, description = "The body is over `max_body`", body = super::ErrorBody),
+        (status = 415, description = "The body is not JSON", body = super::ErrorBody),
+        (status = 422, description = "The input fails the workflow's input schema (`details`: `[{path, message}]`)", body = super::ErrorBody),
+        (status = 503, description = "The server is shutting down", body = super::ErrorBody),
+    ),
+)]
+pub async fn trigger(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(params): ApiQuery<TriggerParams>,
+    headers: HeaderMap,
+    JsonBody(input): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let wait = params.wait.as_deref().map(parse_wait).transpose()?;
+    let submitted = match state.service.submit(&name, input, key).await {
+        Ok(submitted) => submitted,
+        Err(SubmitError::UnknownWorkflow(name)) => {
+            return Err(ApiError::NotFound(format!("no workflow named `{name}`")));
+        }
+        Err(SubmitError::InvalidWorkflow { name, .. }) => {
+            let diagnostics = state
+                .service
+                .workflow(&name)
+                .and_then(|entry| entry.plan.err())
+                .map(|diagnostics| (*diagnostics).clone());
+            return Err(ApiError::WorkflowInvalid { name, diagnostics });
+        }
+        Err(SubmitError::InvalidInput(violations)) => {
+            return Err(ApiError::InvalidInput(violations));
+        }
+        Err(SubmitError::ShuttingDown) => return Err(ApiError::ShuttingDown),
+        Err(SubmitError::Store(error)) => return Err(error.into()),
+    };
+    let id = submitted.run.id.clone();
+    let (status, run) = match wait {
+        None if submitted.created => (StatusCode::ACCEPTED, submitted.run),
+        None => (StatusCode::OK, submitted.run),
+        Some(timeout) => match wait_for(&state, &id, timeout).await? {
+            Some(finished) => (StatusCode::OK, finished),
+            None => {
+                let current = state.service.get_run(&id).await?;
+                (StatusCode::ACCEPTED, current.unwrap_or(submitted.run))
+            }
+        },
+    };
+    let mut response = (status, Json(run)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/runs/{id}")) {
+        response.headers_mut().insert(LOCATION, location);
+    }
+    if !submitted.created {
+        response.headers_mut().insert(
+            IDEMPOTENT_REPLAYED.clone(),
+            HeaderValue::from_static("true"),
+        );
+    }
+    Ok(response)
+}
+
+/// The finished run, or `None` at the deadline or when the server stops.
+async fn wait_for(
+    state: &AppState,
+    id: &str,
+    timeout: Duration,
+) -> Result<Option<RunRecord>, ApiError> {
+    tokio::select! {
+        finished = state.service.wait(id, timeout) => Ok(finished?),
+        () = state.stop.cancelled() => Ok(None),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(&IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = value.to_str().map_err(|_| {
+        ApiError::InvalidRequest("`Idempotency-Key` must be printable ASCII".to_owned())
+    })?;
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(ApiError::InvalidRequest(format!(
+            "`Idempotency-Key` must be 1 to {MAX_IDEMPOTENCY_KEY} characters long, not {}",
+            key.len()
+        )));
+    }
+    Ok(Some(key))
+}
+
+fn parse_wait(text: &str) -> Result<Duration, ApiError> {
+    let wait = humantime::parse_duration(text).map_err(|error| {
+        ApiError::InvalidRequest(format!(
+            "`wait` is \"{text}\": {error}; write a duration like 30s or 2m (at most 5m)"
+        ))
+    })?;
+    if wait > MAX_WAIT {
+        return Err(ApiError::InvalidRequest(format!(
+            "`wait` is {text}, longer than the 5m a request may wait: poll GET /v1/runs/{{id}} or follow its events instead"
+        )));
+    }
+    Ok(wait)
+}
+
+/// Status, every step and attempt, outputs, errors and metrics of one run.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run id (a UUID)")),
+    responses(
+        (status = 200, description = "The run (live while it runs)", body = RunRecord),
+        (status = 400, description = "The id is not a UUID", body = super::ErrorBody),
+        (status = 404, description = "No run with this id", body = super::ErrorBody),
+    ),
+)]
+pub async fn get_run(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<RunRecord>, ApiError> {
+    let id = run_id(&id)?;
+    match state.service.get_run(&id).await? {
+        Some(run) => Ok(Json(run)),
+        None => Err(no_run(&id)),
+    }
+}
+
+fn no_run(id: &str) -> ApiError {
+    ApiError::NotFound(format!("no run with id {id}"))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Only runs of this workflow.
+    workflow: Option<String>,
+    /// Only runs in this state: `queued`, `running`, `succeeded`, `failed`, `cancelled`.
+    status: Option<String>,
+    /// Runs per page, 1 to 1000 (default 50).
+    limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// One page of runs, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunList {
+    /// Without step details (`steps` is empty): `GET /v1/runs/{id}` has them.
+    pub runs: Vec<RunRecord>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// List runs, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    tag = "runs",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of runs", body = RunList),
+        (status = 400, description = "A bad `status`, `limit` or `cursor`, or an unknown parameter", body = super::ErrorBody),
+    ),
+)]
+pub async fn list_runs(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> Result<Json<RunList>, ApiError> {
+    let status = params.status.as_deref().map(parse_status).transpose()?;
+    let limit = match params.limit.as_deref() {
+        None => DEFAULT_PAGE,
+        Some(text) => match text.trim().parse::<usize>() {
+            Ok(limit) if (1..=MAX_PAGE).contains(&limit) => limit,
+            _ => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "`limit` is \"{text}\": write a whole number from 1 to {MAX_PAGE}"
+                )));
+            }
+        },
+    };
+    let query = RunQuery {
+        workflow: params.workflow,
+        status,
+        limit,
+        cursor: params.cursor.filter(|cursor| !cursor.is_empty()),
+    };
+    let page = state.service.list_runs(&query).await?;
+    Ok(Json(RunList {
+        runs: page.runs,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+fn parse_status(text: &str) -> Result<RunStatus, ApiError> {
+    serde_json::from_value(Value::String(text.to_owned())).map_err(|_| {
+        ApiError::InvalidRequest(format!(
+            "`status` is \"{text}\": write queued, running, succeeded, failed or cancelled"
+        ))
+    })
+}
+
+/// Cancel a run: running steps stop at once (not at their timeout).
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/cancel",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run id (a UUID)")),
+    responses(
+        (status = 200, description = "The run, cancelled (or as it stands if it is still winding down)", body = RunRecord),
+        (status = 400, description = "The id is not a UUID", body = super::ErrorBody),
+        (status = 404, description = "No run with this id", body = super::ErrorBody),
+        (status = 409, description = "The run already finished (`details.status`)", body = super::ErrorBody),
+    ),
+)]
+pub async fn cancel_run(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<RunRecord>, ApiError> {
+    let id = run_id(&id)?;
+    match state.service.cancel(&id).await {
+        Ok(run) => Ok(Json(run)),
+        Err(CancelError::NotFound(_)) => Err(no_run(&id)),
+        Err(CancelError::Finished { id, status }) => Err(ApiError::RunFinished { id, status }),
+        Err(CancelError::Store(error)) => Err(error.into()),
+    }
+}
+
+/// Follow a run as Server-Sent Events.
+///
+/// Each event has `event: <type>`, `id: <seq>` and `data: <JSON>` with the
+/// same `type` and `seq`: `step_started`, `log`, `progress`, `step_finished`
+/// (the step's record), `run_finished` (the run's record; the stream then
+/// ends). What already happened is replayed first, so a late subscriber
+/// sees the whole run; `Last-Event-ID` resumes after that event. A
+/// subscriber that falls too far behind a live run gets `event: lagged` and
+/// the stream ends (reconnect with `Last-Event-ID`).
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/events",
+    tag = "runs",
+    params(
+        ("id" = String, Path, description = "The run id (a UUID)"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event"),
+    ),
+    responses(
+        (status = 200, description = "`text/event-stream`; each `data` is a RunEvent", content_type = "text/event-stream", body = RunEvent),
+        (status = 400, description = "The id is not a UUID, or a bad `Last-Event-ID`", body = super::ErrorBody),
+        (status = 404, description = "No run with this id", body = super::ErrorBody),
+    ),
+)]
+pub async fn run_events(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = run_id(&id)?;
+    let after = match headers.get("last-event-id") {
+        None => 0,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                ApiError::InvalidRequest(
+                    "`Last-Event-ID` must be the `id` of an event of this stream".to_owned(),
+                )
+            })?,
+    };
+    let subscription = state
+        .service
+        .events(&id)
+        .await?
+        .ok_or_else(|| no_run(&id))?;
+    let stream = events(subscription, after).take_until(state.stop.clone().cancelled_owned());
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}
+
+/// What the stream sends: an event of the run, or the notice that it fell
+/// behind.
+enum Item {
+    Event(RunEvent),
+    Lagged(u64),
+}
+
+/// The replay, then (while the run goes on) the live events, up to and
+/// including `run_finished`; only events after `after`.
+fn events(
+    subscription: EventSubscription,
+    after: u64,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let replayed_up_to = subscription.replay.last().map_or(0, RunEvent::seq);
+    let finished = subscription
+        .replay
+        .iter()
+        .any(|event| matches!(event, RunEvent::RunFinished { .. }));
+    let skip_up_to = after.max(replayed_up_to);
+    let replay = futures::stream::iter(
+        subscription
+            .replay
+            .into_iter()
+            .filter(move |event| event.seq() > after)
+            .map(Item::Event),
+    );
+    let live = subscription.live.filter(|_| !finished);
+    let live = futures::stream::unfold(live, move |receiver| async move {
+        let mut receiver = receiver?;
+        loop {
+            match receiver.recv().await {
+                Ok(event) if event.seq() <= skip_up_to => continue,
+                Ok(event) => {
+                    let last = matches!(event, RunEvent::RunFinished { .. });
+                    let next = if last { None } else { Some(receiver) };
+                    return Some((Item::Event(event), next));
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    return Some((Item::Lagged(missed), None));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    replay.chain(live).map(|item| Ok(sse_event(item)))
+}
+
+fn sse_event(item: Item) -> Event {
+    match item {
+        Item::Event(event) => {
+            let data = serde_json::to_string(&event).unwrap_or_else(|error| {
+                serde_json::json!({ "type": "error", "message": error.to_string() }).to_string()
+            });
+            Event::default()
+                .event(event.name())
+                .id(event.seq().to_string())
+                .data(data)
+        }
+        Item::Lagged(missed) => Event::default().event("lagged").data(
+            serde_json::json!({
+                "missed": missed,
+                "message": "this stream fell behind the run and ends here; reconnect with Last-Event-ID to resume",
+            })
+            .to_string(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_takes_human_durations_up_to_five_minutes() {
+        assert_eq!(parse_wait("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_wait("1m 30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_wait("5m").unwrap(), MAX_WAIT);
+        for bad in ["", "30", "soon", "6m", "-1s", "99999999999999999999h"] {
+            let error = parse_wait(bad).unwrap_err();
+            assert_eq!(error.status(), StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    #[test]
+    fn statuses_parse_as_written() {
+        assert_eq!(parse_status("cancelled").unwrap(), RunStatus::Cancelled);
+        assert!(parse_status("Cancelled").is_err());
+        assert!(parse_status("done").is_err());
+    }
+
+    #[test]
+    fn idempotency_keys_are_bounded() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(idempotency_key(&headers).unwrap(), None);
+        headers.insert(&IDEMPOTENCY_KEY, HeaderValue::from_static("order-1"));
+        assert_eq!(idempotency_key(&headers).unwrap(), Some("order-1"));
+        headers.insert(
+            &IDEMPOTENCY_KEY,
+            HeaderValue::from_str(&"k".repeat(256)).unwrap(),
+        );
+        assert!(idempotency_key(&headers).is_err());
+        headers.insert(&IDEMPOTENCY_KEY, HeaderValue::from_static(""));
+        assert!(idempotency_key(&headers).is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! The router without a socket (`tower::ServiceExt::oneshot`).

@@ -1,0 +1,322 @@
+//! Workflows (list, read, add/replace) and plugins (list).
+
+use axum::Json;
+use axum::extract::State;
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::extract::{ApiPath, TomlBody};
+use super::{ApiError, AppState};
+use crate::service::WorkflowEntry;
+use crate::workflow::{Diagnostic, Diagnostics};
+
+/// The longest workflow name the API takes in a URL.
+const MAX_NAME: usize = 128;
+
+/// A workflow the server knows, valid or not.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowSummary {
+    pub name: String,
+    /// Where it came from: the file in a workflow dir, or `<name>.toml` for
+    /// one uploaded with `PUT`.
+    pub file: String,
+    /// Whether it validated; an invalid workflow refuses runs (409).
+    pub valid: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// How many steps (`null` when it does not validate).
+    pub steps: Option<usize>,
+    /// Every problem found, in file order; empty when valid.
+    pub errors: Vec<WorkflowError>,
+}
+
+/// A workflow with its source and input schema.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowDetail {
+    #[serde(flatten)]
+    pub summary: WorkflowSummary,
+    /// The TOML text.
+    pub source: String,
+    /// `[input] schema` (a JSON Schema) or `null` (any input).
+    pub input_schema: Option<Value>,
+}
+
+/// One problem in a workflow file.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowError {
+    pub file: String,
+    /// 1-based.
+    pub line: usize,
+    /// 1-based, in characters.
+    pub column: usize,
+    pub message: String,
+}
+
+impl From<&Diagnostic> for WorkflowError {
+    fn from(diagnostic: &Diagnostic) -> Self {
+        WorkflowError {
+            file: diagnostic.file.clone(),
+            line: diagnostic.line,
+            column: diagnostic.column,
+            message: diagnostic.message.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowList {
+    /// By name.
+    pub workflows: Vec<WorkflowSummary>,
+}
+
+fn summary(entry: &WorkflowEntry) -> WorkflowSummary {
+    let (valid, description, steps, errors) = match &entry.plan {
+        Ok(plan) => (
+            true,
+            plan.description.clone(),
+            Some(plan.steps.len()),
+            vec![],
+        ),
+        Err(diagnostics) => (
+            false,
+            None,
+            None,
+            diagnostics.iter().map(WorkflowError::from).collect(),
+        ),
+    };
+    WorkflowSummary {
+        name: entry.name.clone(),
+        file: entry.file.clone(),
+        valid,
+        description,
+        steps,
+        errors,
+    }
+}
+
+fn detail(entry: &WorkflowEntry) -> WorkflowDetail {
+    let input_schema = entry
+        .plan
+        .as_ref()
+        .ok()
+        .and_then(|plan| plan.input_schema.as_ref())
+        .map(|schema| schema.schema().clone());
+    WorkflowDetail {
+        summary: summary(entry),
+        source: entry.source.clone(),
+        input_schema,
+    }
+}
+
+/// The loaded workflows, with their validation errors if any.
+#[utoipa::path(
+    get,
+    path = "/v1/workflows",
+    tag = "workflows",
+    responses((status = 200, description = "Every workflow, by name", body = WorkflowList)),
+)]
+pub async fn list_workflows(State(state): State<AppState>) -> Json<WorkflowList> {
+    Json(WorkflowList {
+        workflows: state.service.workflows().iter().map(summary).collect(),
+    })
+}
+
+/// One workflow, with its source and input schema.
+#[utoipa::path(
+    get,
+    path = "/v1/workflows/{name}",
+    tag = "workflows",
+    params(("name" = String, Path, description = "The workflow's name")),
+    responses(
+        (status = 200, description = "The workflow", body = WorkflowDetail),
+        (status = 404, description = "No workflow with this name", body = super::ErrorBody),
+    ),
+)]
+pub async fn get_workflow(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<WorkflowDetail>, ApiError> {
+    state
+        .service
+        .workflow(&name)
+        .map(|entry| Json(detail(&entry)))
+        .ok_or_else(|| ApiError::NotFound(format!("no workflow named `{name}`")))
+}
+
+/// Add or replace a workflow. It is validated first: one with errors is
+/// refused (422) and the version before it, if any, stays.
+#[utoipa::path(
+    put,
+    path = "/v1/workflows/{name}",
+    tag = "workflows",
+    params(("name" = String, Path, description = "The workflow's name: letters, digits, `-`, `_`, `.`")),
+    request_body(content = String, content_type = "application/toml", description = "The workflow file (TOML); its `name`, if set, must be the one in the URL"),
+    responses(
+        (status = 200, description = "The workflow, now active", body = WorkflowDetail),
+        (status = 400, description = "A bad name, or a body that is not UTF-8", body = super::ErrorBody),
+        (status = 413, description = "The body is over `max_body`", body = super::ErrorBody),
+        (status = 415, description = "The body is not TOML", body = super::ErrorBody),
+        (status = 422, description = "The workflow does not validate (`details`: `[{file, line, column, message}]`)", body = super::ErrorBody),
+    ),
+)]
+pub async fn put_workflow(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    TomlBody(source): TomlBody,
+) -> Result<Json<WorkflowDetail>, ApiError> {
+    check_name(&name)?;
+    check_declared_name(&name, &source)?;
+    match state.service.put_workflow(&name, &source) {
+        Ok(entry) => {
+            tracing::info!(workflow = %entry.name, "workflow added or replaced");
+            Ok(Json(detail(&entry)))
+        }
+        Err(diagnostics) => Err(ApiError::InvalidWorkflow {
+            message: format!(
+                "workflow `{name}` has {} and was not saved",
+                plural(diagnostics.len(), "error")
+            ),
+            diagnostics: (*diagnostics).clone(),
+        }),
+    }
+}
+
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
+/// Workflow names are URL segments: letters, digits, `-`, `_`, `.`.
+fn check_name(name: &str) -> Result<(), ApiError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.chars().all(allowed)
+        && name != "."
+        && name != ".."
+    {
+        Ok(())
+    } else {
+        let shown: String = name.chars().take(MAX_NAME).collect();
+        Err(ApiError::InvalidRequest(format!(
+            "workflow name \"{shown}\" may only contain letters, digits, `-`, `_` and `.` (at most {MAX_NAME})"
+        )))
+    }
+}
+
+/// A `name = "..."` in the file must be the name in the URL, or the workflow
+/// would be stored under another name than the one it was put at.
+fn check_declared_name(name: &str, source: &str) -> Result<(), ApiError> {
+    // A file that is not TOML gets its diagnostics from validation.
+    let Ok(table) = source.parse::<toml::Table>() else {
+        return Ok(());
+    };
+    match table.get("name") {
+        Some(toml::Value::String(declared)) if declared != name => {
+            let line = source
+                .lines()
+                .position(|line| line.trim_start().starts_with("name"))
+                .map_or(1, |index| index + 1);
+            let message = format!(
+                "the workflow calls itself `{declared}`, but it is being put at `{name}`: make them the same, or leave `name` out"
+            );
+            Err(ApiError::InvalidWorkflow {
+                message: message.clone(),
+                diagnostics: Diagnostics(vec![Diagnostic {
+                    file: format!("{name}.toml"),
+                    line,
+                    column: 1,
+                    message,
+                }]),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A loaded plugin.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PluginSummary {
+    pub name: String,
+    /// Semver, from the plugin's `info()`.
+    pub version: String,
+    /// `sha256:<hex>` of the component's bytes; `name@sha256:<hex>` pins it.
+    pub digest: String,
+    pub description: String,
+    /// Bytes.
+    pub size: u64,
+    /// The JSON Schema of its input, if it declares one.
+    pub input_schema: Option<Value>,
+    pub output_schema: Option<Value>,
+    /// The interfaces the component imports.
+    pub imports: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PluginList {
+    /// By name, then version.
+    pub plugins: Vec<PluginSummary>,
+}
+
+/// The loaded plugins.
+#[utoipa::path(
+    get,
+    path = "/v1/plugins",
+    tag = "plugins",
+    responses((status = 200, description = "Every loaded plugin", body = PluginList)),
+)]
+pub async fn list_plugins(State(state): State<AppState>) -> Json<PluginList> {
+    let schema = |text: &Option<String>| {
+        text.as_deref()
+            .and_then(|text| serde_json::from_str::<Value>(text).ok())
+    };
+    let mut loaded = state.service.plugins();
+    loaded.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+    let plugins = loaded
+        .iter()
+        .map(|plugin| PluginSummary {
+            name: plugin.name.clone(),
+            version: plugin.version.to_string(),
+            digest: format!("sha256:{}", plugin.digest),
+            description: plugin.description.clone(),
+            size: plugin.size,
+            input_schema: schema(&plugin.input_schema),
+            output_schema: schema(&plugin.output_schema),
+            imports: plugin.imports.clone(),
+        })
+        .collect();
+    Json(PluginList { plugins })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_url_safe() {
+        for good in ["order-pipeline", "a.b_c", "X1"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"x".repeat(129)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_declared_name_must_match_the_url() {
+        assert!(check_declared_name("a", "[[step]]\nid = \"s\"\n").is_ok());
+        assert!(check_declared_name("a", "name = \"a\"\n").is_ok());
+        assert!(check_declared_name("a", "not toml [").is_ok());
+        let error = check_declared_name("a", "# hi\nname = \"b\"\n").unwrap_err();
+        match error {
+            ApiError::InvalidWorkflow { diagnostics, .. } => {
+                assert_eq!(diagnostics.0[0].line, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
