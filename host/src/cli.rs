@@ -1,10 +1,11 @@
-//! The `trellis` command line: `run`, `validate`, `plugins list|inspect`.
+//! The `trellis` command line: `run`, `validate`, `plugins list|inspect`, `serve`.
 //!
 //! Contract (DESIGN.md): stdout carries only the result (the run's output JSON,
 //! or with `--json` the whole run record); stderr carries progress and errors.
 //! Exit status: 0 succeeded, 1 the run failed, 2 usage or validation error.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -15,10 +16,13 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
+use crate::config::{Config, Overrides};
 use crate::engine::{CodeCache, Engine, Limits};
 use crate::executor::{Executor, RunObserver, RunOptions};
 use crate::plugin::{MemoryStateStore, PluginError, PluginRegistry};
 use crate::record::{RunRecord, RunStatus, StepRecord, StepStatus};
+use crate::service::Service;
+use crate::telemetry::{LogFormat, Metrics};
 
 /// Where the build put the example plugins (`target/plugins`), used when no
 /// `--plugin-dir` is given.
@@ -31,8 +35,9 @@ pub const BUILTIN_PLUGIN_DIR: Option<&str> = option_env!("TRELLIS_BUILTIN_PLUGIN
     about = "Workflow orchestration whose tasks are WebAssembly components"
 )]
 struct Cli {
-    /// Where compiled plugins are cached (under `cache/`).
-    /// Default: `$XDG_CACHE_HOME/trellis` or `~/.cache/trellis`.
+    /// Where compiled plugins are cached (under `cache/`); for `serve`, also
+    /// where the runs are stored. Default: `$XDG_CACHE_HOME/trellis` or
+    /// `~/.cache/trellis` (`serve`: the configuration's `data_dir`).
     #[arg(long, global = true, env = "TRELLIS_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Compile every plugin afresh, without the compiled-code cache.
@@ -87,6 +92,38 @@ enum Command {
     /// List or inspect plugins.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Serve the HTTP API: trigger runs, follow them, cancel them.
+    ///
+    /// Settings come from `trellis.toml` (or `--config`), then `TRELLIS_*`
+    /// variables, then these flags. Stops gracefully on Ctrl-C or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// The configuration file. Default: `./trellis.toml` if it exists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The address to listen on (port 0: any free port). Default: 127.0.0.1:8080.
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<SocketAddr>,
+    /// A directory of plugin `.wasm` files (repeatable). Default: the
+    /// configured ones, else the example plugins of this build.
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+    /// A directory of workflow `.toml` files (repeatable). Default: the
+    /// configured ones, else `workflows`.
+    #[arg(long = "workflow-dir", value_name = "DIR")]
+    workflow_dirs: Vec<PathBuf>,
+    /// How log lines are written to stderr (`TRELLIS_LOG` sets the level).
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "TRELLIS_LOG_FORMAT",
+        value_name = "FORMAT"
+    )]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +165,11 @@ impl PluginDirs {
 /// an `Err` is a usage problem (bad flag value, missing directory) and exits 2.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Once, now that the flags say how.
+    crate::telemetry::init(match &cli.command {
+        Command::Serve(args) => args.log_format,
+        _ => LogFormat::Text,
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("trellis-worker")
@@ -167,7 +209,61 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             list(&plugins, cache, json).await
         }
         Command::Plugins(PluginsCommand::Inspect { file }) => inspect(&file).await,
+        Command::Serve(args) => serve(args, cli.data_dir).await,
     }
+}
+
+/// `trellis serve`: a configuration problem (or an open bind without a
+/// token) exits 2 before anything starts; a failure to start or serve exits 1.
+async fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<ExitCode> {
+    let overrides = Overrides {
+        bind: args.bind,
+        data_dir: data_dir.filter(|dir| !dir.as_os_str().is_empty()),
+        plugin_dirs: args.plugin_dirs,
+        workflow_dirs: args.workflow_dirs,
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    config.check_bind()?;
+    tracing::info!(?config, "starting");
+    Metrics::install();
+    let service = match Service::start(&config).await {
+        Ok(service) => service,
+        Err(err) => {
+            eprintln!("error: cannot start: {err}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if let Err(err) = crate::api::serve(service, &config, shutdown_signal()).await {
+        eprintln!("error: {err:#}");
+        return Ok(ExitCode::FAILURE);
+    }
+    eprintln!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C, or SIGTERM (what `docker stop` and Kubernetes send).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    eprintln!("shutting down: no new runs; finishing open requests");
 }
 
 /// Loads the plugin directories; warns about unusable files, refuses duplicates.

@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    trellis::telemetry::init(trellis::telemetry::LogFormat::Text);
+    // `cli::main` sets up logging once it knows the format (`serve --log-format`).
     trellis::cli::main()
 }

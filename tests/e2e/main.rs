@@ -11,5 +11,6 @@ mod hostile;
 mod limits;
 mod retries;
 mod scheduling;
+mod serve;
 mod templates;
 mod validation;

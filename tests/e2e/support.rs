@@ -1,8 +1,12 @@
 //! Helpers: a temp dir per test, workflow files written into it, the binary
-//! run with the example and fixture plugin dirs.
+//! run with the example and fixture plugin dirs; `trellis serve` on a free
+//! port and an HTTP client for it.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -152,4 +156,395 @@ pub fn span(record: &Value, id: &str) -> (f64, f64) {
     let attempt = &step(record, id)["attempts"][0];
     let start = millis(&attempt["started_at"]);
     (start, start + attempt["duration_ms"].as_f64().unwrap())
+}
+
+/// A `trellis serve` to start: a temp dir with `workflows/`, `data/` (whose
+/// compiled-code cache is the one every test shares) and optionally a
+/// `trellis.toml`.
+pub struct Serve {
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl Serve {
+    /// `serve --bind 127.0.0.1:0` with the example and fixture plugins and
+    /// the temp dir's `workflows/` (empty until [`Serve::workflow`]).
+    pub fn new() -> Serve {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("workflows")).unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        // Warm the shared cache (once per test binary), then use it.
+        drop(trellis());
+        let shared = Path::new(concat!(env!("CARGO_TARGET_TMPDIR"), "/e2e-data/cache"));
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(shared, data.join("cache")).unwrap();
+        let workflows = dir.path().join("workflows");
+        let args = [
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--plugin-dir",
+            EXAMPLE_PLUGINS,
+            "--plugin-dir",
+            FIXTURE_PLUGINS,
+            "--workflow-dir",
+            workflows.to_str().unwrap(),
+        ];
+        Serve {
+            dir,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            envs: Vec::new(),
+        }
+    }
+
+    /// Writes `workflows/<file>`.
+    pub fn workflow(self, file: &str, text: &str) -> Serve {
+        std::fs::write(self.dir.path().join("workflows").join(file), text).unwrap();
+        self
+    }
+
+    /// Writes `trellis.toml` and passes `--config` to it.
+    pub fn config(self, text: &str) -> Serve {
+        let path = self.dir.path().join("trellis.toml");
+        std::fs::write(&path, text).unwrap();
+        let path = path.to_str().unwrap().to_owned();
+        self.args(&["--config", &path])
+    }
+
+    /// `--bind ADDR` instead of `127.0.0.1:0`.
+    pub fn bind(mut self, address: &str) -> Serve {
+        let flag = self.args.iter().position(|arg| arg == "--bind").unwrap();
+        self.args[flag + 1] = address.to_owned();
+        self
+    }
+
+    pub fn args(mut self, args: &[&str]) -> Serve {
+        self.args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Serve {
+        self.envs.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = bare();
+        cmd.args(&self.args)
+            .env_remove("TRELLIS_AUTH_TOKEN")
+            .env_remove("TRELLIS_BIND")
+            .env_remove("TRELLIS_LOG")
+            .env_remove("TRELLIS_LOG_FORMAT")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// Runs it to the end (for a server that must refuse to start).
+    pub fn exec(self) -> Outcome {
+        let mut child = self
+            .command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("`trellis serve` did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Outcome::from(child.wait_with_output().unwrap())
+    }
+
+    /// Starts it and waits for `listening on http://ADDR`.
+    pub fn start(self) -> Server {
+        let mut child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (address_tx, address_rx) = mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        let log = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if let Some(address) = line.strip_prefix("listening on ") {
+                    let _ = address_tx.send(address.to_owned());
+                }
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut server = Server {
+            child,
+            base: String::new(),
+            token: None,
+            stderr,
+            agent: agent(),
+            _dir: self.dir,
+        };
+        match address_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(base) => server.base = base,
+            Err(_) => panic!("`trellis serve` did not start:\n{}", server.stderr()),
+        }
+        server
+    }
+}
+
+/// An HTTP client that returns 4xx/5xx answers instead of failing on them.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+/// A running `trellis serve`, killed when dropped.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// Sent as `Authorization: Bearer` by [`Server::call`] when set.
+    pub token: Option<String>,
+    stderr: Arc<Mutex<String>>,
+    agent: ureq::Agent,
+    _dir: tempfile::TempDir,
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
+    }
+
+    /// The header's value (names are compared without case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts this is the API's JSON error with `status` and `code`.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) -> Value {
+        assert_eq!(self.status, status, "{}", self.body);
+        assert!(
+            self.header("content-type")
+                .is_some_and(|t| t.starts_with("application/json")),
+            "{:?}",
+            self.headers
+        );
+        let body = self.json();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(
+            !body["error"]["message"].as_str().unwrap().is_empty(),
+            "{body}"
+        );
+        body
+    }
+}
+
+impl Server {
+    /// `METHOD path` with `headers` and `body`; the token if set.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Reply {
+        let request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        let mut request = headers.iter().fold(request, |request, (name, value)| {
+            request.header(*name, *value)
+        });
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let response = match body {
+            Some(body) => self.agent.run(request.body(body.to_vec()).unwrap()),
+            None => self.agent.run(request.body(()).unwrap()),
+        };
+        let mut response =
+            response.unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.stderr()));
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024 * 1024)
+            .read_to_string()
+            .unwrap();
+        Reply {
+            status: response.status().as_u16(),
+            headers,
+            body,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        self.call("GET", path, &[], None)
+    }
+
+    /// POST with a JSON body.
+    pub fn post(&self, path: &str, json: &str) -> Reply {
+        self.call(
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            Some(json.as_bytes()),
+        )
+    }
+
+    /// Polls the run until it is `succeeded`, `failed` or `cancelled`.
+    pub fn wait_for_run(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let run = self.get(&format!("/v1/runs/{id}")).json();
+            if ["succeeded", "failed", "cancelled"].contains(&run["status"].as_str().unwrap()) {
+                return run;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run {id} did not finish: {run:#}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The events of a run as `(event, id, data)`, read until the stream ends.
+    pub fn events(&self, id: &str, headers: &[(&str, &str)]) -> Vec<SseEvent> {
+        self.event_stream(id, headers).collect()
+    }
+
+    /// The events of a run as they arrive.
+    pub fn event_stream(
+        &self,
+        id: &str,
+        headers: &[(&str, &str)],
+    ) -> impl Iterator<Item = SseEvent> + use<> {
+        let mut request = self.agent.get(format!("{}/v1/runs/{id}/events", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let response = request.call().unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        SseReader {
+            lines: BufReader::new(response.into_body().into_reader()).lines(),
+        }
+    }
+
+    /// What the server wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits (up to 30 s) for the exit status.
+    pub fn terminate(&mut self) -> i32 {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<u64>,
+    pub data: Value,
+}
+
+struct SseReader<R> {
+    lines: std::io::Lines<R>,
+}
+
+impl<R: BufRead> Iterator for SseReader<R> {
+    type Item = SseEvent;
+
+    fn next(&mut self) -> Option<SseEvent> {
+        let (mut event, mut id, mut data) = (None, None, String::new());
+        loop {
+            let line = self.lines.next()?.ok()?;
+            if line.is_empty() {
+                if event.is_none() && data.is_empty() {
+                    continue; // after a keep-alive comment
+                }
+                return Some(SseEvent {
+                    event: event.unwrap_or_else(|| "message".to_owned()),
+                    id,
+                    data: serde_json::from_str(&data)
+                        .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {data}")),
+                });
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((&line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => event = Some(value.to_owned()),
+                "id" => id = Some(value.parse().unwrap()),
+                "data" => {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(value);
+                }
+                _ => {}
+            }
+        }
+    }
 }

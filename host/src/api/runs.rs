@@ -345,13 +345,6 @@ pub async fn run_events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
-/// What the stream sends: an event of the run, or the notice that it fell
-/// behind.
-enum Item {
-    Event(RunEvent),
-    Lagged(u64),
-}
-
 /// The replay, then (while the run goes on) the live events, up to and
 /// including `run_finished`; only events after `after`.
 fn events(
@@ -369,7 +362,7 @@ fn events(
             .replay
             .into_iter()
             .filter(move |event| event.seq() > after)
-            .map(Item::Event),
+            .map(|event| run_event(&event)),
     );
     let live = subscription.live.filter(|_| !finished);
     let live = futures::stream::unfold(live, move |receiver| async move {
@@ -380,42 +373,164 @@ fn events(
                 Ok(event) => {
                     let last = matches!(event, RunEvent::RunFinished { .. });
                     let next = if last { None } else { Some(receiver) };
-                    return Some((Item::Event(event), next));
+                    return Some((run_event(&event), next));
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    return Some((Item::Lagged(missed), None));
+                    return Some((lagged(missed), None));
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
     });
-    replay.chain(live).map(|item| Ok(sse_event(item)))
+    replay.chain(live).map(Ok)
 }
 
-fn sse_event(item: Item) -> Event {
-    match item {
-        Item::Event(event) => {
-            let data = serde_json::to_string(&event).unwrap_or_else(|error| {
-                serde_json::json!({ "type": "error", "message": error.to_string() }).to_string()
-            });
-            Event::default()
-                .event(event.name())
-                .id(event.seq().to_string())
-                .data(data)
-        }
-        Item::Lagged(missed) => Event::default().event("lagged").data(
-            serde_json::json!({
-                "missed": missed,
-                "message": "this stream fell behind the run and ends here; reconnect with Last-Event-ID to resume",
-            })
-            .to_string(),
-        ),
-    }
+/// `event: <type>`, `id: <seq>`, `data: <the event as JSON>`.
+fn run_event(event: &RunEvent) -> Event {
+    let data = serde_json::to_string(event).unwrap_or_else(|error| {
+        serde_json::json!({ "type": "error", "message": error.to_string() }).to_string()
+    });
+    Event::default()
+        .event(event.name())
+        .id(event.seq().to_string())
+        .data(data)
+}
+
+/// The last event of a stream that fell too far behind a live run.
+fn lagged(missed: u64) -> Event {
+    Event::default().event("lagged").data(
+        serde_json::json!({
+            "missed": missed,
+            "message": "this stream fell behind the run and ends here; reconnect with Last-Event-ID to resume",
+        })
+        .to_string(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::record::{LogLevel, LogLine, LogStream};
+
+    fn log(seq: u64, message: &str) -> RunEvent {
+        RunEvent::Log {
+            seq,
+            step: "s".to_owned(),
+            line: LogLine {
+                at_ms: 0.0,
+                stream: LogStream::Log,
+                level: LogLevel::Info,
+                message: message.to_owned(),
+            },
+        }
+    }
+
+    fn finished(seq: u64) -> RunEvent {
+        RunEvent::RunFinished {
+            seq,
+            run: RunRecord {
+                id: "r".to_owned(),
+                workflow: "w".to_owned(),
+                status: RunStatus::Succeeded,
+                input: Value::Null,
+                output: Value::Null,
+                error: None,
+                created_at: String::new(),
+                started_at: None,
+                finished_at: None,
+                duration_ms: None,
+                steps: vec![],
+            },
+        }
+    }
+
+    /// The stream as SSE text, `(event, id)` per event.
+    async fn sent(subscription: EventSubscription, after: u64) -> Vec<(String, String)> {
+        let response = Sse::new(events(subscription, after)).into_response();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        text.split("\n\n")
+            .filter(|block| !block.is_empty())
+            .map(|block| {
+                let field = |name: &str| {
+                    block
+                        .lines()
+                        .find_map(|line| line.strip_prefix(name))
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                (field("event: "), field("id: "))
+            })
+            .collect()
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_replay_comes_first_then_live_events_until_the_run_finishes() {
+        let (sender, receiver) = broadcast::channel(16);
+        let subscription = EventSubscription {
+            replay: vec![log(1, "a"), log(2, "b")],
+            live: Some(receiver),
+        };
+        // A repeat of the replay is skipped; nothing after run_finished is sent.
+        for event in [log(2, "b"), log(3, "c"), finished(4), log(5, "late")] {
+            sender.send(event).unwrap();
+        }
+        assert_eq!(
+            sent(subscription, 0).await,
+            pairs(&[
+                ("log", "1"),
+                ("log", "2"),
+                ("log", "3"),
+                ("run_finished", "4")
+            ])
+        );
+    }
+
+    #[tokio::test]
+    async fn last_event_id_skips_what_the_client_has() {
+        let subscription = EventSubscription {
+            replay: vec![log(1, "a"), log(2, "b"), finished(3)],
+            live: None,
+        };
+        assert_eq!(sent(subscription, 2).await, pairs(&[("run_finished", "3")]));
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_is_told_and_cut_off() {
+        let (sender, receiver) = broadcast::channel(2);
+        let subscription = EventSubscription {
+            replay: vec![log(1, "a")],
+            live: Some(receiver),
+        };
+        for seq in 2..=6 {
+            sender.send(log(seq, "flood")).unwrap();
+        }
+        assert_eq!(
+            sent(subscription, 0).await,
+            pairs(&[("log", "1"), ("lagged", "")])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_channel_ends_the_stream() {
+        let (sender, receiver) = broadcast::channel(4);
+        sender.send(log(1, "a")).unwrap();
+        drop(sender);
+        let subscription = EventSubscription {
+            replay: vec![],
+            live: Some(receiver),
+        };
+        assert_eq!(sent(subscription, 0).await, pairs(&[("log", "1")]));
+    }
 
     #[test]
     fn wait_takes_human_durations_up_to_five_minutes() {

@@ -1,1 +1,396 @@
-//! The router without a socket (`tower::ServiceExt::oneshot`).
+//! The router without a socket (`tower::ServiceExt::oneshot`), on a service
+//! with no plugins: every refusal, auth, and the OpenAPI document. Runs that
+//! execute are in the end-to-end tests (`tests/e2e/serve.rs`).
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::*;
+use crate::config::Config;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    service: Service,
+}
+
+/// A service with no plugins and one workflow file, which therefore has errors.
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let workflows = dir.path().join("workflows");
+    std::fs::create_dir(&workflows).unwrap();
+    std::fs::write(
+        workflows.join("broken.toml"),
+        "[[step]]\nid = \"a\"\nplugin = \"missing\"\n",
+    )
+    .unwrap();
+    let config = Config {
+        data_dir: dir.path().join("data"),
+        plugin_dirs: vec![],
+        workflow_dirs: vec![workflows],
+        ..Config::default()
+    };
+    let service = Service::start(&config).await.unwrap();
+    Fixture { _dir: dir, service }
+}
+
+impl Fixture {
+    fn app(&self, auth_token: Option<&str>, max_body: u64) -> Router {
+        router(
+            self.service.clone(),
+            ApiConfig {
+                auth_token: auth_token.map(str::to_owned),
+                max_body,
+            },
+        )
+    }
+}
+
+async fn send(app: &Router, request: Request<Body>) -> (StatusCode, Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, body)
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+fn post_json(uri: &str, body: &str) -> Request<Body> {
+    Request::post(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+/// `(status, code)` of an error answer; panics if the body is not the error shape.
+fn code(answer: &(StatusCode, Value)) -> (u16, &str) {
+    let code = answer.1["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error body: {}", answer.1));
+    assert!(answer.1["error"]["message"].is_string(), "{}", answer.1);
+    (answer.0.as_u16(), code)
+}
+
+#[tokio::test]
+async fn every_refusal_is_a_json_error() {
+    let fixture = fixture().await;
+    let app = fixture.app(None, 64);
+    let run = "0190b5a4-7c1e-7d3a-9f2b-1c2d3e4f5a6b";
+    let cases: Vec<(Request<Body>, u16, &str)> = vec![
+        (get("/nowhere"), 404, "not_found"),
+        (
+            Request::delete("/v1/runs").body(Body::empty()).unwrap(),
+            405,
+            "method_not_allowed",
+        ),
+        (get("/v1/runs/not-a-uuid"), 400, "invalid_request"),
+        (get(&format!("/v1/runs/{run}")), 404, "not_found"),
+        (get(&format!("/v1/runs/{run}/events")), 404, "not_found"),
+        (
+            post_json(&format!("/v1/runs/{run}/cancel"), ""),
+            404,
+            "not_found",
+        ),
+        (get("/v1/runs?status=done"), 400, "invalid_request"),
+        (get("/v1/runs?limit=0"), 400, "invalid_request"),
+        (get("/v1/runs?limit=1001"), 400, "invalid_request"),
+        (get("/v1/runs?limit=ten"), 400, "invalid_request"),
+        (get("/v1/runs?cursor=nothex"), 400, "invalid_request"),
+        (get("/v1/runs?page=2"), 400, "invalid_request"),
+        (get("/v1/workflows/nope"), 404, "not_found"),
+        (post_json("/v1/workflows/nope/runs", "{}"), 404, "not_found"),
+        (
+            post_json("/v1/workflows/broken/runs", "{}"),
+            409,
+            "workflow_invalid",
+        ),
+        (
+            post_json("/v1/workflows/broken/runs", "{\"a\": "),
+            400,
+            "invalid_json",
+        ),
+        (
+            post_json("/v1/workflows/broken/runs?wait=forever", "{}"),
+            400,
+            "invalid_request",
+        ),
+        (
+            post_json("/v1/workflows/broken/runs", &"1".repeat(65)),
+            413,
+            "payload_too_large",
+        ),
+        (
+            Request::post("/v1/workflows/broken/runs")
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body(Body::from("{}"))
+                .unwrap(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            Request::post("/v1/workflows/broken/runs")
+                .header("idempotency-key", "k".repeat(256))
+                .body(Body::empty())
+                .unwrap(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Request::put("/v1/workflows/a%2Fb")
+                .body(Body::from("[[step]]"))
+                .unwrap(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Request::put("/v1/workflows/x")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from("{}"))
+                .unwrap(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            Request::put("/v1/workflows/x")
+                .body(Body::from(vec![0xff, 0xfe]))
+                .unwrap(),
+            400,
+            "invalid_request",
+        ),
+    ];
+    for (request, status, expected) in cases {
+        let what = format!("{} {}", request.method(), request.uri());
+        let answer = send(&app, request).await;
+        assert_eq!(code(&answer), (status, expected), "{what}: {}", answer.1);
+    }
+}
+
+#[tokio::test]
+async fn malformed_json_says_where() {
+    let fixture = fixture().await;
+    let app = fixture.app(None, 1024);
+    let answer = send(
+        &app,
+        post_json("/v1/workflows/broken/runs", "{\n  \"a\": [1,, 2]\n}"),
+    )
+    .await;
+    assert_eq!(code(&answer), (400, "invalid_json"));
+    assert_eq!(
+        answer.1["error"]["details"],
+        json!({ "line": 2, "column": 11 })
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_workflow_lists_its_errors() {
+    let fixture = fixture().await;
+    let app = fixture.app(None, 1024);
+    let answer = send(&app, post_json("/v1/workflows/broken/runs", "")).await;
+    assert_eq!(code(&answer), (409, "workflow_invalid"));
+    let details = answer.1["error"]["details"].as_array().unwrap();
+    assert_eq!(details[0]["line"], 3, "{}", answer.1);
+    assert!(
+        details[0]["message"].as_str().unwrap().contains("missing"),
+        "{}",
+        answer.1
+    );
+
+    let (status, list) = send(&app, get("/v1/workflows")).await;
+    assert_eq!(status, 200);
+    let broken = &list["workflows"][0];
+    assert_eq!(broken["name"], "broken");
+    assert_eq!(broken["valid"], false);
+    assert_eq!(broken["steps"], Value::Null);
+    assert_eq!(broken["errors"][0]["line"], 3);
+    assert!(
+        broken["errors"][0]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("broken.toml")
+    );
+}
+
+#[tokio::test]
+async fn a_workflow_put_with_errors_is_refused_and_the_old_one_stays() {
+    let fixture = fixture().await;
+    let app = fixture.app(None, 1024);
+    let put = |name: &str, body: &str| {
+        Request::put(format!("/v1/workflows/{name}"))
+            .header(header::CONTENT_TYPE, "application/toml")
+            .body(Body::from(body.to_owned()))
+            .unwrap()
+    };
+    let answer = send(
+        &app,
+        put("broken", "[[step]]\nid = \"b\"\nplugin = \"gone\"\n"),
+    )
+    .await;
+    assert_eq!(code(&answer), (422, "invalid_workflow"));
+    assert_eq!(answer.1["error"]["details"][0]["line"], 3, "{}", answer.1);
+    let (_, kept) = send(&app, get("/v1/workflows/broken")).await;
+    assert!(
+        kept["source"].as_str().unwrap().contains("missing"),
+        "{kept}"
+    );
+
+    let answer = send(&app, put("other", "name = \"third\"\n")).await;
+    assert_eq!(code(&answer), (422, "invalid_workflow"));
+    assert!(
+        answer.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("third"),
+        "{}",
+        answer.1
+    );
+    let (status, _) = send(&app, get("/v1/workflows/other")).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_token_guards_every_route_but_healthz() {
+    let fixture = fixture().await;
+    let app = fixture.app(Some("s3cret"), 1024);
+    let with = |uri: &str, authorization: Option<&str>| {
+        let mut request = Request::get(uri);
+        if let Some(value) = authorization {
+            request = request.header(header::AUTHORIZATION, value);
+        }
+        request.body(Body::empty()).unwrap()
+    };
+    for (method, path) in ROUTES {
+        let uri = path
+            .replace("{name}", "broken")
+            .replace("{id}", "0190b5a4-7c1e-7d3a-9f2b-1c2d3e4f5a6b");
+        let request = Request::builder()
+            .method(Method::from_bytes(method.as_bytes()).unwrap())
+            .uri(&uri)
+            .body(Body::empty())
+            .unwrap();
+        let answer = send(&app, request).await;
+        if *path == "/healthz" {
+            assert_eq!(answer.0, 200);
+        } else {
+            assert_eq!(code(&answer), (401, "unauthorized"), "{method} {uri}");
+        }
+    }
+    for wrong in [
+        "Bearer s3cre",
+        "Bearer s3cret2",
+        "Basic s3cret",
+        "s3cret",
+        "Bearer ",
+    ] {
+        let answer = send(&app, with("/v1/workflows", Some(wrong))).await;
+        assert_eq!(code(&answer), (401, "unauthorized"), "{wrong}");
+    }
+    let response = app
+        .clone()
+        .oneshot(with("/v1/workflows", None))
+        .await
+        .unwrap();
+    assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+    for right in ["Bearer s3cret", "bearer s3cret"] {
+        let (status, _) = send(&app, with("/v1/workflows", Some(right))).await;
+        assert_eq!(status, 200, "{right}");
+    }
+    // Unknown paths too: no probing for routes without the token.
+    let answer = send(&app, with("/v2/anything", None)).await;
+    assert_eq!(code(&answer), (401, "unauthorized"));
+}
+
+#[tokio::test]
+async fn healthz_and_metrics() {
+    let fixture = fixture().await;
+    let app = fixture.app(None, 1024);
+    assert_eq!(
+        send(&app, get("/healthz")).await,
+        (StatusCode::OK, json!({ "status": "ok" }))
+    );
+    let response = app.clone().oneshot(get("/metrics")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    assert!(
+        text.contains("# TYPE trellis_runs_in_flight gauge"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_document_has_every_route() {
+    let fixture = fixture().await;
+    let app = fixture.app(None, 1024);
+    let (status, document) = send(&app, get("/v1/openapi.json")).await;
+    assert_eq!(status, 200);
+    assert_eq!(document["openapi"], "3.1.0");
+    for (method, path) in ROUTES {
+        let operation = &document["paths"][path][method.to_lowercase()];
+        assert!(operation.is_object(), "{method} {path} is not documented");
+        assert!(
+            operation["responses"]["200"].is_object() || operation["responses"]["202"].is_object(),
+            "{method} {path}"
+        );
+    }
+    let documented: usize = document["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum();
+    assert_eq!(
+        documented,
+        ROUTES.len(),
+        "the document has routes the router lacks"
+    );
+    let schemas = document["components"]["schemas"].as_object().unwrap();
+    for schema in [
+        "RunRecord",
+        "StepRecord",
+        "AttemptRecord",
+        "RunList",
+        "ErrorBody",
+        "RunEvent",
+        "WorkflowDetail",
+        "PluginList",
+    ] {
+        assert!(schemas.contains_key(schema), "no schema {schema}");
+    }
+    assert_eq!(
+        document["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    assert_eq!(
+        document["paths"]["/healthz"]["get"]["security"],
+        json!([{}])
+    );
+}
+
+#[tokio::test]
+async fn a_panic_is_a_500_without_detail() {
+    let response = panicked(Box::new(String::from("secret detail")));
+    assert_eq!(response.status(), 500);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(
+        body,
+        json!({ "error": { "code": "internal", "message": "internal error" } })
+    );
+}
