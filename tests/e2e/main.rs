@@ -9,6 +9,7 @@ mod cli;
 mod examples;
 mod hostile;
 mod limits;
+mod recovery;
 mod retries;
 mod scheduling;
 mod serve;

@@ -180,6 +180,12 @@ impl Serve {
         let shared = Path::new(concat!(env!("CARGO_TARGET_TMPDIR"), "/e2e-data/cache"));
         #[cfg(unix)]
         std::os::unix::fs::symlink(shared, data.join("cache")).unwrap();
+        Serve::in_dir(dir)
+    }
+
+    /// The same server again, on the data and workflows of a stopped one.
+    pub fn in_dir(dir: tempfile::TempDir) -> Serve {
+        let data = dir.path().join("data");
         let workflows = dir.path().join("workflows");
         let args = [
             "serve",
@@ -463,6 +469,19 @@ impl Server {
         SseReader {
             lines: BufReader::new(response.into_body().into_reader()).lines(),
         }
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and hands back
+    /// its directory, to start a new server on the same data.
+    pub fn crash(mut self) -> tempfile::TempDir {
+        let status = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.child.wait().unwrap();
+        let placeholder = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self._dir, placeholder)
     }
 
     /// What the server wrote to stderr so far.
