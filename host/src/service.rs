@@ -63,6 +63,27 @@ pub enum SubmitError {
     Store(#[from] StoreError),
 }
 
+/// Why a workflow was not added.
+#[derive(Debug, thiserror::Error)]
+pub enum PutWorkflowError {
+    #[error("the workflow has errors:\n{0}")]
+    Invalid(Arc<Diagnostics>),
+    #[error("{0}")]
+    Save(String),
+}
+
+/// Writes `file` in `dir` through a temporary file and a rename: a crash
+/// leaves the old file or the new one, never half of one.
+fn write_atomically(dir: &Path, file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(file).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// Why a run could not be cancelled.
 #[derive(Debug, thiserror::Error)]
 pub enum CancelError {
@@ -163,6 +184,8 @@ struct Inner {
     store: Arc<dyn Store>,
     registry: Arc<PluginRegistry>,
     workflows: RwLock<BTreeMap<String, WorkflowEntry>>,
+    /// Where `PUT /v1/workflows/{name}` writes: the first workflow dir.
+    workflow_dir: Option<PathBuf>,
     active: Mutex<HashMap<String, Arc<ActiveRun>>>,
     /// Set when the service shuts down: no new runs start.
     closing: CancellationToken,
@@ -208,6 +231,7 @@ impl Service {
                 store,
                 registry,
                 workflows: RwLock::new(BTreeMap::new()),
+                workflow_dir: config.workflow_dirs.first().cloned(),
                 active: Mutex::new(HashMap::new()),
                 closing: CancellationToken::new(),
             }),
@@ -275,14 +299,24 @@ impl Service {
     }
 
     /// Adds or replaces a workflow from TOML text; refuses one with errors
-    /// (the previous version stays).
+    /// (the previous version stays). A valid one is written to the first
+    /// workflow dir before it is used, so a restart still has it.
     pub fn put_workflow(
         &self,
         name: &str,
         source: &str,
-    ) -> Result<WorkflowEntry, Arc<Diagnostics>> {
-        let entry = self.plan(source, &format!("{name}.toml"), name);
-        let plan = entry.plan.clone()?;
+    ) -> Result<WorkflowEntry, PutWorkflowError> {
+        let file = match &self.inner.workflow_dir {
+            Some(dir) => dir.join(format!("{name}.toml")),
+            None => PathBuf::from(format!("{name}.toml")),
+        };
+        let entry = self.plan(source, &file.display().to_string(), name);
+        let plan = entry.plan.clone().map_err(PutWorkflowError::Invalid)?;
+        if let Some(dir) = &self.inner.workflow_dir {
+            write_atomically(dir, &file, source.as_bytes()).map_err(|e| {
+                PutWorkflowError::Save(format!("cannot write {}: {e}", file.display()))
+            })?;
+        }
         let entry = WorkflowEntry {
             name: plan.name.clone(),
             ..entry

@@ -118,3 +118,26 @@ fn runs_in_flight_survive_sigkill() {
         "{finished} runs had finished before the kill; {resumed} probe steps were re-attempted"
     );
 }
+
+#[test]
+fn an_uploaded_workflow_survives_a_restart() {
+    let server = Serve::new().start();
+    let reply = server.call(
+        "PUT",
+        "/v1/workflows/uploaded",
+        &[("content-type", "application/toml")],
+        Some(b"[[step]]\nid = \"echo\"\nplugin = \"noop\"\ninput = \"{{ input.word }}\"\n"),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let dir = server.crash();
+    let server = Serve::in_dir(dir).start();
+    let reply = server.post(
+        "/v1/workflows/uploaded/runs?wait=30s",
+        r#"{"word": "kept"}"#,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.json()["output"],
+        serde_json::json!({ "echo": "kept" })
+    );
+}

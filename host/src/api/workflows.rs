@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use super::extract::{ApiPath, TomlBody};
 use super::{ApiError, AppState};
-use crate::service::WorkflowEntry;
+use crate::service::{PutWorkflowError, WorkflowEntry};
 use crate::workflow::{Diagnostic, Diagnostics};
 
 /// The longest workflow name the API takes in a URL.
@@ -172,7 +172,8 @@ pub async fn put_workflow(
             tracing::info!(workflow = %entry.name, "workflow added or replaced");
             Ok(Json(detail(&entry)))
         }
-        Err(diagnostics) => Err(ApiError::InvalidWorkflow {
+        Err(PutWorkflowError::Save(message)) => Err(ApiError::Internal(message)),
+        Err(PutWorkflowError::Invalid(diagnostics)) => Err(ApiError::InvalidWorkflow {
             message: format!(
                 "workflow `{name}` has {} and was not saved",
                 plural(diagnostics.len(), "error")
