@@ -407,19 +407,7 @@ pub fn queued_record(plan: &Plan, run_id: String, input: Value) -> RunRecord {
         steps: plan
             .steps
             .iter()
-            .map(|step| StepRecord {
-                id: step.id.clone(),
-                plugin: step.plugin.clone(),
-                plugin_version: None,
-                plugin_digest: None,
-                status: StepStatus::Pending,
-                output: Value::Null,
-                error: None,
-                started_at: None,
-                duration_ms: None,
-                items: None,
-                attempts: Vec::new(),
-            })
+            .map(|step| StepRecord::pending(&step.id, &step.plugin))
             .collect(),
     }
 }
@@ -578,17 +566,11 @@ impl RunContext {
             progress: None,
         });
         let record = StepRecord {
-            id: step.id.clone(),
-            plugin: step.plugin.clone(),
             plugin_version: Some(plugin.version.to_string()),
             plugin_digest: Some(format!("sha256:{}", plugin.digest)),
             status: StepStatus::Running,
-            output: Value::Null,
-            error: None,
-            started_at: None,
-            duration_ms: None,
-            items: None,
             attempts,
+            ..StepRecord::pending(&step.id, &step.plugin)
         };
         if let Err(err) = store.save_step(&self.run_id, index, &record).await {
             tracing::error!(run_id = %self.run_id, step = %step.id, error = %err, "cannot store that the step started");

@@ -220,6 +220,25 @@ pub struct StepRecord {
     pub attempts: Vec<AttemptRecord>,
 }
 
+impl StepRecord {
+    /// A step that has not started.
+    pub fn pending(id: impl Into<String>, plugin: impl Into<String>) -> StepRecord {
+        StepRecord {
+            id: id.into(),
+            plugin: plugin.into(),
+            plugin_version: None,
+            plugin_digest: None,
+            status: StepStatus::Pending,
+            output: Value::Null,
+            error: None,
+            started_at: None,
+            duration_ms: None,
+            items: None,
+            attempts: Vec::new(),
+        }
+    }
+}
+
 /// The failure that ended a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunError {

@@ -960,19 +960,7 @@ mod tests {
     }
 
     fn pending_step(id: &str) -> StepRecord {
-        StepRecord {
-            id: id.into(),
-            plugin: "json-transform".into(),
-            plugin_version: None,
-            plugin_digest: None,
-            status: StepStatus::Pending,
-            output: Value::Null,
-            error: None,
-            started_at: None,
-            duration_ms: None,
-            items: None,
-            attempts: Vec::new(),
-        }
+        StepRecord::pending(id, "json-transform")
     }
 
     /// A step that failed once and then succeeded, with every optional field set.
