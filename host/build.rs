@@ -2,7 +2,9 @@
 //! test-programs are built: a nested `cargo build` into its own target dir.
 //!
 //! Example plugins land in `target/plugins/`, test fixtures in
-//! `target/plugins-test/`; the binary knows the first as its default plugin
+//! `target/plugins-test/`, and hot-swap fixtures (`plugins/swap/`, kept out of
+//! the test plugin dir so a test can add them to a running server) in
+//! `target/plugins-swap/`; the binary knows the first as its default plugin
 //! dir. Set `TRELLIS_SKIP_PLUGIN_BUILD=1` to skip (packaging the host alone).
 
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ fn main() {
     let plugins_dir = workspace.join("plugins");
     let out_examples = workspace.join("target").join("plugins");
     let out_fixtures = workspace.join("target").join("plugins-test");
+    let out_swap = workspace.join("target").join("plugins-swap");
     println!(
         "cargo:rustc-env=TRELLIS_BUILTIN_PLUGIN_DIR={}",
         out_examples.display()
@@ -24,6 +27,10 @@ fn main() {
     println!(
         "cargo:rustc-env=TRELLIS_TEST_PLUGIN_DIR={}",
         out_fixtures.display()
+    );
+    println!(
+        "cargo:rustc-env=TRELLIS_SWAP_PLUGIN_DIR={}",
+        out_swap.display()
     );
     println!("cargo:rerun-if-env-changed=TRELLIS_SKIP_PLUGIN_BUILD");
     for watched in ["plugins", "plugin-sdk", "wit", "Cargo.lock"] {
@@ -38,7 +45,8 @@ fn main() {
 
     let examples = packages(&plugins_dir);
     let fixtures = packages(&plugins_dir.join("fixtures"));
-    if examples.is_empty() && fixtures.is_empty() {
+    let swap = packages(&plugins_dir.join("swap"));
+    if examples.is_empty() && fixtures.is_empty() && swap.is_empty() {
         return;
     }
     ensure_target();
@@ -56,7 +64,7 @@ fn main() {
             "--target-dir",
         ])
         .arg(&target_dir);
-    for name in examples.iter().chain(&fixtures) {
+    for name in examples.iter().chain(&fixtures).chain(&swap) {
         cmd.args(["-p", name]);
     }
     // The outer build's flags are for the host, not for wasm guests.
@@ -82,6 +90,7 @@ fn main() {
     let built = target_dir.join(TARGET).join(PROFILE);
     copy_outputs(&built, &examples, &out_examples);
     copy_outputs(&built, &fixtures, &out_fixtures);
+    copy_outputs(&built, &swap, &out_swap);
 }
 
 /// Package names of the plugin crates directly under `dir`.

@@ -421,14 +421,14 @@ async fn validate(
 async fn list(dirs: &PluginDirs, cache: Option<CodeCache>, json: bool) -> Result<ExitCode> {
     let registry = load_registry(dirs, cache).await?;
     if json {
-        let list: Vec<Value> = registry.iter().map(|p| plugin_json(p)).collect();
+        let list: Vec<Value> = registry.list().iter().map(|p| plugin_json(p)).collect();
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {
         println!(
             "{:<16} {:<9} {:>9}  {:<19} DESCRIPTION",
             "NAME", "VERSION", "SIZE", "DIGEST"
         );
-        for plugin in registry.iter() {
+        for plugin in registry.list() {
             println!(
                 "{:<16} {:<9} {:>9}  sha256:{:<12} {}",
                 plugin.name,

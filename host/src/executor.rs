@@ -145,38 +145,15 @@ impl Executor {
             }
         }
 
-        // Pin every plugin now: the run keeps these exact builds to its end
-        // (a resumed run, the builds it started with, if still loaded).
-        let mut plugins = Vec::with_capacity(plan.steps.len());
-        for (step, step_record) in plan.steps.iter().zip(&mut record.steps) {
-            let pinned = step_record.plugin_digest.as_ref().and_then(|digest| {
-                let name = step.plugin.split('@').next().unwrap_or(&step.plugin);
-                self.inner
-                    .registry
-                    .resolve(&format!("{name}@{digest}"))
-                    .ok()
-            });
-            match pinned
-                .map(Ok)
-                .unwrap_or_else(|| self.inner.registry.resolve(&step.plugin))
-            {
-                Ok(plugin) => {
-                    step_record.plugin_version = Some(plugin.version.to_string());
-                    step_record.plugin_digest = Some(format!("sha256:{}", plugin.digest));
-                    plugins.push(plugin);
-                }
-                Err(err) => {
-                    record.error = Some(RunError {
-                        step: Some(step.id.clone()),
-                        kind: ErrorKind::Plugin,
-                        message: err.to_string(),
-                    });
-                    return self
-                        .finish(record, started, RunStatus::Failed, options.store.as_deref())
-                        .await;
-                }
+        let plugins = match self.pin(&plan, &mut record) {
+            Ok(plugins) => plugins,
+            Err(error) => {
+                record.error = Some(error);
+                return self
+                    .finish(record, started, RunStatus::Failed, options.store.as_deref())
+                    .await;
             }
-        }
+        };
 
         let run = Arc::new(RunContext {
             executor: self.clone(),
@@ -344,6 +321,37 @@ impl Executor {
         };
         self.finish(record, started, status, options.store.as_deref())
             .await
+    }
+
+    /// Resolves every step's plugin and records the build (version, digest)
+    /// in `record`: the run keeps these exact builds to its end, across
+    /// retries and restarts. A step already pinned (a resumed run, or one
+    /// pinned when it was accepted) gets that build or an error, never
+    /// another build of the same name.
+    pub fn pin(&self, plan: &Plan, record: &mut RunRecord) -> Result<Vec<Arc<Plugin>>, RunError> {
+        let mut plugins = Vec::with_capacity(plan.steps.len());
+        for (step, step_record) in plan.steps.iter().zip(&mut record.steps) {
+            let reference = match &step_record.plugin_digest {
+                Some(digest) => {
+                    let name = step.plugin.split('@').next().unwrap_or(&step.plugin);
+                    format!("{name}@{digest}")
+                }
+                None => step.plugin.clone(),
+            };
+            let plugin = self
+                .inner
+                .registry
+                .resolve(&reference)
+                .map_err(|err| RunError {
+                    step: Some(step.id.clone()),
+                    kind: ErrorKind::Plugin,
+                    message: err.to_string(),
+                })?;
+            step_record.plugin_version = Some(plugin.version.to_string());
+            step_record.plugin_digest = Some(format!("sha256:{}", plugin.digest));
+            plugins.push(plugin);
+        }
+        Ok(plugins)
     }
 
     /// `[output]`, or `{ sink id: output }` for the steps no other step needs.

@@ -84,6 +84,27 @@ fn write_atomically(dir: &Path, file: &Path, bytes: &[u8]) -> std::io::Result<()
     Ok(())
 }
 
+/// Why an uploaded plugin was not activated.
+#[derive(Debug, thiserror::Error)]
+pub enum PutPluginError {
+    /// Not a usable plugin: not wasm, a core module, another world, a bad
+    /// `info()`. The previous versions keep serving.
+    #[error("{0}")]
+    Invalid(crate::plugin::PluginError),
+    #[error("the component's info() names it `{actual}`, not `{expected}`")]
+    WrongName { expected: String, actual: String },
+    #[error(
+        "{name} {version} is already loaded with another digest (sha256:{digest}): bump the version, or DELETE it first"
+    )]
+    Conflict {
+        name: String,
+        version: String,
+        digest: String,
+    },
+    #[error("{0}")]
+    Save(String),
+}
+
 /// Why a run could not be cancelled.
 #[derive(Debug, thiserror::Error)]
 pub enum CancelError {
@@ -186,6 +207,12 @@ struct Inner {
     workflows: RwLock<BTreeMap<String, WorkflowEntry>>,
     /// Where `PUT /v1/workflows/{name}` writes: the first workflow dir.
     workflow_dir: Option<PathBuf>,
+    /// Where `PUT /v1/plugins/{name}` writes: the first plugin dir.
+    plugin_dir: Option<PathBuf>,
+    /// Every plugin build this service has run, by digest
+    /// (`<data dir>/plugins/<hex>.wasm`): a run resumed after a restart gets
+    /// the exact bytes it started with, even if the plugin was replaced.
+    blobs: PathBuf,
     active: Mutex<HashMap<String, Arc<ActiveRun>>>,
     /// Set when the service shuts down: no new runs start.
     closing: CancellationToken,
@@ -202,7 +229,7 @@ impl Service {
             source,
         })?;
         let engine = Engine::new()?;
-        let mut registry =
+        let registry =
             PluginRegistry::new(engine)?.with_cache(CodeCache::new(config.data_dir.join("cache")));
         let report = registry.load_dirs(&config.plugin_dirs).await;
         for (path, err) in &report.errors {
@@ -232,10 +259,22 @@ impl Service {
                 registry,
                 workflows: RwLock::new(BTreeMap::new()),
                 workflow_dir: config.workflow_dirs.first().cloned(),
+                plugin_dir: config.plugin_dirs.first().cloned(),
+                blobs: config.data_dir.join("plugins"),
                 active: Mutex::new(HashMap::new()),
                 closing: CancellationToken::new(),
             }),
         };
+        for plugin in service.inner.registry.list() {
+            if let Some(path) = &plugin.path {
+                match std::fs::read(path) {
+                    Ok(bytes) => service.keep_blob(&plugin, &bytes),
+                    Err(err) => {
+                        tracing::warn!(path = %path.display(), error = %err, "cannot keep a copy of the plugin")
+                    }
+                }
+            }
+        }
         for dir in &config.workflow_dirs {
             service.load_workflow_dir(dir);
         }
@@ -344,7 +383,109 @@ impl Service {
     }
 
     pub fn plugins(&self) -> Vec<Arc<Plugin>> {
-        self.inner.registry.iter().cloned().collect()
+        self.inner.registry.list()
+    }
+
+    /// Stores the bytes of a plugin build by digest (once).
+    fn keep_blob(&self, plugin: &Plugin, bytes: &[u8]) {
+        let path = self.inner.blobs.join(format!("{}.wasm", plugin.digest));
+        if !path.exists()
+            && let Err(err) = write_atomically(&self.inner.blobs, &path, bytes)
+        {
+            tracing::warn!(path = %path.display(), error = %err, "cannot keep a copy of the plugin");
+        }
+    }
+
+    /// Validates and activates an uploaded plugin: compiled, checked against
+    /// the world, `info()` answered, then written to the plugin dir and made
+    /// visible. New runs use it at once; runs in flight keep what they have.
+    pub async fn put_plugin(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(Arc<Plugin>, bool), PutPluginError> {
+        let registry = &self.inner.registry;
+        let plugin = registry
+            .compile(&bytes, None)
+            .await
+            .map_err(PutPluginError::Invalid)?;
+        if plugin.name != name {
+            return Err(PutPluginError::WrongName {
+                expected: name.to_string(),
+                actual: plugin.name,
+            });
+        }
+        if let Ok(existing) = registry.resolve(&format!("{name}@{}", plugin.version)) {
+            if existing.digest == plugin.digest {
+                return Ok((existing, false));
+            }
+            return Err(PutPluginError::Conflict {
+                name: name.to_string(),
+                version: plugin.version.to_string(),
+                digest: existing.digest.clone(),
+            });
+        }
+        self.keep_blob(&plugin, &bytes);
+        let mut plugin = plugin;
+        if let Some(dir) = &self.inner.plugin_dir {
+            let file = dir.join(format!("{name}-{}.wasm", plugin.version));
+            write_atomically(dir, &file, &bytes).map_err(|e| {
+                PutPluginError::Save(format!("cannot write {}: {e}", file.display()))
+            })?;
+            plugin.path = Some(file);
+        }
+        let plugin = registry.insert(plugin).map_err(PutPluginError::Invalid)?;
+        tracing::info!(plugin = %plugin.label(), digest = %plugin.digest, "plugin activated");
+        Ok((plugin, true))
+    }
+
+    /// Removes every version of `name`, or one; their files go too. Runs in
+    /// flight that use them finish with them.
+    pub fn delete_plugin(&self, name: &str, version: Option<&semver::Version>) -> Vec<Arc<Plugin>> {
+        let removed = self.inner.registry.remove(name, version);
+        for plugin in &removed {
+            if let Some(path) = &plugin.path
+                && let Err(err) = std::fs::remove_file(path)
+            {
+                tracing::warn!(path = %path.display(), error = %err, "cannot delete the plugin file");
+            }
+            tracing::info!(plugin = %plugin.label(), "plugin removed");
+        }
+        removed
+    }
+
+    /// Makes the builds that unfinished runs were pinned to resolvable again,
+    /// from the kept copies, when the plugin dirs no longer have them.
+    async fn restore_pinned(&self, runs: &[crate::store::UnfinishedRun]) {
+        let registry = &self.inner.registry;
+        let mut wanted = std::collections::BTreeSet::new();
+        for run in runs {
+            for step in &run.record.steps {
+                if let Some(digest) = step
+                    .plugin_digest
+                    .as_deref()
+                    .and_then(|d| d.strip_prefix("sha256:"))
+                {
+                    let name = step.plugin.split('@').next().unwrap_or(&step.plugin);
+                    if registry
+                        .resolve(&format!("{name}@sha256:{digest}"))
+                        .is_err()
+                    {
+                        wanted.insert(digest.to_string());
+                    }
+                }
+            }
+        }
+        for digest in wanted {
+            let path = self.inner.blobs.join(format!("{digest}.wasm"));
+            match registry.load_file(&path).await {
+                Ok(plugin) => {
+                    tracing::info!(plugin = %plugin.label(), digest, "restored a pinned plugin build");
+                    registry.retire(Arc::new(plugin));
+                }
+                Err(err) => tracing::warn!(digest, error = %err, "a pinned plugin build is gone"),
+            }
+        }
     }
 
     /// Accepts a run: durable when this returns, then started.
@@ -372,7 +513,10 @@ impl Service {
         if let Some(schema) = &plan.input_schema {
             schema.validate(&input).map_err(SubmitError::InvalidInput)?;
         }
-        let record = queued_record(&plan, new_run_id(), input);
+        let mut record = queued_record(&plan, new_run_id(), input);
+        // Pinned before it is stored: a restart resumes it with these builds.
+        // A plugin gone since the workflow loaded fails the run when it starts.
+        let _ = self.inner.executor.pin(&plan, &mut record);
         // Registered before it is stored, so an event subscriber or a cancel
         // that sees it stored also finds it here.
         let active = Arc::new(ActiveRun::new(record.clone()));
@@ -438,9 +582,28 @@ impl Service {
         if !unfinished.is_empty() {
             tracing::info!(runs = unfinished.len(), "resuming unfinished runs");
         }
+        self.restore_pinned(&unfinished).await;
         for run in unfinished {
             let name = run.record.workflow.clone();
-            let entry = self.plan(&run.workflow_source, &run.workflow_file, &name);
+            let entry = match workflow::parse_str(
+                &run.workflow_source,
+                &run.workflow_file,
+                &name,
+                &PinnedCatalog(&self.inner.registry),
+            ) {
+                Ok(plan) => WorkflowEntry {
+                    name: name.clone(),
+                    file: run.workflow_file.clone(),
+                    source: run.workflow_source.clone(),
+                    plan: Ok(Arc::new(plan)),
+                },
+                Err(diagnostics) => WorkflowEntry {
+                    name: name.clone(),
+                    file: run.workflow_file.clone(),
+                    source: run.workflow_source.clone(),
+                    plan: Err(Arc::new(diagnostics)),
+                },
+            };
             let active = Arc::new(ActiveRun::new(run.record.clone()));
             self.inner
                 .active
@@ -736,6 +899,24 @@ impl RunObserver for ActiveRun {
                 }
             },
         );
+    }
+}
+
+/// The catalog a resumed run is planned against: the loaded plugins and the
+/// retired builds that runs are pinned to.
+struct PinnedCatalog<'a>(&'a PluginRegistry);
+
+impl workflow::PluginCatalog for PinnedCatalog<'_> {
+    fn check(&self, reference: &str) -> Result<(), String> {
+        let name = reference.split('@').next().unwrap_or(reference);
+        if self.0.resolve(reference).is_ok() || self.0.has_retired(name) {
+            Ok(())
+        } else {
+            self.0
+                .resolve(reference)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
     }
 }
 

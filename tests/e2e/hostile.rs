@@ -181,7 +181,7 @@ fn the_next_run_in_the_same_process_succeeds() {
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let mut registry = PluginRegistry::new(Engine::new().unwrap()).unwrap();
+        let registry = PluginRegistry::new(Engine::new().unwrap()).unwrap();
         let report = registry.load_dirs(&[FIXTURE_PLUGINS.into()]).await;
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         let registry = Arc::new(registry);

@@ -8,6 +8,7 @@ mod support;
 mod cli;
 mod examples;
 mod hostile;
+mod hotswap;
 mod limits;
 mod recovery;
 mod retries;

@@ -187,22 +187,34 @@ impl Serve {
     pub fn in_dir(dir: tempfile::TempDir) -> Serve {
         let data = dir.path().join("data");
         let workflows = dir.path().join("workflows");
-        let args = [
+        let mut args: Vec<String> = [
             "serve",
             "--bind",
             "127.0.0.1:0",
             "--data-dir",
             data.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // A server's own plugin dir (see `own_plugin_dir`) comes first.
+        let own = dir.path().join("plugins");
+        if own.is_dir() {
+            args.extend(["--plugin-dir".to_owned(), own.to_str().unwrap().to_owned()]);
+        }
+        for arg in [
             "--plugin-dir",
             EXAMPLE_PLUGINS,
             "--plugin-dir",
             FIXTURE_PLUGINS,
             "--workflow-dir",
-            workflows.to_str().unwrap(),
-        ];
+        ] {
+            args.push(arg.to_owned());
+        }
+        args.push(workflows.to_str().unwrap().to_owned());
         Serve {
             dir,
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args,
             envs: Vec::new(),
         }
     }
@@ -210,6 +222,24 @@ impl Serve {
     /// Writes `workflows/<file>`.
     pub fn workflow(self, file: &str, text: &str) -> Serve {
         std::fs::write(self.dir.path().join("workflows").join(file), text).unwrap();
+        self
+    }
+
+    /// Puts a plugin dir of this server's own first (where uploads are
+    /// written), holding copies of `files`; returns the builder.
+    pub fn own_plugin_dir(mut self, files: &[&Path]) -> Serve {
+        let dir = self.dir.path().join("plugins");
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in files {
+            std::fs::copy(file, dir.join(file.file_name().unwrap())).unwrap();
+        }
+        let flag = self
+            .args
+            .iter()
+            .position(|arg| arg == "--plugin-dir")
+            .unwrap();
+        self.args.insert(flag, dir.to_str().unwrap().to_owned());
+        self.args.insert(flag, "--plugin-dir".to_owned());
         self
     }
 

@@ -65,6 +65,12 @@ pub enum ApiError {
         message: String,
         diagnostics: Diagnostics,
     },
+    /// 422 `invalid_plugin`: an uploaded component is not a usable plugin.
+    #[error("{0}")]
+    InvalidPlugin(String),
+    /// 409 `plugin_conflict`: that name and version exist with other bytes.
+    #[error("{0}")]
+    PluginConflict(String),
     /// 503 `unavailable`: the server is shutting down.
     #[error("the server is shutting down and accepts no new runs")]
     ShuttingDown,
@@ -90,12 +96,14 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::RunFinished { .. } | ApiError::WorkflowInvalid { .. } => StatusCode::CONFLICT,
+            ApiError::RunFinished { .. }
+            | ApiError::WorkflowInvalid { .. }
+            | ApiError::PluginConflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::InvalidInput(_) | ApiError::InvalidWorkflow { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            ApiError::InvalidInput(_)
+            | ApiError::InvalidWorkflow { .. }
+            | ApiError::InvalidPlugin(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -115,6 +123,8 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::InvalidInput(_) => "invalid_input",
             ApiError::InvalidWorkflow { .. } => "invalid_workflow",
+            ApiError::InvalidPlugin(_) => "invalid_plugin",
+            ApiError::PluginConflict(_) => "plugin_conflict",
             ApiError::ShuttingDown => "unavailable",
             ApiError::Internal(_) => "internal",
         }

@@ -74,6 +74,27 @@ impl FromRequest<AppState> for TomlBody {
     }
 }
 
+/// A WebAssembly component (`application/wasm`, `application/octet-stream`,
+/// or no `Content-Type`).
+#[derive(Debug)]
+pub struct WasmBody(pub Vec<u8>);
+
+impl FromRequest<AppState> for WasmBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(media_type) = media_type(request.headers())?
+            && media_type != "application/wasm"
+            && media_type != "application/octet-stream"
+        {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "the body must be a WebAssembly component (`Content-Type: application/wasm`), not `{media_type}`"
+            )));
+        }
+        Ok(WasmBody(body(request, state).await?.to_vec()))
+    }
+}
+
 /// The body, at most the configured `max_body` bytes (else 413).
 async fn body(request: Request, state: &AppState) -> Result<Bytes, ApiError> {
     Bytes::from_request(request, state)

@@ -35,7 +35,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +66,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/workflows/{name}"),
     ("PUT", "/v1/workflows/{name}"),
     ("GET", "/v1/plugins"),
+    ("PUT", "/v1/plugins/{name}"),
+    ("DELETE", "/v1/plugins/{name}"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),
@@ -152,6 +154,10 @@ fn build(service: Service, config: ApiConfig, stop: CancellationToken) -> Router
             get(workflows::get_workflow).put(workflows::put_workflow),
         )
         .route("/v1/plugins", get(workflows::list_plugins))
+        .route(
+            "/v1/plugins/{name}",
+            put(workflows::put_plugin).delete(workflows::delete_plugin),
+        )
         .route(OPEN_ROUTE, get(system::healthz))
         .route("/metrics", get(system::metrics))
         .route("/v1/openapi.json", get(system::openapi))

@@ -23,6 +23,8 @@ use super::{runs, system, workflows};
         workflows::get_workflow,
         workflows::put_workflow,
         workflows::list_plugins,
+        workflows::put_plugin,
+        workflows::delete_plugin,
         system::healthz,
         system::metrics,
         system::openapi,

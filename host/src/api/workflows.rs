@@ -6,9 +6,9 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::extract::{ApiPath, TomlBody};
+use super::extract::{ApiPath, TomlBody, WasmBody};
 use super::{ApiError, AppState};
-use crate::service::{PutWorkflowError, WorkflowEntry};
+use crate::service::{PutPluginError, PutWorkflowError, WorkflowEntry};
 use crate::workflow::{Diagnostic, Diagnostics};
 
 /// The longest workflow name the API takes in a URL.
@@ -271,26 +271,118 @@ pub struct PluginList {
     responses((status = 200, description = "Every loaded plugin", body = PluginList)),
 )]
 pub async fn list_plugins(State(state): State<AppState>) -> Json<PluginList> {
+    let mut loaded = state.service.plugins();
+    loaded.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+    let plugins = loaded.iter().map(|plugin| plugin_summary(plugin)).collect();
+    Json(PluginList { plugins })
+}
+
+fn plugin_summary(plugin: &crate::plugin::Plugin) -> PluginSummary {
     let schema = |text: &Option<String>| {
         text.as_deref()
             .and_then(|text| serde_json::from_str::<Value>(text).ok())
     };
-    let mut loaded = state.service.plugins();
-    loaded.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
-    let plugins = loaded
-        .iter()
-        .map(|plugin| PluginSummary {
-            name: plugin.name.clone(),
-            version: plugin.version.to_string(),
-            digest: format!("sha256:{}", plugin.digest),
-            description: plugin.description.clone(),
-            size: plugin.size,
-            input_schema: schema(&plugin.input_schema),
-            output_schema: schema(&plugin.output_schema),
-            imports: plugin.imports.clone(),
-        })
-        .collect();
-    Json(PluginList { plugins })
+    PluginSummary {
+        name: plugin.name.clone(),
+        version: plugin.version.to_string(),
+        digest: format!("sha256:{}", plugin.digest),
+        description: plugin.description.clone(),
+        size: plugin.size,
+        input_schema: schema(&plugin.input_schema),
+        output_schema: schema(&plugin.output_schema),
+        imports: plugin.imports.clone(),
+    }
+}
+
+/// Upload a plugin: compiled and checked against the `trellis:plugin/task`
+/// world (its imports, its exports, an `info()` that answers) before it
+/// becomes visible; new runs use it at once, runs in flight keep theirs.
+#[utoipa::path(
+    put,
+    path = "/v1/plugins/{name}",
+    tag = "plugins",
+    params(("name" = String, Path, description = "The name the component's info() must give")),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The component"),
+    responses(
+        (status = 201, description = "Activated", body = PluginSummary),
+        (status = 200, description = "The same build was already loaded", body = PluginSummary),
+        (status = 409, description = "That name and version are loaded with other bytes", body = super::ErrorBody),
+        (status = 413, description = "Larger than max_body", body = super::ErrorBody),
+        (status = 415, description = "Not application/wasm", body = super::ErrorBody),
+        (status = 422, description = "Not a usable plugin (the reason says why); the loaded versions keep serving", body = super::ErrorBody),
+    ),
+)]
+pub async fn put_plugin(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    WasmBody(bytes): WasmBody,
+) -> Result<(axum::http::StatusCode, Json<PluginSummary>), ApiError> {
+    check_name(&name)?;
+    match state.service.put_plugin(&name, bytes).await {
+        Ok((plugin, created)) => {
+            let status = if created {
+                axum::http::StatusCode::CREATED
+            } else {
+                axum::http::StatusCode::OK
+            };
+            Ok((status, Json(plugin_summary(&plugin))))
+        }
+        Err(PutPluginError::Save(message)) => Err(ApiError::Internal(message)),
+        Err(err @ PutPluginError::Conflict { .. }) => {
+            Err(ApiError::PluginConflict(err.to_string()))
+        }
+        Err(err) => Err(ApiError::InvalidPlugin(format!(
+            "not a usable plugin: {err}"
+        ))),
+    }
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct DeleteQuery {
+    /// Only this version (default: every version).
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Removed {
+    pub removed: Vec<PluginSummary>,
+}
+
+/// Remove a plugin (every version, or `?version=`). Runs in flight that use
+/// it finish with it.
+#[utoipa::path(
+    delete,
+    path = "/v1/plugins/{name}",
+    tag = "plugins",
+    params(("name" = String, Path, description = "Plugin name"), DeleteQuery),
+    responses(
+        (status = 200, description = "Removed", body = Removed),
+        (status = 400, description = "Bad version", body = super::ErrorBody),
+        (status = 404, description = "No such plugin or version", body = super::ErrorBody),
+    ),
+)]
+pub async fn delete_plugin(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    axum::extract::Query(query): axum::extract::Query<DeleteQuery>,
+) -> Result<Json<Removed>, ApiError> {
+    check_name(&name)?;
+    let version = match &query.version {
+        Some(text) => Some(semver::Version::parse(text).map_err(|e| {
+            ApiError::InvalidRequest(format!("`version` {text:?} is not a semver version: {e}"))
+        })?),
+        None => None,
+    };
+    let removed = state.service.delete_plugin(&name, version.as_ref());
+    if removed.is_empty() {
+        return Err(ApiError::NotFound(match &query.version {
+            Some(version) => format!("no plugin `{name}` at version {version}"),
+            None => format!("no plugin named `{name}`"),
+        }));
+    }
+    Ok(Json(Removed {
+        removed: removed.iter().map(|p| plugin_summary(p)).collect(),
+    }))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -135,11 +135,17 @@ pub struct LoadReport {
 }
 
 /// The plugins of a process, by name, each name's versions in ascending order.
+///
+/// Plugins come and go while runs use them: a run holds the `Arc<Plugin>` it
+/// resolved, so replacing or removing a plugin never affects a run in flight.
+/// A removed or replaced build stays resolvable by its digest (`retired`), so
+/// a run pinned to it can still go on.
 pub struct PluginRegistry {
     engine: Engine,
     linker: Arc<Linker<StepState>>,
     cache: Option<CodeCache>,
-    plugins: BTreeMap<String, Vec<Arc<Plugin>>>,
+    plugins: RwLock<BTreeMap<String, Vec<Arc<Plugin>>>>,
+    retired: RwLock<BTreeMap<String, Arc<Plugin>>>,
 }
 
 impl std::fmt::Debug for PluginRegistry {
@@ -165,7 +171,8 @@ impl PluginRegistry {
             engine,
             linker: Arc::new(linker),
             cache: None,
-            plugins: BTreeMap::new(),
+            plugins: RwLock::new(BTreeMap::new()),
+            retired: RwLock::new(BTreeMap::new()),
         })
     }
 
@@ -280,7 +287,7 @@ impl PluginRegistry {
     /// Loads every `*.wasm` file in `dirs` (not recursive). A file that is not a
     /// usable plugin is reported and skipped; two files with the same name and
     /// version are an error for the second.
-    pub async fn load_dirs(&mut self, dirs: &[PathBuf]) -> LoadReport {
+    pub async fn load_dirs(&self, dirs: &[PathBuf]) -> LoadReport {
         let mut report = LoadReport::default();
         let mut files = Vec::new();
         for dir in dirs {
@@ -306,7 +313,7 @@ impl PluginRegistry {
         let loads = files.iter().map(|path| self.load_file(path));
         let results = futures::future::join_all(loads).await;
         for (path, result) in files.into_iter().zip(results) {
-            match result.and_then(|plugin| self.insert(plugin)) {
+            match result.and_then(|plugin| self.insert(plugin).map(drop)) {
                 Ok(()) => report.loaded += 1,
                 Err(err) => report.errors.push((path, err)),
             }
@@ -315,8 +322,9 @@ impl PluginRegistry {
     }
 
     /// Adds a plugin; refuses a second one with the same name and version.
-    pub fn insert(&mut self, plugin: Plugin) -> Result<(), PluginError> {
-        let versions = self.plugins.entry(plugin.name.clone()).or_default();
+    pub fn insert(&self, plugin: Plugin) -> Result<Arc<Plugin>, PluginError> {
+        let mut plugins = self.plugins.write().unwrap();
+        let versions = plugins.entry(plugin.name.clone()).or_default();
         if let Some(existing) = versions.iter().find(|p| p.version == plugin.version) {
             let show = |p: &Plugin| {
                 p.path
@@ -331,9 +339,66 @@ impl PluginRegistry {
                 second: show(&plugin),
             });
         }
-        versions.push(Arc::new(plugin));
+        let plugin = Arc::new(plugin);
+        versions.push(plugin.clone());
         versions.sort_by(|a, b| a.version.cmp(&b.version));
-        Ok(())
+        Ok(plugin)
+    }
+
+    /// Adds a plugin, replacing the build with the same name and version if
+    /// there is one (a file that changed); returns the replaced build.
+    pub fn replace(&self, plugin: Plugin) -> (Arc<Plugin>, Option<Arc<Plugin>>) {
+        let mut plugins = self.plugins.write().unwrap();
+        let versions = plugins.entry(plugin.name.clone()).or_default();
+        let replaced = versions
+            .iter()
+            .position(|p| p.version == plugin.version)
+            .map(|at| versions.remove(at));
+        let plugin = Arc::new(plugin);
+        versions.push(plugin.clone());
+        versions.sort_by(|a, b| a.version.cmp(&b.version));
+        drop(plugins);
+        if let Some(old) = &replaced {
+            self.retire(old.clone());
+        }
+        (plugin, replaced)
+    }
+
+    /// Removes every version of `name`, or only `version`; returns what was removed.
+    pub fn remove(&self, name: &str, version: Option<&semver::Version>) -> Vec<Arc<Plugin>> {
+        let mut plugins = self.plugins.write().unwrap();
+        let Some(versions) = plugins.get_mut(name) else {
+            return Vec::new();
+        };
+        let (removed, kept): (Vec<_>, Vec<_>) = versions
+            .drain(..)
+            .partition(|p| version.is_none_or(|v| &p.version == v));
+        *versions = kept;
+        if versions.is_empty() {
+            plugins.remove(name);
+        }
+        drop(plugins);
+        for plugin in &removed {
+            self.retire(plugin.clone());
+        }
+        removed
+    }
+
+    /// Whether a retired build of `name` is kept.
+    pub fn has_retired(&self, name: &str) -> bool {
+        self.retired
+            .read()
+            .unwrap()
+            .values()
+            .any(|p| p.name == name)
+    }
+
+    /// Keeps a build that left the registry resolvable by its digest.
+    pub fn retire(&self, plugin: Arc<Plugin>) {
+        self.retired
+            .write()
+            .unwrap()
+            .insert(plugin.digest.clone(), plugin);
     }
 
     /// `name` (the highest version), `name@1.2.0` or `name@sha256:<hex>`.
@@ -342,7 +407,21 @@ impl PluginRegistry {
             Some((name, pin)) => (name, Some(pin)),
             None => (reference, None),
         };
-        let Some(versions) = self.plugins.get(name) else {
+        let plugins = self.plugins.read().unwrap();
+        if let Some(digest) = pin.and_then(|pin| pin.strip_prefix("sha256:"))
+            && !plugins
+                .get(name)
+                .is_some_and(|versions| versions.iter().any(|p| p.digest == digest))
+            && let Some(retired) = self
+                .retired
+                .read()
+                .unwrap()
+                .get(digest)
+                .filter(|p| p.name == name)
+        {
+            return Ok(retired.clone());
+        }
+        let Some(versions) = plugins.get(name) else {
             if name.is_empty() {
                 return Err(ResolveError::BadReference {
                     reference: reference.to_string(),
@@ -350,7 +429,7 @@ impl PluginRegistry {
             }
             return Err(ResolveError::UnknownName {
                 name: name.to_string(),
-                known: self.plugins.keys().cloned().collect(),
+                known: plugins.keys().cloned().collect(),
             });
         };
         match pin {
@@ -387,8 +466,14 @@ impl PluginRegistry {
     }
 
     /// Every loaded plugin, by name then version.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Plugin>> {
-        self.plugins.values().flatten()
+    pub fn list(&self) -> Vec<Arc<Plugin>> {
+        self.plugins
+            .read()
+            .unwrap()
+            .values()
+            .flatten()
+            .cloned()
+            .collect()
     }
 }
 
