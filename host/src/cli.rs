@@ -233,6 +233,10 @@ async fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    // Plugins and workflows dropped into their dirs are picked up live.
+    if let Err(err) = service.watch() {
+        tracing::warn!(error = %err, "cannot watch the plugin and workflow dirs; changes need a restart");
+    }
     if let Err(err) = crate::api::serve(service, &config, shutdown_signal()).await {
         eprintln!("error: {err:#}");
         return Ok(ExitCode::FAILURE);

@@ -24,6 +24,9 @@ use crate::record::{
 use crate::store::{Created, NewRun, RunPage, RunQuery, SqliteStore, Store, StoreError};
 use crate::workflow::{self, Diagnostics, Plan, SchemaViolation};
 
+/// How long a watched dir must be quiet before it is rescanned.
+const WATCH_QUIET: Duration = Duration::from_millis(250);
+
 /// Events of one run kept for replay; past this, the oldest log events are
 /// dropped (step events are always kept).
 const MAX_REPLAY_LOGS: usize = 10_000;
@@ -209,6 +212,17 @@ struct Inner {
     workflow_dir: Option<PathBuf>,
     /// Where `PUT /v1/plugins/{name}` writes: the first plugin dir.
     plugin_dir: Option<PathBuf>,
+    /// The plugin dirs, watched for files that appear, change or go.
+    plugin_dirs: Vec<PathBuf>,
+    /// The workflow dirs, likewise.
+    workflow_dirs: Vec<PathBuf>,
+    /// Plugin files that are not usable, with the reason (listed by
+    /// `GET /v1/plugins`); the version loaded before stays active.
+    plugin_errors: RwLock<BTreeMap<PathBuf, String>>,
+    /// Serialises rescans of the watched dirs.
+    rescan: tokio::sync::Mutex<()>,
+    /// Kept alive while the service runs.
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
     /// Every plugin build this service has run, by digest
     /// (`<data dir>/plugins/<hex>.wasm`): a run resumed after a restart gets
     /// the exact bytes it started with, even if the plugin was replaced.
@@ -232,6 +246,7 @@ impl Service {
         let registry =
             PluginRegistry::new(engine)?.with_cache(CodeCache::new(config.data_dir.join("cache")));
         let report = registry.load_dirs(&config.plugin_dirs).await;
+        let report = report;
         for (path, err) in &report.errors {
             tracing::warn!(path = %path.display(), error = %err, "plugin not loaded");
         }
@@ -260,6 +275,17 @@ impl Service {
                 workflows: RwLock::new(BTreeMap::new()),
                 workflow_dir: config.workflow_dirs.first().cloned(),
                 plugin_dir: config.plugin_dirs.first().cloned(),
+                plugin_dirs: config.plugin_dirs.clone(),
+                workflow_dirs: config.workflow_dirs.clone(),
+                plugin_errors: RwLock::new(
+                    report
+                        .errors
+                        .iter()
+                        .map(|(path, err)| (path.clone(), err.to_string()))
+                        .collect(),
+                ),
+                rescan: tokio::sync::Mutex::new(()),
+                watcher: Mutex::new(None),
                 blobs: config.data_dir.join("plugins"),
                 active: Mutex::new(HashMap::new()),
                 closing: CancellationToken::new(),
@@ -384,6 +410,194 @@ impl Service {
 
     pub fn plugins(&self) -> Vec<Arc<Plugin>> {
         self.inner.registry.list()
+    }
+
+    /// Watches the plugin and workflow dirs: a file that appears, changes or
+    /// goes is picked up after the dir has been quiet for a moment
+    /// (debounced), validated first, and activated only if valid.
+    pub fn watch(&self) -> Result<(), notify::Error> {
+        use notify::Watcher;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+                    let _ = tx.send(());
+                }
+            })?;
+        for dir in self
+            .inner
+            .plugin_dirs
+            .iter()
+            .chain(&self.inner.workflow_dirs)
+        {
+            if dir.is_dir() {
+                watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+            }
+        }
+        *self.inner.watcher.lock().unwrap() = Some(watcher);
+        let service = self.clone();
+        tokio::spawn(async move {
+            while rx.recv().await.is_some() {
+                // Debounce: a copy or an editor's save is several events.
+                while let Ok(Some(())) = tokio::time::timeout(WATCH_QUIET, rx.recv()).await {}
+                service.rescan().await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Brings plugins and workflows in line with the files in their dirs.
+    pub async fn rescan(&self) {
+        let _one_at_a_time = self.inner.rescan.lock().await;
+        self.rescan_plugins().await;
+        self.rescan_workflows();
+    }
+
+    async fn rescan_plugins(&self) {
+        let registry = &self.inner.registry;
+        let watched = |path: &Path| {
+            self.inner
+                .plugin_dirs
+                .iter()
+                .any(|dir| path.parent() == Some(dir.as_path()))
+        };
+        let mut current: BTreeMap<PathBuf, Arc<Plugin>> = registry
+            .list()
+            .into_iter()
+            .filter_map(|p| {
+                p.path
+                    .clone()
+                    .filter(|path| watched(path))
+                    .map(|path| (path, p))
+            })
+            .collect();
+        let mut files = Vec::new();
+        for dir in &self.inner.plugin_dirs {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                files.extend(
+                    entries
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.extension().is_some_and(|e| e == "wasm") && p.is_file()),
+                );
+            }
+        }
+        files.sort();
+        let mut errors = BTreeMap::new();
+        for path in files {
+            let old = current.remove(&path);
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            if old.as_ref().is_some_and(|old| old.digest == digest) {
+                continue;
+            }
+            if old.is_none() && self.inner.plugin_errors.read().unwrap().contains_key(&path) {
+                // Known bad, unless it changed: try again below only if so.
+                if registry.list().iter().any(|p| p.digest == digest) {
+                    continue;
+                }
+            }
+            match registry.compile(&bytes, Some(path.clone())).await {
+                Ok(plugin) => {
+                    let label = plugin.label();
+                    self.keep_blob(&plugin, &bytes);
+                    if let Some(old) = &old {
+                        registry.remove(&old.name, Some(&old.version));
+                    }
+                    match registry.insert(plugin) {
+                        Ok(_) => {
+                            tracing::info!(path = %path.display(), plugin = %label, digest, "plugin activated")
+                        }
+                        Err(err) => {
+                            tracing::warn!(path = %path.display(), error = %err, "plugin not activated");
+                            errors.insert(path, err.to_string());
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), error = %err, "plugin refused; the loaded version stays");
+                    errors.insert(path, err.to_string());
+                }
+            }
+        }
+        for (path, gone) in current {
+            registry.remove(&gone.name, Some(&gone.version));
+            tracing::info!(path = %path.display(), plugin = %gone.label(), "plugin file removed: plugin removed");
+        }
+        *self.inner.plugin_errors.write().unwrap() = errors;
+    }
+
+    fn rescan_workflows(&self) {
+        let mut seen = std::collections::BTreeSet::new();
+        for dir in &self.inner.workflow_dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect();
+            files.sort();
+            for path in files {
+                let file = path.display().to_string();
+                seen.insert(file.clone());
+                let Ok(source) = std::fs::read_to_string(&path) else {
+                    continue;
+                };
+                let unchanged = self
+                    .workflows()
+                    .iter()
+                    .any(|w| w.file == file && w.source == source);
+                if unchanged {
+                    continue;
+                }
+                let stem = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("workflow")
+                    .to_string();
+                let entry = self.plan(&source, &file, &stem);
+                let mut workflows = self.inner.workflows.write().unwrap();
+                match &entry.plan {
+                    Ok(_) => {
+                        tracing::info!(workflow = %entry.name, file, "workflow loaded");
+                        workflows.insert(entry.name.clone(), entry);
+                    }
+                    Err(diagnostics) => {
+                        let keeps_valid =
+                            workflows.get(&entry.name).is_some_and(|w| w.plan.is_ok());
+                        tracing::warn!(workflow = %entry.name, "workflow refused{}:\n{diagnostics}",
+                            if keeps_valid { "; the loaded version stays" } else { "" });
+                        if !keeps_valid {
+                            workflows.insert(entry.name.clone(), entry);
+                        }
+                    }
+                }
+            }
+        }
+        let dirs: Vec<&PathBuf> = self.inner.workflow_dirs.iter().collect();
+        self.inner.workflows.write().unwrap().retain(|name, entry| {
+            let in_watched = dirs
+                .iter()
+                .any(|dir| Path::new(&entry.file).parent() == Some(dir.as_path()));
+            let keep = !in_watched || seen.contains(&entry.file);
+            if !keep {
+                tracing::info!(workflow = %name, "workflow file removed: workflow removed");
+            }
+            keep
+        });
+    }
+
+    /// Plugin files that could not be loaded, with the reason.
+    pub fn plugin_errors(&self) -> Vec<(PathBuf, String)> {
+        self.inner
+            .plugin_errors
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect()
     }
 
     /// Stores the bytes of a plugin build by digest (once).

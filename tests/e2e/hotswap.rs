@@ -225,3 +225,123 @@ fn a_run_pinned_to_a_removed_build_resumes_with_it_after_a_crash() {
     assert_eq!(run["output"], json!({ "version": "1.0.0", "n": 3 }));
     assert_eq!(version_now(&server), "2.0.0");
 }
+
+/// Polls `GET /v1/plugins` until `check` holds (the watcher debounces).
+fn until_plugins(server: &Server, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let list = server.get("/v1/plugins").json();
+        if check(&list) {
+            return list;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never happened: {list:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn has_version(list: &Value, version: &str) -> bool {
+    list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "versioned" && p["version"] == version)
+}
+
+#[test]
+fn a_file_dropped_in_the_plugin_dir_swaps_the_plugin_under_load() {
+    let server = Serve::new()
+        .own_plugin_dir(&[&swap("versioned-v1")])
+        .workflow("versioned.toml", VERSIONED)
+        .start();
+    let before: Vec<String> = (0..100)
+        .map(|n| start(&server, n, 300 + (n as u64 * 7) % 400))
+        .collect();
+    let dir = server.plugin_dir();
+    std::fs::copy(swap("versioned-v2"), dir.join("versioned-v2.wasm")).unwrap();
+    until_plugins(&server, "2.0.0 activated", |list| {
+        has_version(list, "2.0.0")
+    });
+    let after: Vec<String> = (100..120).map(|n| start(&server, n, 10)).collect();
+    for (n, id) in before.iter().enumerate() {
+        let run = server.wait_for_run(id);
+        assert_eq!(
+            run["output"],
+            json!({ "version": "1.0.0", "n": n }),
+            "run {n}: {run:#}"
+        );
+    }
+    for (n, id) in after.iter().enumerate() {
+        let run = server.wait_for_run(id);
+        assert_eq!(run["output"], json!({ "version": "2.0.0", "n": n + 100 }));
+    }
+
+    // A bad file is refused and listed; what was loaded keeps serving.
+    std::fs::write(dir.join("garbage.wasm"), b"not wasm at all").unwrap();
+    std::fs::copy(swap("other-world"), dir.join("versioned-v2.wasm")).unwrap();
+    let list = until_plugins(&server, "the bad files listed", |list| {
+        list["errors"].as_array().unwrap().len() == 2
+    });
+    let errors = list["errors"].to_string();
+    assert!(errors.contains("not a WebAssembly file"), "{errors}");
+    assert!(
+        errors.contains("does not implement the trellis:plugin/task world"),
+        "{errors}"
+    );
+    assert!(
+        has_version(&list, "2.0.0"),
+        "the loaded 2.0.0 stays: {list:#}"
+    );
+    assert_eq!(version_now(&server), "2.0.0");
+
+    // A file that goes takes its plugin with it.
+    std::fs::remove_file(dir.join("versioned-v2.wasm")).unwrap();
+    until_plugins(&server, "2.0.0 removed", |list| !has_version(list, "2.0.0"));
+    assert_eq!(version_now(&server), "1.0.0");
+}
+
+#[test]
+fn workflow_files_are_picked_up_and_a_bad_edit_keeps_the_old_version() {
+    let server = Serve::new().start();
+    let dir = server.workflow_dir();
+    let trigger = |word: &str| {
+        server.post(
+            "/v1/workflows/live/runs?wait=30s",
+            &format!(r#"{{"word": "{word}"}}"#),
+        )
+    };
+    let wait_until = |what: &str, check: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !check() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} never happened"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    std::fs::write(
+        dir.join("live.toml"),
+        "[[step]]\nid = \"a\"\nplugin = \"noop\"\ninput = \"{{ input.word }}\"\n",
+    )
+    .unwrap();
+    wait_until("live.toml loaded", &|| trigger("one").status == 200);
+    assert_eq!(trigger("one").json()["output"], json!({ "a": "one" }));
+
+    std::fs::write(
+        dir.join("live.toml"),
+        "[[step]]\nid = \"a\"\nplugin = \"no-such-plugin\"\n",
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert_eq!(
+        trigger("two").json()["output"],
+        json!({ "a": "two" }),
+        "the valid version stays"
+    );
+
+    std::fs::remove_file(dir.join("live.toml")).unwrap();
+    wait_until("live.toml removed", &|| trigger("three").status == 404);
+}

@@ -501,6 +501,16 @@ impl Server {
         }
     }
 
+    /// The server's own plugin dir (see [`Serve::own_plugin_dir`]).
+    pub fn plugin_dir(&self) -> PathBuf {
+        self._dir.path().join("plugins")
+    }
+
+    /// The server's workflow dir.
+    pub fn workflow_dir(&self) -> PathBuf {
+        self._dir.path().join("workflows")
+    }
+
     /// Kills the process with SIGKILL (no chance to clean up) and hands back
     /// its directory, to start a new server on the same data.
     pub fn crash(mut self) -> tempfile::TempDir {

@@ -261,6 +261,15 @@ pub struct PluginSummary {
 pub struct PluginList {
     /// By name, then version.
     pub plugins: Vec<PluginSummary>,
+    /// Files in the plugin dirs that are not usable plugins, with the reason
+    /// (the version loaded before, if any, stays active).
+    pub errors: Vec<PluginFileError>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PluginFileError {
+    pub file: String,
+    pub message: String,
 }
 
 /// The loaded plugins.
@@ -274,7 +283,16 @@ pub async fn list_plugins(State(state): State<AppState>) -> Json<PluginList> {
     let mut loaded = state.service.plugins();
     loaded.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
     let plugins = loaded.iter().map(|plugin| plugin_summary(plugin)).collect();
-    Json(PluginList { plugins })
+    let errors = state
+        .service
+        .plugin_errors()
+        .into_iter()
+        .map(|(file, message)| PluginFileError {
+            file: file.display().to_string(),
+            message,
+        })
+        .collect();
+    Json(PluginList { plugins, errors })
 }
 
 fn plugin_summary(plugin: &crate::plugin::Plugin) -> PluginSummary {
