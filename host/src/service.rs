@@ -246,7 +246,6 @@ impl Service {
         let registry =
             PluginRegistry::new(engine)?.with_cache(CodeCache::new(config.data_dir.join("cache")));
         let report = registry.load_dirs(&config.plugin_dirs).await;
-        let report = report;
         for (path, err) in &report.errors {
             tracing::warn!(path = %path.display(), error = %err, "plugin not loaded");
         }
