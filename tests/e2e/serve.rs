@@ -40,6 +40,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/workflows/{name}"),
     ("PUT", "/v1/workflows/{name}"),
     ("GET", "/v1/plugins"),
+    ("PUT", "/v1/plugins/{name}"),
+    ("DELETE", "/v1/plugins/{name}"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),
