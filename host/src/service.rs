@@ -300,49 +300,9 @@ impl Service {
                 }
             }
         }
-        for dir in &config.workflow_dirs {
-            service.load_workflow_dir(dir);
-        }
+        service.rescan_workflows();
         service.recover().await?;
         Ok(service)
-    }
-
-    fn load_workflow_dir(&self, dir: &Path) {
-        let entries = match std::fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(err) => {
-                tracing::warn!(dir = %dir.display(), error = %err, "cannot read the workflow dir");
-                return;
-            }
-        };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-            .collect();
-        files.sort();
-        for path in files {
-            let source = match std::fs::read_to_string(&path) {
-                Ok(source) => source,
-                Err(err) => {
-                    tracing::warn!(path = %path.display(), error = %err, "cannot read the workflow");
-                    continue;
-                }
-            };
-            let stem = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("workflow")
-                .to_string();
-            let entry = self.plan(&source, &path.display().to_string(), &stem);
-            if let Err(diagnostics) = &entry.plan {
-                tracing::warn!(workflow = %entry.name, "workflow has errors:\n{diagnostics}");
-            }
-            self.inner
-                .workflows
-                .write()
-                .unwrap()
-                .insert(entry.name.clone(), entry);
-        }
     }
 
     fn plan(&self, source: &str, file: &str, default_name: &str) -> WorkflowEntry {
@@ -470,17 +430,12 @@ impl Service {
                     .map(|path| (path, p))
             })
             .collect();
-        let mut files = Vec::new();
-        for dir in &self.inner.plugin_dirs {
-            if let Ok(entries) = std::fs::read_dir(dir) {
-                files.extend(
-                    entries
-                        .filter_map(|e| e.ok().map(|e| e.path()))
-                        .filter(|p| p.extension().is_some_and(|e| e == "wasm") && p.is_file()),
-                );
-            }
-        }
-        files.sort();
+        let files: Vec<PathBuf> = self
+            .inner
+            .plugin_dirs
+            .iter()
+            .flat_map(|dir| files_with_extension(dir, "wasm"))
+            .collect();
         let mut errors = BTreeMap::new();
         for path in files {
             let old = current.remove(&path);
@@ -530,15 +485,7 @@ impl Service {
     fn rescan_workflows(&self) {
         let mut seen = std::collections::BTreeSet::new();
         for dir in &self.inner.workflow_dirs {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                continue;
-            };
-            let mut files: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-                .collect();
-            files.sort();
-            for path in files {
+            for path in files_with_extension(dir, "toml") {
                 let file = path.display().to_string();
                 seen.insert(file.clone());
                 let Ok(source) = std::fs::read_to_string(&path) else {
@@ -934,6 +881,24 @@ impl Service {
     pub fn close(&self) {
         self.inner.closing.cancel();
     }
+}
+
+/// The files of `dir` (not recursive) whose extension is `extension`, sorted;
+/// none (with a warning) if the dir cannot be read.
+fn files_with_extension(dir: &Path, extension: &str) -> Vec<PathBuf> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) => {
+            tracing::warn!(dir = %dir.display(), error = %err, "cannot read the dir");
+            return Vec::new();
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == extension) && p.is_file())
+        .collect();
+    files.sort();
+    files
 }
 
 fn is_terminal(status: RunStatus) -> bool {
