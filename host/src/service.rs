@@ -290,8 +290,12 @@ impl Service {
                 closing: CancellationToken::new(),
             }),
         };
+        // A copy of every build a run may pin; read again only when there is
+        // none yet (a warm start reads nothing).
         for plugin in service.inner.registry.list() {
-            if let Some(path) = &plugin.path {
+            if let Some(path) = &plugin.path
+                && !service.blob_path(&plugin.digest).exists()
+            {
                 match std::fs::read(path) {
                     Ok(bytes) => service.keep_blob(&plugin, &bytes),
                     Err(err) => {
@@ -547,8 +551,13 @@ impl Service {
     }
 
     /// Stores the bytes of a plugin build by digest (once).
+    /// Where the kept copy of the build with this sha256 (hex) lives.
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        self.inner.blobs.join(format!("{digest}.wasm"))
+    }
+
     fn keep_blob(&self, plugin: &Plugin, bytes: &[u8]) {
-        let path = self.inner.blobs.join(format!("{}.wasm", plugin.digest));
+        let path = self.blob_path(&plugin.digest);
         if !path.exists()
             && let Err(err) = write_atomically(&self.inner.blobs, &path, bytes)
         {
@@ -637,7 +646,7 @@ impl Service {
             }
         }
         for digest in wanted {
-            let path = self.inner.blobs.join(format!("{digest}.wasm"));
+            let path = self.blob_path(&digest);
             match registry.load_file(&path).await {
                 Ok(plugin) => {
                     tracing::info!(plugin = %plugin.label(), digest, "restored a pinned plugin build");
@@ -729,7 +738,7 @@ impl Service {
                 store: Some(service.inner.store.clone()),
             };
             let record = service.inner.executor.execute(plan, record, options).await;
-            crate::telemetry::run_finished(&record.workflow, status_label(record.status));
+            crate::telemetry::run_finished(&record.workflow, record.status.as_str());
             active.finish(record.clone());
             service.inner.active.lock().unwrap().remove(&record.id);
         };
@@ -828,7 +837,7 @@ impl Service {
                 .store
                 .get_run(id)
                 .await?
-                .filter(|r| is_terminal(r.status))),
+                .filter(|r| r.status.is_terminal())),
         }
     }
 
@@ -901,23 +910,6 @@ fn files_with_extension(dir: &Path, extension: &str) -> Vec<PathBuf> {
     files
 }
 
-fn is_terminal(status: RunStatus) -> bool {
-    matches!(
-        status,
-        RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled
-    )
-}
-
-fn status_label(status: RunStatus) -> &'static str {
-    match status {
-        RunStatus::Queued => "queued",
-        RunStatus::Running => "running",
-        RunStatus::Succeeded => "succeeded",
-        RunStatus::Failed => "failed",
-        RunStatus::Cancelled => "cancelled",
-    }
-}
-
 /// The events a finished run had, rebuilt from its record.
 fn replay(run: &RunRecord) -> Vec<RunEvent> {
     let mut events = Vec::new();
@@ -949,7 +941,7 @@ fn replay(run: &RunRecord) -> Vec<RunEvent> {
             });
         }
     }
-    if is_terminal(run.status) {
+    if run.status.is_terminal() {
         events.push(RunEvent::RunFinished {
             seq: next(),
             run: run.clone(),

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::support::*;
+// Every route the router serves, as the OpenAPI document must list them.
+use trellis::api::ROUTES;
 
 /// Returns its input.
 const ECHO: &str = "[[step]]\nid = \"echo\"\nplugin = \"noop\"\ninput = \"{{ input }}\"\n";
@@ -28,24 +30,6 @@ id = "probe"
 plugin = "probe"
 input = { logs = [["info", "hello from the probe"]] }
 "#;
-
-/// Every route the server has, as the OpenAPI document must list them.
-const ROUTES: &[(&str, &str)] = &[
-    ("POST", "/v1/workflows/{name}/runs"),
-    ("GET", "/v1/runs"),
-    ("GET", "/v1/runs/{id}"),
-    ("POST", "/v1/runs/{id}/cancel"),
-    ("GET", "/v1/runs/{id}/events"),
-    ("GET", "/v1/workflows"),
-    ("GET", "/v1/workflows/{name}"),
-    ("PUT", "/v1/workflows/{name}"),
-    ("GET", "/v1/plugins"),
-    ("PUT", "/v1/plugins/{name}"),
-    ("DELETE", "/v1/plugins/{name}"),
-    ("GET", "/healthz"),
-    ("GET", "/metrics"),
-    ("GET", "/v1/openapi.json"),
-];
 
 const NO_SUCH_RUN: &str = "0190b5a4-7c1e-7d3a-9f2b-1c2d3e4f5a6b";
 

@@ -42,7 +42,7 @@ pub enum ApiError {
     #[error("{method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
     /// 409 `run_finished`: a finished run cannot be cancelled.
-    #[error("run {id} already finished ({})", status_word(*.status))]
+    #[error("run {id} already finished ({})", .status.as_str())]
     RunFinished { id: String, status: RunStatus },
     /// 409 `workflow_invalid`: the workflow has errors and refuses runs.
     #[error("workflow `{name}` has errors and refuses runs until it is fixed")]
@@ -77,16 +77,6 @@ pub enum ApiError {
     /// 500 `internal`: the detail is logged, not sent.
     #[error("internal error")]
     Internal(String),
-}
-
-fn status_word(status: RunStatus) -> &'static str {
-    match status {
-        RunStatus::Queued => "queued",
-        RunStatus::Running => "running",
-        RunStatus::Succeeded => "succeeded",
-        RunStatus::Failed => "failed",
-        RunStatus::Cancelled => "cancelled",
-    }
 }
 
 impl ApiError {
@@ -147,7 +137,7 @@ impl ApiError {
                 Some(serde_json::json!({ "line": line, "column": column }))
             }
             ApiError::RunFinished { status, .. } => {
-                Some(serde_json::json!({ "status": status_word(*status) }))
+                Some(serde_json::json!({ "status": status.as_str() }))
             }
             ApiError::WorkflowInvalid { diagnostics, .. } => diagnostics.as_ref().map(list),
             ApiError::InvalidWorkflow { diagnostics, .. } => Some(list(diagnostics)),
