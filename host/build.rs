@@ -32,6 +32,11 @@ fn main() {
         "cargo:rustc-env=TRELLIS_SWAP_PLUGIN_DIR={}",
         out_swap.display()
     );
+    // Made by `plugins/build.sh` (Python, JavaScript, C), not by this script.
+    println!(
+        "cargo:rustc-env=TRELLIS_POLYGLOT_PLUGIN_DIR={}",
+        workspace.join("target").join("plugins-polyglot").display()
+    );
     println!("cargo:rerun-if-env-changed=TRELLIS_SKIP_PLUGIN_BUILD");
     for watched in ["plugins", "plugin-sdk", "wit", "Cargo.lock"] {
         println!(

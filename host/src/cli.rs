@@ -27,6 +27,20 @@ use crate::telemetry::{LogFormat, Metrics};
 /// Where the build put the example plugins (`target/plugins`), used when no
 /// `--plugin-dir` is given.
 pub const BUILTIN_PLUGIN_DIR: Option<&str> = option_env!("TRELLIS_BUILTIN_PLUGIN_DIR");
+/// Where `plugins/build.sh` puts the Python, JavaScript and C example plugins
+/// (`target/plugins-polyglot`), also used when no `--plugin-dir` is given.
+pub const POLYGLOT_PLUGIN_DIR: Option<&str> = option_env!("TRELLIS_POLYGLOT_PLUGIN_DIR");
+
+/// The default plugin dirs: those of [`BUILTIN_PLUGIN_DIR`] and
+/// [`POLYGLOT_PLUGIN_DIR`] that exist.
+pub fn builtin_plugin_dirs() -> Vec<PathBuf> {
+    [BUILTIN_PLUGIN_DIR, POLYGLOT_PLUGIN_DIR]
+        .into_iter()
+        .flatten()
+        .filter(|dir| Path::new(dir).is_dir())
+        .map(PathBuf::from)
+        .collect()
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -152,12 +166,13 @@ impl PluginDirs {
         if !self.dirs.is_empty() {
             return Ok(self.dirs.clone());
         }
-        match BUILTIN_PLUGIN_DIR {
-            Some(dir) if Path::new(dir).is_dir() => Ok(vec![PathBuf::from(dir)]),
-            _ => bail!(
+        let builtin = builtin_plugin_dirs();
+        if builtin.is_empty() {
+            bail!(
                 "no plugin directory: pass --plugin-dir DIR (the example plugins are built by `cargo build`)"
-            ),
+            );
         }
+        Ok(builtin)
     }
 }
 

@@ -71,7 +71,7 @@ pub struct Config {
     /// What a commit survives (DESIGN.md, "Storage").
     pub durability: Durability,
     /// Where plugins are loaded from. Default: the example plugins the build
-    /// put in [`crate::cli::BUILTIN_PLUGIN_DIR`], if that directory exists.
+    /// put in [`crate::cli::builtin_plugin_dirs`], those that exist.
     pub plugin_dirs: Vec<PathBuf>,
     /// Where workflow files are loaded from.
     pub workflow_dirs: Vec<PathBuf>,
@@ -89,10 +89,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        let plugin_dirs = match crate::cli::BUILTIN_PLUGIN_DIR {
-            Some(dir) if Path::new(dir).is_dir() => vec![PathBuf::from(dir)],
-            _ => Vec::new(),
-        };
+        let plugin_dirs = crate::cli::builtin_plugin_dirs();
         Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("trellis-data"),
@@ -697,11 +694,7 @@ mod tests {
         assert_eq!(config.max_body, 16 * 1024 * 1024);
         assert_eq!(config.limits, Limits::default());
         assert!(config.secrets.is_empty());
-        let builtin = crate::cli::BUILTIN_PLUGIN_DIR.filter(|dir| Path::new(dir).is_dir());
-        assert_eq!(
-            config.plugin_dirs,
-            builtin.map(PathBuf::from).into_iter().collect::<Vec<_>>()
-        );
+        assert_eq!(config.plugin_dirs, crate::cli::builtin_plugin_dirs());
         assert!(config.check_bind().is_ok());
     }
 

@@ -15,6 +15,27 @@ pub const EXAMPLE_PLUGINS: &str = env!("TRELLIS_BUILTIN_PLUGIN_DIR");
 /// The test fixtures (noop, fail, spin, sleep, probe, hostile).
 pub const FIXTURE_PLUGINS: &str = env!("TRELLIS_TEST_PLUGIN_DIR");
 
+/// The Python, JavaScript and C example plugins, which `plugins/build.sh`
+/// makes (it installs its pinned tools on first use). Runs the script once
+/// per test binary, so `cargo test` alone builds them; returns their dir.
+pub fn polyglot_plugins() -> &'static str {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let output = Command::new("bash")
+            .arg(workspace().join("plugins").join("build.sh"))
+            .output()
+            .expect("running plugins/build.sh");
+        assert!(
+            output.status.success(),
+            "plugins/build.sh failed ({}):\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    });
+    env!("TRELLIS_POLYGLOT_PLUGIN_DIR")
+}
+
 /// The workspace root (for `workflows/`).
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
