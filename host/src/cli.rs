@@ -17,10 +17,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
 use crate::config::{Config, Overrides};
-use crate::engine::{CodeCache, Engine, Limits};
+use crate::engine::{CodeCache, Engine};
 use crate::executor::{Executor, RunObserver, RunOptions};
 use crate::plugin::{MemoryStateStore, PluginError, PluginRegistry};
 use crate::record::{RunRecord, RunStatus, StepRecord, StepStatus};
+use crate::secrets::{Secrets, WithSecrets};
 use crate::service::Service;
 use crate::telemetry::{LogFormat, Metrics};
 
@@ -95,6 +96,10 @@ enum Command {
         /// Steps that may run at once.
         #[arg(long, default_value_t = 64, value_name = "N")]
         max_concurrent_steps: usize,
+        /// The configuration whose `[limits]` and `[secrets]` the run uses.
+        /// Default: `./trellis.toml` if it exists.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Check workflow files: syntax, fields, plugins, dependencies, templates.
     Validate {
@@ -102,6 +107,10 @@ enum Command {
         workflows: Vec<PathBuf>,
         #[command(flatten)]
         plugins: PluginDirs,
+        /// A configuration to check the `secrets` that steps name against.
+        /// Default: `./trellis.toml` if it exists (else names are not checked).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// List or inspect plugins.
     #[command(subcommand)]
@@ -208,7 +217,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             plugins,
             json,
             max_concurrent_steps,
+            config,
         } => {
+            let config = Config::load(config.as_deref(), &Overrides::default())?;
             run(
                 &workflow,
                 input.as_deref(),
@@ -216,10 +227,26 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 cache,
                 json,
                 max_concurrent_steps,
+                &config,
             )
             .await
         }
-        Command::Validate { workflows, plugins } => validate(&workflows, &plugins, cache).await,
+        Command::Validate {
+            workflows,
+            plugins,
+            config,
+        } => {
+            // Secret names are checked only against a configuration that exists.
+            let secrets = match &config {
+                Some(_) => Some(Config::load(config.as_deref(), &Overrides::default())?),
+                None if Path::new(crate::config::DEFAULT_FILE).is_file() => {
+                    Some(Config::load(None, &Overrides::default())?)
+                }
+                None => None,
+            }
+            .map(|config| Secrets::new(config.secrets));
+            validate(&workflows, &plugins, cache, secrets.as_ref()).await
+        }
         Command::Plugins(PluginsCommand::List { plugins, json }) => {
             list(&plugins, cache, json).await
         }
@@ -331,10 +358,16 @@ async fn run(
     cache: Option<CodeCache>,
     json: bool,
     max_concurrent_steps: usize,
+    config: &Config,
 ) -> Result<ExitCode> {
     let input = read_input(input)?;
     let registry = Arc::new(load_registry(dirs, cache).await?);
-    let plan = match crate::workflow::load_file(workflow, registry.as_ref()) {
+    let secrets = Secrets::new(config.secrets.clone());
+    let catalog = WithSecrets {
+        plugins: registry.as_ref(),
+        secrets: &secrets,
+    };
+    let plan = match crate::workflow::load_file(workflow, &catalog) {
         Ok(plan) => Arc::new(plan),
         Err(diagnostics) => {
             eprint!("{diagnostics}");
@@ -344,10 +377,11 @@ async fn run(
     };
     let executor = Executor::new(
         registry,
-        Limits::default(),
+        config.limits,
         max_concurrent_steps,
         Arc::new(MemoryStateStore::default()),
-    );
+    )
+    .with_secrets(secrets);
     let progress = std::io::stderr()
         .is_terminal()
         .then(|| Arc::new(ProgressObserver::new(plan.steps.len())));
@@ -413,11 +447,22 @@ async fn validate(
     workflows: &[PathBuf],
     dirs: &PluginDirs,
     cache: Option<CodeCache>,
+    secrets: Option<&Secrets>,
 ) -> Result<ExitCode> {
     let registry = load_registry(dirs, cache).await?;
     let mut ok = true;
     for path in workflows {
-        match crate::workflow::load_file(path, &registry) {
+        let loaded = match secrets {
+            Some(secrets) => crate::workflow::load_file(
+                path,
+                &WithSecrets {
+                    plugins: &registry,
+                    secrets,
+                },
+            ),
+            None => crate::workflow::load_file(path, &registry),
+        };
+        match loaded {
             Ok(plan) => println!(
                 "ok: {} ({}, {} steps)",
                 path.display(),

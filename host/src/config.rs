@@ -19,6 +19,9 @@
 //! timeout = "60s"                  # TRELLIS_TIMEOUT
 //! max_output = "16MiB"
 //! max_log = "1MiB"
+//! http_requests = 64                # outbound HTTP requests per attempt
+//! http_request_body = "16MiB"
+//! http_response_body = "16MiB"
 //!
 //! [secrets]                        # names only: values are read when a step needs them
 //! api_token = { env = "API_TOKEN" }          # or { file = "/run/secrets/api_token" }
@@ -429,6 +432,10 @@ impl Config {
             }
             overrides.max_output = limits.max_output.map(|size| size.into_inner().0);
             overrides.max_log = limits.max_log.map(|size| size.into_inner().0);
+            overrides.http_requests = limits.http_requests.map(|n| n.into_inner());
+            overrides.http_request_body = limits.http_request_body.map(|size| size.into_inner().0);
+            overrides.http_response_body =
+                limits.http_response_body.map(|size| size.into_inner().0);
             self.limits = overrides.apply(self.limits);
         }
         for (name, secret) in file.secrets {
@@ -723,6 +730,9 @@ mod tests {
                 timeout = "10s"
                 max_output = 2048
                 max_log = "4KiB"
+                http_requests = 5
+                http_request_body = "1KiB"
+                http_response_body = "2KiB"
 
                 [secrets]
                 api_token = { env = "API_TOKEN" }
@@ -754,6 +764,9 @@ mod tests {
                 timeout: Duration::from_secs(10),
                 max_output: 2048,
                 max_log: 4096,
+                http_requests: 5,
+                http_request_body: 1024,
+                http_response_body: 2048,
             }
         );
         assert_eq!(

@@ -23,6 +23,13 @@ pub struct Limits {
     /// Bytes of log (host `log` lines plus stdout and stderr) kept per attempt;
     /// the rest is dropped and counted.
     pub max_log: u64,
+    /// Outbound HTTP requests (`wasi:http`) one attempt may send.
+    pub http_requests: u32,
+    /// Bytes of one outbound request's body.
+    pub http_request_body: u64,
+    /// Bytes of one response's body the guest may read; the body is cut off
+    /// with an error past this.
+    pub http_response_body: u64,
 }
 
 impl Default for Limits {
@@ -33,6 +40,9 @@ impl Default for Limits {
             timeout: Duration::from_secs(60),
             max_output: 16 * 1024 * 1024,
             max_log: 1024 * 1024,
+            http_requests: 64,
+            http_request_body: 16 * 1024 * 1024,
+            http_response_body: 16 * 1024 * 1024,
         }
     }
 }
@@ -46,6 +56,9 @@ pub struct LimitOverrides {
     pub timeout: Option<Duration>,
     pub max_output: Option<u64>,
     pub max_log: Option<u64>,
+    pub http_requests: Option<u32>,
+    pub http_request_body: Option<u64>,
+    pub http_response_body: Option<u64>,
 }
 
 impl LimitOverrides {
@@ -57,6 +70,9 @@ impl LimitOverrides {
             timeout: self.timeout.unwrap_or(base.timeout),
             max_output: self.max_output.unwrap_or(base.max_output),
             max_log: self.max_log.unwrap_or(base.max_log),
+            http_requests: self.http_requests.unwrap_or(base.http_requests),
+            http_request_body: self.http_request_body.unwrap_or(base.http_request_body),
+            http_response_body: self.http_response_body.unwrap_or(base.http_response_body),
         }
     }
 
@@ -68,6 +84,9 @@ impl LimitOverrides {
             timeout: self.timeout.or(base.timeout),
             max_output: self.max_output.or(base.max_output),
             max_log: self.max_log.or(base.max_log),
+            http_requests: self.http_requests.or(base.http_requests),
+            http_request_body: self.http_request_body.or(base.http_request_body),
+            http_response_body: self.http_response_body.or(base.http_response_body),
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::record::{
     AttemptRecord, ErrorKind, ErrorRecord, LogLine, Progress, RunError, RunRecord, RunStatus,
     StepRecord, StepStatus, new_run_id, now_rfc3339,
 };
+use crate::secrets::Secrets;
 use crate::store::Store;
 use crate::telemetry;
 use crate::workflow::{OnFailure, Plan, Scope};
@@ -59,6 +60,7 @@ struct Inner {
     /// Attempts waiting for a permit (the queue-depth gauge).
     waiting: AtomicUsize,
     state: Arc<dyn StateStore>,
+    secrets: Secrets,
 }
 
 impl Executor {
@@ -76,8 +78,22 @@ impl Executor {
                 permits: Arc::new(Semaphore::new(max_concurrent_steps.max(1))),
                 waiting: AtomicUsize::new(0),
                 state,
+                secrets: Secrets::default(),
             }),
         }
+    }
+
+    /// The `[secrets]` that steps may name; none by default.
+    pub fn with_secrets(mut self, secrets: Secrets) -> Executor {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_secrets is called before the executor is shared")
+            .secrets = secrets;
+        self
+    }
+
+    /// The configured secrets.
+    pub fn secrets(&self) -> &Secrets {
+        &self.inner.secrets
     }
 
     pub fn registry(&self) -> &Arc<PluginRegistry> {
@@ -607,6 +623,18 @@ impl RunContext {
                 Err(err) => return (Err(template_error(err.to_string())), Vec::new()),
             };
         }
+        let secrets = match self.executor.inner.secrets.resolve(&step.secrets) {
+            Ok(values) => values,
+            Err(err) => {
+                let error = ErrorRecord {
+                    kind: ErrorKind::Secret,
+                    message: err.to_string(),
+                    retryable: false,
+                    details: None,
+                };
+                return (Err(error), Vec::new());
+            }
+        };
         let limits = step.limits.apply(self.executor.inner.defaults);
         let events: Option<Arc<dyn StepEvents>> = self.observer.as_ref().map(|observer| {
             Arc::new(ForwardEvents {
@@ -648,6 +676,8 @@ impl RunContext {
                     attempt,
                     input: input.clone(),
                     config: config.clone(),
+                    secrets: secrets.clone(),
+                    allow_hosts: step.allow_hosts.clone(),
                     limits,
                     state: self.executor.inner.state.clone(),
                     events: events.clone(),

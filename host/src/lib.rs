@@ -11,6 +11,7 @@ pub mod engine;
 pub mod executor;
 pub mod plugin;
 pub mod record;
+pub mod secrets;
 pub mod service;
 pub mod store;
 pub mod telemetry;

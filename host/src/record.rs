@@ -97,6 +97,9 @@ pub enum ErrorKind {
     Template,
     /// The plugin could not be instantiated or is not loaded.
     Plugin,
+    /// A secret the step names could not be read (not configured, its
+    /// variable unset, its file unreadable).
+    Secret,
     /// The run or step was cancelled.
     Cancelled,
     /// The host stopped (crashed, was killed) while the attempt ran.
@@ -121,6 +124,7 @@ impl ErrorKind {
             ErrorKind::LogFlood => "log flood",
             ErrorKind::Template => "template error",
             ErrorKind::Plugin => "plugin unavailable",
+            ErrorKind::Secret => "secret unavailable",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Interrupted => "interrupted",
             ErrorKind::DependencyFailed => "dependency failed",

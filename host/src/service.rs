@@ -265,7 +265,8 @@ impl Service {
             config.limits,
             config.max_concurrent_steps,
             Arc::new(DurableState(store.clone())),
-        );
+        )
+        .with_secrets(crate::secrets::Secrets::new(config.secrets.clone()));
         let service = Service {
             inner: Arc::new(Inner {
                 executor,
@@ -310,7 +311,11 @@ impl Service {
     }
 
     fn plan(&self, source: &str, file: &str, default_name: &str) -> WorkflowEntry {
-        match workflow::parse_str(source, file, default_name, self.inner.registry.as_ref()) {
+        let catalog = crate::secrets::WithSecrets {
+            plugins: self.inner.registry.as_ref(),
+            secrets: self.inner.executor.secrets(),
+        };
+        match workflow::parse_str(source, file, default_name, &catalog) {
             Ok(plan) => WorkflowEntry {
                 name: plan.name.clone(),
                 file: file.to_string(),

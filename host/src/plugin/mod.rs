@@ -3,8 +3,10 @@
 //! each step attempt runs in (host imports, limits, captured output).
 
 pub mod bindings;
+mod http;
 mod registry;
 mod sandbox;
 
+pub use http::{HostPattern, PatternError};
 pub use registry::{LoadReport, Plugin, PluginError, PluginRegistry, ResolveError};
 pub use sandbox::{AttemptOutcome, Invocation, MemoryStateStore, StateStore, StepEvents};

@@ -20,6 +20,10 @@ const INFO_LIMITS: Limits = Limits {
     timeout: Duration::from_secs(2),
     max_output: 1024 * 1024,
     max_log: 64 * 1024,
+    // info() sends no requests (and a probe store allows no hosts anyway).
+    http_requests: 0,
+    http_request_body: 0,
+    http_response_body: 0,
 };
 
 /// Why a file is not a usable plugin.
@@ -157,11 +161,14 @@ impl std::fmt::Debug for PluginRegistry {
 }
 
 impl PluginRegistry {
-    /// An empty registry whose plugins may import WASI p2 (deny-by-default) and
-    /// the `host` and `state` interfaces.
+    /// An empty registry whose plugins may import WASI p2 (deny-by-default),
+    /// `wasi:http` (behind each step's allow-list) and the `host` and `state`
+    /// interfaces.
     pub fn new(engine: Engine) -> Result<PluginRegistry, PluginError> {
         let mut linker = Linker::new(engine.wasmtime());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| PluginError::Link(e.to_string()))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| PluginError::Link(e.to_string()))?;
         Task::add_to_linker::<_, wasmtime::component::HasSelf<StepState>>(&mut linker, |state| {
             state

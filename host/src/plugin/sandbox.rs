@@ -16,9 +16,12 @@ use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::trellis::plugin::{host, state, types};
 use super::bindings::{StepContext, TaskPre};
+use super::http::{HostPattern, HttpPolicy};
+use crate::secrets::Redactor;
 use crate::engine::{Engine, Limits};
 use crate::record::{ErrorKind, ErrorRecord, LogLevel, LogLine, LogStream, Progress, now_rfc3339};
 
@@ -85,6 +88,12 @@ pub struct Invocation {
     pub attempt: u32,
     pub input: String,
     pub config: BTreeMap<String, String>,
+    /// The values of the secrets the step names, readable through
+    /// `host.config` like `config` and masked in everything the attempt
+    /// leaves behind.
+    pub secrets: BTreeMap<String, String>,
+    /// Where the step may send HTTP requests.
+    pub allow_hosts: Arc<[HostPattern]>,
     pub limits: Limits,
     pub state: Arc<dyn StateStore>,
     pub events: Option<Arc<dyn StepEvents>>,
@@ -119,7 +128,10 @@ pub struct StepState {
     table: ResourceTable,
     limiter: MemoryLimiter,
     log: LogSink,
+    http: WasiHttpCtx,
+    http_policy: HttpPolicy,
     config: BTreeMap<String, String>,
+    redactor: Option<Arc<Redactor>>,
     state: Arc<dyn StateStore>,
     state_scope: String,
     progress: Option<Progress>,
@@ -134,6 +146,8 @@ impl StepState {
         StepState::new(
             limits,
             BTreeMap::new(),
+            BTreeMap::new(),
+            Arc::from([]),
             Arc::new(MemoryStateStore::default()),
             String::new(),
             None,
@@ -141,15 +155,22 @@ impl StepState {
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new(
         limits: &Limits,
-        config: BTreeMap<String, String>,
+        mut config: BTreeMap<String, String>,
+        secrets: BTreeMap<String, String>,
+        allow_hosts: Arc<[HostPattern]>,
         state: Arc<dyn StateStore>,
         state_scope: String,
         events: Option<Arc<dyn StepEvents>>,
         cancel: CancellationToken,
     ) -> StepState {
-        let log = LogSink::new(limits.max_log, events.clone());
+        let redactor = Redactor::new(secrets.values().map(String::as_str)).map(Arc::new);
+        // The validator refuses a config key that is also a secret's name.
+        config.extend(secrets);
+        let log = LogSink::new(limits.max_log, events.clone(), redactor.clone());
+        let http_policy = HttpPolicy::new(allow_hosts, limits, log.clone());
         // Deny by default: no preopened directories, no environment, no
         // arguments, no sockets; stdout and stderr go into the step log.
         let wasi = WasiCtx::builder()
@@ -173,7 +194,10 @@ impl StepState {
                 ..Default::default()
             },
             log,
+            http: WasiHttpCtx::new(),
+            http_policy,
             config,
+            redactor,
             state,
             state_scope,
             progress: None,
@@ -189,6 +213,16 @@ impl WasiView for StepState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for StepState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_policy,
         }
     }
 }
@@ -226,6 +260,8 @@ pub(crate) async fn invoke(
     let data = StepState::new(
         &limits,
         inv.config,
+        inv.secrets,
+        inv.allow_hosts,
         inv.state,
         inv.workflow.clone(),
         inv.events,
@@ -271,6 +307,18 @@ pub(crate) async fn invoke(
         }),
         Err(err) => Err(classify(&err, &data, &limits)),
     };
+    let mut result = result;
+    if let Some(redactor) = &data.redactor {
+        match &mut result {
+            Ok(output) => redactor.json(output),
+            Err(error) => {
+                redactor.string(&mut error.message);
+                if let Some(details) = &mut error.details {
+                    redactor.json(details);
+                }
+            }
+        }
+    }
     let peak_memory = data.limiter.peak;
     let (logs, log_bytes_dropped) = data.log.finish();
     AttemptOutcome {
@@ -453,7 +501,7 @@ impl ResourceLimiter for MemoryLimiter {
 /// The step log: `host.log` lines and the guest's stdout/stderr split into
 /// lines, bounded by `limits.max_log`. Shared by the store and its streams.
 #[derive(Clone)]
-struct LogSink {
+pub(super) struct LogSink {
     inner: Arc<Mutex<LogBuf>>,
 }
 
@@ -469,10 +517,15 @@ struct LogBuf {
     stderr_partial: Vec<u8>,
     stderr_tail: Vec<u8>,
     events: Option<Arc<dyn StepEvents>>,
+    redactor: Option<Arc<Redactor>>,
 }
 
 impl LogSink {
-    fn new(max: u64, events: Option<Arc<dyn StepEvents>>) -> LogSink {
+    fn new(
+        max: u64,
+        events: Option<Arc<dyn StepEvents>>,
+        redactor: Option<Arc<Redactor>>,
+    ) -> LogSink {
         LogSink {
             inner: Arc::new(Mutex::new(LogBuf {
                 started: Instant::now(),
@@ -485,11 +538,12 @@ impl LogSink {
                 stderr_partial: Vec::new(),
                 stderr_tail: Vec::new(),
                 events,
+                redactor,
             })),
         }
     }
 
-    fn line(&self, stream: LogStream, level: LogLevel, message: String) {
+    pub(super) fn line(&self, stream: LogStream, level: LogLevel, message: String) {
         self.inner.lock().unwrap().push(stream, level, message);
     }
 
@@ -585,6 +639,9 @@ impl LogBuf {
     }
 
     fn push(&mut self, stream: LogStream, level: LogLevel, mut message: String) {
+        if let Some(redactor) = &self.redactor {
+            redactor.string(&mut message);
+        }
         let len = message.len() as u64;
         if self.bytes + len > self.max {
             self.dropped += len;
@@ -713,10 +770,11 @@ impl host::Host for StepState {
         } else {
             0.0
         };
-        let progress = Progress {
-            fraction,
-            message: cut(message),
-        };
+        let mut message = cut(message);
+        if let Some(redactor) = &self.redactor {
+            redactor.string(&mut message);
+        }
+        let progress = Progress { fraction, message };
         if let Some(events) = &self.events {
             events.progress(&progress);
         }
@@ -784,7 +842,7 @@ mod tests {
 
     #[test]
     fn guest_output_is_split_into_lines_across_writes() {
-        let sink = LogSink::new(1024, None);
+        let sink = LogSink::new(1024, None, None);
         sink.write(LogStream::Stdout, b"hel");
         sink.write(LogStream::Stdout, b"lo\nwor");
         sink.write(LogStream::Stderr, b"oops\n");
@@ -806,7 +864,7 @@ mod tests {
 
     #[test]
     fn the_log_keeps_what_fits_and_counts_the_rest() {
-        let sink = LogSink::new(10, None);
+        let sink = LogSink::new(10, None, None);
         sink.write(LogStream::Stdout, b"12345\n67890\nabcdef\n");
         let (lines, dropped) = sink.finish();
         assert_eq!(dropped, 6);
@@ -821,7 +879,7 @@ mod tests {
 
     #[test]
     fn a_flood_far_past_the_limit_is_refused() {
-        let sink = LogSink::new(10, None);
+        let sink = LogSink::new(10, None, None);
         let chunk = vec![b'x'; 1024 * 1024];
         let mut accepted = 0;
         while sink.write(LogStream::Stderr, &chunk) {
@@ -833,7 +891,7 @@ mod tests {
 
     #[test]
     fn the_panic_message_is_found_on_stderr() {
-        let sink = LogSink::new(1024, None);
+        let sink = LogSink::new(1024, None, None);
         sink.write(
             LogStream::Stderr,
             b"\nthread '<unnamed>' panicked at src/lib.rs:10:5:\nit broke\nnote: run with `RUST_BACKTRACE=1`\n",
@@ -842,7 +900,7 @@ mod tests {
             sink.panic_message().as_deref(),
             Some("panicked at src/lib.rs:10:5: it broke")
         );
-        assert_eq!(LogSink::new(10, None).panic_message(), None);
+        assert_eq!(LogSink::new(10, None, None).panic_message(), None);
     }
 
     #[test]

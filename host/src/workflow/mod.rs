@@ -61,6 +61,14 @@ pub trait PluginCatalog {
     /// loaded plugin; Err(a full sentence for the user, e.g. "no plugin named
     /// `x` (loaded: a, b)").
     fn check(&self, reference: &str) -> Result<(), String>;
+
+    /// Ok if a step may name the secret `name`; Err(a full sentence). The
+    /// default knows no configuration and accepts every name (the run checks
+    /// again when the step starts).
+    fn check_secret(&self, name: &str) -> Result<(), String> {
+        let _ = name;
+        Ok(())
+    }
 }
 
 /// Reads and validates a workflow file. Its name defaults to the file stem;

@@ -180,8 +180,10 @@ pub struct PlannedStep {
     pub limits: LimitOverrides,
     pub retry: RetryPolicy,
     pub on_failure: OnFailure,
-    /// Hosts (`host` or `host:port`) the step may reach over HTTP.
-    pub allow_hosts: Vec<String>,
+    /// Where the step may send HTTP requests (`wasi:http`).
+    pub allow_hosts: std::sync::Arc<[crate::plugin::HostPattern]>,
+    /// The `[secrets]` the plugin may read through `host.config`.
+    pub secrets: Vec<String>,
 }
 
 /// What a failed step (after its retries) does to the run.

@@ -45,6 +45,9 @@ pub struct LimitsTable {
     pub timeout: Option<Spanned<HumanDuration>>,
     pub max_output: Option<Spanned<Size>>,
     pub max_log: Option<Spanned<Size>>,
+    pub http_requests: Option<Spanned<u32>>,
+    pub http_request_body: Option<Spanned<Size>>,
+    pub http_response_body: Option<Spanned<Size>>,
 }
 
 /// `[retry]`, or a step's `retry`: each key overrides the one below it.
@@ -85,6 +88,9 @@ pub struct StepTable {
     pub on_failure: Option<OnFailure>,
     #[serde(default)]
     pub allow_hosts: Vec<Spanned<String>>,
+    /// Names of `[secrets]` (trellis.toml) the plugin may read through `host.config`.
+    #[serde(default)]
+    pub secrets: Vec<Spanned<String>>,
 }
 
 /// Any TOML value, with the span of every value inside it (templates in

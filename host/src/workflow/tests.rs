@@ -107,7 +107,10 @@ fn the_design_example_plans() {
     assert_eq!(plan.steps[2].plugin, "http-post");
     assert_eq!(plan.steps[2].on_failure, OnFailure::Continue);
     assert_eq!(plan.steps[0].on_failure, OnFailure::Fail);
-    assert_eq!(plan.steps[2].allow_hosts, ["127.0.0.1:9000"]);
+    assert_eq!(
+        plan.steps[2].allow_hosts[..],
+        [crate::plugin::HostPattern::parse("127.0.0.1:9000").unwrap()]
+    );
     let limits = plan.steps[0].limits;
     assert_eq!(limits.fuel, Some(50_000_000));
     assert_eq!(limits.memory, Some(64 * 1024 * 1024));

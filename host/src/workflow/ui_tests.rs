@@ -119,6 +119,15 @@ fn summary(plan: &Plan) -> String {
         if let Some(max_log) = limits.max_log {
             parts.push(format!("max_log={max_log}"));
         }
+        if let Some(requests) = limits.http_requests {
+            parts.push(format!("http_requests={requests}"));
+        }
+        if let Some(size) = limits.http_request_body {
+            parts.push(format!("http_request_body={size}"));
+        }
+        if let Some(size) = limits.http_response_body {
+            parts.push(format!("http_response_body={size}"));
+        }
         if !parts.is_empty() {
             let _ = writeln!(out, "  limits: {}", parts.join(" "));
         }
@@ -133,7 +142,10 @@ fn summary(plan: &Plan) -> String {
         );
         let _ = writeln!(out, "  on_failure: {:?}", step.on_failure);
         if !step.allow_hosts.is_empty() {
-            let _ = writeln!(out, "  allow_hosts: {}", step.allow_hosts.join(", "));
+            let _ = writeln!(out, "  allow_hosts: {}", step.allow_hosts.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
+        }
+        if !step.secrets.is_empty() {
+            let _ = writeln!(out, "  secrets: {}", step.secrets.join(", "));
         }
     }
     match &plan.output {

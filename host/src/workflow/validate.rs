@@ -14,6 +14,7 @@ use serde_json::Value as Json;
 use toml::Spanned;
 
 use super::PluginCatalog;
+use crate::plugin::HostPattern;
 use super::closest;
 use super::diagnostic::Reporter;
 use super::plan::{InputSchema, OnFailure, Plan, PlannedStep, RetryPolicy, error_message};
@@ -58,7 +59,8 @@ struct Draft {
     limits: LimitOverrides,
     retry: RetryPolicy,
     on_failure: OnFailure,
-    allow_hosts: Vec<String>,
+    allow_hosts: Vec<HostPattern>,
+    secrets: Vec<String>,
 }
 
 /// Where the retry settings a table does not set come from: "[retry]" or "the
@@ -220,7 +222,8 @@ impl Validator<'_, '_> {
                     limits: draft.limits,
                     retry: draft.retry,
                     on_failure: draft.on_failure,
-                    allow_hosts: draft.allow_hosts,
+                    allow_hosts: draft.allow_hosts.into(),
+                    secrets: draft.secrets,
                 }
             })
             .collect();
@@ -353,17 +356,50 @@ impl Validator<'_, '_> {
 
         let mut allow_hosts = Vec::new();
         for host in &table.allow_hosts {
-            let text = host.get_ref();
-            if text.is_empty() || text.contains('/') || text.chars().any(char::is_whitespace) {
-                self.report.error(
+            match HostPattern::parse(host.get_ref()) {
+                Ok(pattern) => allow_hosts.push(pattern),
+                Err(why) => self.report.error(
                     &host.span(),
                     format!(
-                        "`allow_hosts` entry \"{text}\" must be a host or host:port, \
-                         like \"api.example.com\" or \"127.0.0.1:9000\""
+                        "`allow_hosts` entry {why} (an entry is [scheme://]host[:port], \
+                         like \"api.example.com\", \"127.0.0.1:9000\" or \"https://*.example.com\")"
+                    ),
+                ),
+            }
+        }
+
+        let mut secrets: Vec<String> = Vec::new();
+        for name in &table.secrets {
+            let text = name.get_ref();
+            if !crate::secrets::is_name(text) {
+                self.report.error(
+                    &name.span(),
+                    format!(
+                        "`secrets` entry \"{text}\" is not a secret name: use the name of an entry of \
+                         [secrets] in trellis.toml, like \"api_token\""
                     ),
                 );
+            } else if secrets.contains(text) {
+                self.report
+                    .error(&name.span(), format!("`secrets` names \"{text}\" twice"));
+            } else if let Some(key) = table
+                .config
+                .as_ref()
+                .and_then(|config| config.get_ref().keys().find(|key| *key == text))
+            {
+                self.report.error(
+                    &name.span(),
+                    format!(
+                        "`secrets` entry \"{key}\" is also a `config` key: the plugin reads both \
+                         through host.config, so rename one"
+                    ),
+                );
+            } else {
+                if let Err(why) = self.catalog.check_secret(text) {
+                    self.report.error(&name.span(), why);
+                }
+                secrets.push(text.clone());
             }
-            allow_hosts.push(text.clone());
         }
 
         Some(Draft {
@@ -378,6 +414,7 @@ impl Validator<'_, '_> {
             retry,
             on_failure: table.on_failure.unwrap_or(OnFailure::Fail),
             allow_hosts,
+            secrets,
         })
     }
 
@@ -764,6 +801,9 @@ impl Validator<'_, '_> {
             timeout: table.timeout.as_ref().map(|timeout| timeout.get_ref().0),
             max_output: table.max_output.as_ref().map(|size| size.get_ref().0),
             max_log: table.max_log.as_ref().map(|size| size.get_ref().0),
+            http_requests: table.http_requests.as_ref().map(|n| *n.get_ref()),
+            http_request_body: table.http_request_body.as_ref().map(|size| size.get_ref().0),
+            http_response_body: table.http_response_body.as_ref().map(|size| size.get_ref().0),
         }
     }
 
