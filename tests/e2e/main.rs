@@ -9,6 +9,7 @@ mod cli;
 mod examples;
 mod hostile;
 mod hotswap;
+mod http;
 mod limits;
 mod recovery;
 mod retries;

@@ -328,6 +328,7 @@ impl WasiHttpHooks for HttpPolicy {
                 side: Side::Request,
                 target: target.clone(),
                 log: self.log.clone(),
+                over: None,
             }
             .boxed_unsync()
         });
@@ -359,6 +360,7 @@ impl WasiHttpHooks for HttpPolicy {
                     side: Side::Response,
                     target,
                     log,
+                    over: None,
                 }
                 .boxed_unsync()
             });
@@ -387,7 +389,7 @@ enum Side {
     Response,
 }
 
-/// A body that fails once more than `max` bytes went through it.
+/// A body that passes its first `max` bytes, then fails.
 struct Bounded {
     inner: WasiBody,
     seen: u64,
@@ -395,6 +397,8 @@ struct Bounded {
     side: Side,
     target: String,
     log: LogSink,
+    /// Set when `max` was reached inside a frame: the error the next poll gives.
+    over: Option<HttpError>,
 }
 
 impl Body for Bounded {
@@ -405,11 +409,15 @@ impl Body for Bounded {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        if let Some(error) = self.over.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
         let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             other => return other,
         };
         if let Some(data) = frame.data_ref() {
+            let room = self.max - self.seen;
             self.seen += data.len() as u64;
             if self.seen > self.max {
                 let (what, limit, error) = match self.side {
@@ -433,13 +441,19 @@ impl Body for Bounded {
                         bytesize::ByteSize(self.max)
                     ),
                 );
-                // Fail the stream once; later polls end it.
+                // What fits goes through, then the stream fails once; later
+                // polls end it.
+                let kept = data.slice(..room as usize);
                 self.max = u64::MAX;
                 self.seen = 0;
                 self.inner = http_body_util::Empty::new()
                     .map_err(|never| match never {})
                     .boxed_unsync();
-                return Poll::Ready(Some(Err(error)));
+                if kept.is_empty() {
+                    return Poll::Ready(Some(Err(error)));
+                }
+                self.over = Some(error);
+                return Poll::Ready(Some(Ok(Frame::data(kept))));
             }
         }
         Poll::Ready(Some(Ok(frame)))
