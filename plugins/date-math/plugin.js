@@ -130,7 +130,7 @@ function compute(request) {
   const steps = [];
   if (request.add != null) {
     day = addDuration(day, request.add);
-    steps.push(request.add);
+    steps.push(request.add.startsWith('-') ? `- ${request.add.slice(1)}` : `+ ${request.add}`);
   }
   if (request.business_days != null) {
     const count = request.business_days;
@@ -145,7 +145,7 @@ function compute(request) {
       day += direction;
       if (isBusinessDay(day)) left -= 1;
     }
-    steps.push(`${count} business day(s)`);
+    steps.push(`${count < 0 ? '-' : '+'} ${Math.abs(count)} business day(s)`);
   }
 
   const output = {
@@ -165,7 +165,11 @@ function compute(request) {
     output.business_days_until = sign * count;
   }
 
-  log('info', `${formatDate(start)}${steps.map((s) => ` + ${s}`).join('')} = ${output.date} (${output.weekday})`);
+  let line = [formatDate(start), ...steps, '=', output.date, `(${output.weekday})`].join(' ');
+  if (request.until != null) {
+    line += `; to ${request.until}: ${output.days_until} day(s), ${output.business_days_until} business day(s)`;
+  }
+  log('info', line);
   return output;
 }
 

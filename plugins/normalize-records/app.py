@@ -50,6 +50,7 @@ when it comes from the config); an unknown field.
 Logs a `warn` line per rejected or duplicate record and an `info` summary.
 """
 
+import _strptime  # noqa: F401  datetime.strptime imports it lazily; see below
 import datetime
 import json
 import re
@@ -57,6 +58,11 @@ import re
 from componentize_py_types import Err
 from wit_world import WitWorld as Task
 from wit_world.imports import host, types
+
+# componentize-py keeps the modules imported while it builds the component, and
+# only those: a module the standard library imports lazily at run time (such as
+# `_strptime` for `strptime`) must be imported above, or the run fails with
+# ModuleNotFoundError.
 
 NAME = "normalize-records"
 VERSION = "1.0.0"
