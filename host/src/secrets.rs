@@ -175,11 +175,10 @@ impl Redactor {
     pub fn text<'t>(&self, text: &'t str) -> Cow<'t, str> {
         if self.matcher.is_match(text) {
             let mut out = String::with_capacity(text.len());
-            self.matcher
-                .replace_all_with(text, &mut out, |_, _, dst| {
-                    dst.push_str(REDACTED);
-                    true
-                });
+            self.matcher.replace_all_with(text, &mut out, |_, _, dst| {
+                dst.push_str(REDACTED);
+                true
+            });
             Cow::Owned(out)
         } else {
             Cow::Borrowed(text)
@@ -256,8 +255,14 @@ mod tests {
             ("db".to_owned(), SecretSource::File(dir.path().join("db"))),
             ("home".to_owned(), SecretSource::Env("PATH".to_owned())),
             ("gone".to_owned(), SecretSource::Env(var.to_owned())),
-            ("nofile".to_owned(), SecretSource::File(dir.path().join("nope"))),
-            ("empty".to_owned(), SecretSource::File(dir.path().join("empty"))),
+            (
+                "nofile".to_owned(),
+                SecretSource::File(dir.path().join("nope")),
+            ),
+            (
+                "empty".to_owned(),
+                SecretSource::File(dir.path().join("empty")),
+            ),
         ]));
         let values = secrets
             .resolve(&["db".to_owned(), "home".to_owned()])

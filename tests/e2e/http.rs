@@ -89,23 +89,42 @@ fn serve_one(stream: TcpStream, log: &Mutex<Vec<Seen>>) {
     };
     log.lock().unwrap().push(seen.clone());
 
-    let (status, extra, content_type, body): (&str, String, &str, Vec<u8>) =
-        if path == "/json" {
-            ("200 OK", String::new(), "application/json", br#"{"hello":"world"}"#.to_vec())
-        } else if let Some(n) = path.strip_prefix("/bytes/") {
-            let n: usize = n.parse().unwrap();
-            ("200 OK", String::new(), "text/plain", vec![b'x'; n])
-        } else if let Some(to) = path.strip_prefix("/redirect?to=") {
-            ("302 Found", format!("location: {to}\r\n"), "text/plain", Vec::new())
-        } else if path == "/echo" {
-            let echo = json!({
-                "method": seen.method, "path": seen.path,
-                "headers": seen.headers, "body": seen.body,
-            });
-            ("200 OK", String::new(), "application/json", echo.to_string().into_bytes())
-        } else {
-            ("404 Not Found", String::new(), "text/plain", b"no such path".to_vec())
-        };
+    let (status, extra, content_type, body): (&str, String, &str, Vec<u8>) = if path == "/json" {
+        (
+            "200 OK",
+            String::new(),
+            "application/json",
+            br#"{"hello":"world"}"#.to_vec(),
+        )
+    } else if let Some(n) = path.strip_prefix("/bytes/") {
+        let n: usize = n.parse().unwrap();
+        ("200 OK", String::new(), "text/plain", vec![b'x'; n])
+    } else if let Some(to) = path.strip_prefix("/redirect?to=") {
+        (
+            "302 Found",
+            format!("location: {to}\r\n"),
+            "text/plain",
+            Vec::new(),
+        )
+    } else if path == "/echo" {
+        let echo = json!({
+            "method": seen.method, "path": seen.path,
+            "headers": seen.headers, "body": seen.body,
+        });
+        (
+            "200 OK",
+            String::new(),
+            "application/json",
+            echo.to_string().into_bytes(),
+        )
+    } else {
+        (
+            "404 Not Found",
+            String::new(),
+            "text/plain",
+            b"no such path".to_vec(),
+        )
+    };
     let mut stream = stream;
     let head = format!(
         "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{extra}connection: close\r\n\r\n",
@@ -212,7 +231,12 @@ fn another_port_of_an_allowed_host_is_refused() {
     let allow = [format!("127.0.0.1:{}", allowed.port)];
     let step = request(json!({ "url": other.url("/json") }), &allow, "");
     assert_eq!(step["status"], "failed");
-    assert!(step["error"]["message"].as_str().unwrap().contains("not allowed"));
+    assert!(
+        step["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not allowed")
+    );
     assert!(logs(&step).contains(&format!("127.0.0.1:{} is not allowed", other.port)));
     assert!(other.requests().is_empty(), "the other port was reached");
 }
@@ -241,7 +265,10 @@ fn a_redirect_is_followed_only_to_allowed_hosts() {
         "{message}"
     );
     assert!(logs(&step).contains(&format!("127.0.0.1:{} is not allowed", b.port)));
-    assert!(b.requests().is_empty(), "the redirect reached a host not listed");
+    assert!(
+        b.requests().is_empty(),
+        "the redirect reached a host not listed"
+    );
 }
 
 #[test]
@@ -259,7 +286,9 @@ fn an_oversized_response_is_cut_off_with_a_clear_error() {
         "{message}"
     );
     assert!(
-        logs(&step).contains("the response body is over the step's 1.0 KiB (limits.http_response_body); cut off"),
+        logs(&step).contains(
+            "the response body is over the step's 1.0 KiB (limits.http_response_body); cut off"
+        ),
         "{}",
         logs(&step)
     );
@@ -290,10 +319,15 @@ fn the_number_of_requests_per_attempt_is_bounded() {
     let allow = [format!("127.0.0.1:{}", server.port)];
     // A redirect is a second request; the step allows one.
     let url = server.url(&format!("/redirect?to={}", server.url("/json")));
-    let step = request(json!({ "url": url }), &allow, "limits = { http_requests = 1 }");
+    let step = request(
+        json!({ "url": url }),
+        &allow,
+        "limits = { http_requests = 1 }",
+    );
     assert_eq!(step["status"], "failed");
     assert!(
-        logs(&step).contains("not allowed: the attempt has sent its 1 requests (limits.http_requests)"),
+        logs(&step)
+            .contains("not allowed: the attempt has sent its 1 requests (limits.http_requests)"),
         "{}",
         logs(&step)
     );

@@ -14,6 +14,7 @@ mod limits;
 mod recovery;
 mod retries;
 mod scheduling;
+mod secrets;
 mod serve;
 mod templates;
 mod validation;

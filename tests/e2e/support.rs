@@ -527,6 +527,11 @@ impl Server {
         self._dir.path().join("plugins")
     }
 
+    /// The server's data dir (SQLite files, cache link, plugin blobs).
+    pub fn data_dir(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
     /// The server's workflow dir.
     pub fn workflow_dir(&self) -> PathBuf {
         self._dir.path().join("workflows")

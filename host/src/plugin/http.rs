@@ -290,7 +290,10 @@ impl WasiHttpHooks for HttpPolicy {
         drop(fut);
         let target = format!("{} {}", request.method(), request.uri());
         if let Some(why) = self.check(request.uri()) {
-            return self.refuse(format!("http: {target}: {why}"), HttpError::HttpRequestDenied);
+            return self.refuse(
+                format!("http: {target}: {why}"),
+                HttpError::HttpRequestDenied,
+            );
         }
         if self.sent >= self.max_requests {
             return self.refuse(
@@ -476,7 +479,11 @@ mod tests {
         let pattern = HostPattern::parse(pattern).unwrap();
         let uri: http::Uri = url.parse().unwrap();
         let scheme = uri.scheme().cloned().unwrap();
-        let host = uri.host().unwrap().trim_start_matches('[').trim_end_matches(']');
+        let host = uri
+            .host()
+            .unwrap()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         let port = uri.port_u16().or_else(|| default_port(&scheme)).unwrap();
         pattern.allows(&scheme, host, port)
     }
@@ -493,10 +500,22 @@ mod tests {
     fn no_port_means_the_default_port_of_the_scheme() {
         assert!(allows("api.example.com", "https://api.example.com/v1"));
         assert!(allows("api.example.com", "http://api.example.com/v1"));
-        assert!(!allows("api.example.com", "https://api.example.com:8443/v1"));
-        assert!(allows("https://api.example.com", "https://API.example.com/"));
-        assert!(!allows("https://api.example.com", "http://api.example.com/"));
-        assert!(!allows("http://api.example.com:443", "https://api.example.com/"));
+        assert!(!allows(
+            "api.example.com",
+            "https://api.example.com:8443/v1"
+        ));
+        assert!(allows(
+            "https://api.example.com",
+            "https://API.example.com/"
+        ));
+        assert!(!allows(
+            "https://api.example.com",
+            "http://api.example.com/"
+        ));
+        assert!(!allows(
+            "http://api.example.com:443",
+            "https://api.example.com/"
+        ));
     }
 
     #[test]
@@ -540,15 +559,26 @@ mod tests {
             error("a.*.com"),
             "\"a.*.com\" has '*' inside the host; use \"*.example.com\" or \"*\""
         );
-        assert_eq!(error("user@a.com"), "\"user@a.com\" has user info; write only the host and port");
-        assert_eq!(error("a..com"), "\"a..com\" has an invalid host name \"a..com\"");
+        assert_eq!(
+            error("user@a.com"),
+            "\"user@a.com\" has user info; write only the host and port"
+        );
+        assert_eq!(
+            error("a..com"),
+            "\"a..com\" has an invalid host name \"a..com\""
+        );
         assert_eq!(error(""), "\"\" is empty");
         assert_eq!(error("[::1"), "\"[::1\" has an unclosed '['");
     }
 
     #[test]
     fn patterns_print_as_written() {
-        for text in ["https://*.example.com:*", "127.0.0.1:9000", "*", "http://a.b"] {
+        for text in [
+            "https://*.example.com:*",
+            "127.0.0.1:9000",
+            "*",
+            "http://a.b",
+        ] {
             assert_eq!(HostPattern::parse(text).unwrap().to_string(), text);
         }
     }

@@ -21,9 +21,9 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use super::bindings::trellis::plugin::{host, state, types};
 use super::bindings::{StepContext, TaskPre};
 use super::http::{HostPattern, HttpPolicy};
-use crate::secrets::Redactor;
 use crate::engine::{Engine, Limits};
 use crate::record::{ErrorKind, ErrorRecord, LogLevel, LogLine, LogStream, Progress, now_rfc3339};
+use crate::secrets::Redactor;
 
 /// Bytes a table element is counted as against the step's memory limit.
 const TABLE_ELEMENT_BYTES: u64 = 8;

@@ -142,7 +142,15 @@ fn summary(plan: &Plan) -> String {
         );
         let _ = writeln!(out, "  on_failure: {:?}", step.on_failure);
         if !step.allow_hosts.is_empty() {
-            let _ = writeln!(out, "  allow_hosts: {}", step.allow_hosts.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
+            let _ = writeln!(
+                out,
+                "  allow_hosts: {}",
+                step.allow_hosts
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         if !step.secrets.is_empty() {
             let _ = writeln!(out, "  secrets: {}", step.secrets.join(", "));

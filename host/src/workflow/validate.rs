@@ -14,13 +14,13 @@ use serde_json::Value as Json;
 use toml::Spanned;
 
 use super::PluginCatalog;
-use crate::plugin::HostPattern;
 use super::closest;
 use super::diagnostic::Reporter;
 use super::plan::{InputSchema, OnFailure, Plan, PlannedStep, RetryPolicy, error_message};
 use super::schema::{InputTable, LimitsTable, Parsed, RetryTable, StepTable, TomlValue};
 use super::template::{SCOPE_NAMES, TemplateValue, TemplatesBuilder};
 use crate::engine::{LimitOverrides, MAX_MEMORY};
+use crate::plugin::HostPattern;
 
 pub(crate) fn validate(
     parsed: Parsed,
@@ -802,8 +802,14 @@ impl Validator<'_, '_> {
             max_output: table.max_output.as_ref().map(|size| size.get_ref().0),
             max_log: table.max_log.as_ref().map(|size| size.get_ref().0),
             http_requests: table.http_requests.as_ref().map(|n| *n.get_ref()),
-            http_request_body: table.http_request_body.as_ref().map(|size| size.get_ref().0),
-            http_response_body: table.http_response_body.as_ref().map(|size| size.get_ref().0),
+            http_request_body: table
+                .http_request_body
+                .as_ref()
+                .map(|size| size.get_ref().0),
+            http_response_body: table
+                .http_response_body
+                .as_ref()
+                .map(|size| size.get_ref().0),
         }
     }
 

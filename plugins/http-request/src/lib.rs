@@ -170,23 +170,28 @@ fn run(_ctx: &StepContext, input: Value) -> Result<Output, TaskError> {
             && let Some(location) = location
         {
             let next = url.join(location).map_err(|err| {
-                TaskError::fatal(format!("{method} {url}: bad redirect location {location:?}: {err}"))
+                TaskError::fatal(format!(
+                    "{method} {url}: bad redirect location {location:?}: {err}"
+                ))
             })?;
             trellis_sdk::log::info(format!(
                 "{method} {url} -> {}; following to {next}",
                 response.status
             ));
             // 303 (and, as browsers do, 301/302 after a POST) switch to GET.
-            if response.status == 303
-                || (matches!(response.status, 301 | 302) && method == "POST")
+            if response.status == 303 || (matches!(response.status, 301 | 302) && method == "POST")
             {
                 method = "GET".to_owned();
                 body = None;
                 headers.retain(|(name, _)| name != "content-type");
             }
             // Credentials stay with the host they were meant for.
-            if next.host_str() != url.host_str() || next.port_or_known_default() != url.port_or_known_default() {
-                headers.retain(|(name, _)| name != "authorization" && !input.headers_from_config.contains_key(name));
+            if next.host_str() != url.host_str()
+                || next.port_or_known_default() != url.port_or_known_default()
+            {
+                headers.retain(|(name, _)| {
+                    name != "authorization" && !input.headers_from_config.contains_key(name)
+                });
             }
             url = next;
             redirects += 1;
@@ -196,12 +201,14 @@ fn run(_ctx: &StepContext, input: Value) -> Result<Output, TaskError> {
             let text = String::from_utf8_lossy(&response.body);
             let excerpt: String = text.chars().take(500).collect();
             let message = format!("{method} {url} answered {}: {excerpt}", response.status);
-            return Err(if response.status >= 500 || matches!(response.status, 408 | 429) {
-                TaskError::retryable(message)
-            } else {
-                TaskError::fatal(message)
-            }
-            .with_details(serde_json::json!({ "status": response.status })));
+            return Err(
+                if response.status >= 500 || matches!(response.status, 408 | 429) {
+                    TaskError::retryable(message)
+                } else {
+                    TaskError::fatal(message)
+                }
+                .with_details(serde_json::json!({ "status": response.status })),
+            );
         }
         let text = String::from_utf8_lossy(&response.body).into_owned();
         let json = response
@@ -261,7 +268,9 @@ fn send(
         other => Method::Other(other.to_owned()),
     };
     let bad = |what: &str| TaskError::fatal(format!("{target}: invalid {what}"));
-    request.set_method(&method_value).map_err(|()| bad("method"))?;
+    request
+        .set_method(&method_value)
+        .map_err(|()| bad("method"))?;
     let scheme = match url.scheme() {
         "http" => Scheme::Http,
         "https" => Scheme::Https,
@@ -271,7 +280,9 @@ fn send(
             )));
         }
     };
-    request.set_scheme(Some(&scheme)).map_err(|()| bad("scheme"))?;
+    request
+        .set_scheme(Some(&scheme))
+        .map_err(|()| bad("scheme"))?;
     let authority = match (url.host_str(), url.port()) {
         (Some(host), Some(port)) => format!("{host}:{port}"),
         (Some(host), None) => host.to_owned(),
@@ -375,12 +386,10 @@ fn send(
 fn stream_error(err: StreamError) -> String {
     match err {
         StreamError::Closed => "stream closed".to_owned(),
-        StreamError::LastOperationFailed(err) => {
-            match wasip2::http::types::http_error_code(&err) {
-                Some(code) => describe(&code),
-                None => err.to_debug_string(),
-            }
-        }
+        StreamError::LastOperationFailed(err) => match wasip2::http::types::http_error_code(&err) {
+            Some(code) => describe(&code),
+            None => err.to_debug_string(),
+        },
     }
 }
 
