@@ -5,6 +5,7 @@
 
 mod support;
 
+mod c_plugin;
 mod cli;
 mod examples;
 mod hostile;
