@@ -12,6 +12,7 @@ mod hostile;
 mod hotswap;
 mod http;
 mod limits;
+mod polyglot;
 mod recovery;
 mod retries;
 mod scheduling;
