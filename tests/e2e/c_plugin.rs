@@ -305,7 +305,7 @@ fn checksum_inspect_shows_its_info_and_schemas() {
             .any(|i| i.starts_with("wasi:http") || i.starts_with("wasi:sockets")),
         "{imports:?}"
     );
-    // Small: the reactor adapter is most of it.
+    // Small: about 64 KiB, wasi-libc (printf) and the WASI adapter included.
     let size = info["size"].as_u64().unwrap();
     assert!(size < 200 * 1024, "{size} bytes");
 }

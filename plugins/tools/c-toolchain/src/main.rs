@@ -154,6 +154,10 @@ fn write_if_changed(path: &Path, contents: &[u8]) -> Result<()> {
     if std::fs::read(path).ok().as_deref() == Some(contents) {
         return Ok(());
     }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
     let mut temp = PathBuf::from(path);
     temp.as_mut_os_string().push(".tmp");
     std::fs::write(&temp, contents).with_context(|| format!("writing {}", temp.display()))?;
