@@ -22,10 +22,26 @@ fn cases() -> Vec<(&'static str, PathBuf, &'static str)> {
     let polyglot = Path::new(env!("TRELLIS_POLYGLOT_PLUGIN_DIR"));
     vec![
         ("rust/noop", fixtures.join("noop.wasm"), r#"{"n":1}"#),
-        ("rust/hash", examples.join("hash.wasm"), r#"{"data":"web-01.example.com"}"#),
-        ("c/checksum", polyglot.join("checksum.wasm"), r#"{"data":"web-01.example.com"}"#),
-        ("js/slugify", polyglot.join("slugify.wasm"), r#"{"text":"Crème Brûlée: 10 Recipes!"}"#),
-        ("python/csv-parse", polyglot.join("csv-parse.wasm"), r#"{"text":"name,qty\nAda,2\n"}"#),
+        (
+            "rust/hash",
+            examples.join("hash.wasm"),
+            r#"{"data":"web-01.example.com"}"#,
+        ),
+        (
+            "c/checksum",
+            polyglot.join("checksum.wasm"),
+            r#"{"data":"web-01.example.com"}"#,
+        ),
+        (
+            "js/slugify",
+            polyglot.join("slugify.wasm"),
+            r#"{"text":"Crème Brûlée: 10 Recipes!"}"#,
+        ),
+        (
+            "python/csv-parse",
+            polyglot.join("csv-parse.wasm"),
+            r#"{"text":"name,qty\nAda,2\n"}"#,
+        ),
     ]
 }
 
@@ -60,7 +76,10 @@ fn languages(c: &mut Criterion) {
     let mut group = c.benchmark_group("fresh_instance");
     for (label, file, input) in cases() {
         if !file.is_file() {
-            eprintln!("skipping {label}: {} is not built (run plugins/build.sh)", file.display());
+            eprintln!(
+                "skipping {label}: {} is not built (run plugins/build.sh)",
+                file.display()
+            );
             continue;
         }
         let plugin: Plugin = rt.block_on(registry.load_file(&file)).unwrap();
@@ -68,8 +87,13 @@ fn languages(c: &mut Criterion) {
         let outcome = rt.block_on(plugin.invoke(invocation(input, &state)));
         assert!(outcome.result.is_ok(), "{label}: {:?}", outcome.result);
         group.bench_function(label, |b| {
-            b.to_async(&rt)
-                .iter(|| async { plugin.invoke(invocation(input, &state)).await.result.is_ok() })
+            b.to_async(&rt).iter(|| async {
+                plugin
+                    .invoke(invocation(input, &state))
+                    .await
+                    .result
+                    .is_ok()
+            })
         });
     }
     group.finish();
