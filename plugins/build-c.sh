@@ -27,7 +27,9 @@ set -euo pipefail
 # Debian 12 (bookworm) packages: the compiler, the wasm linker, the C library
 # for wasm32-wasi and the compiler's runtime builtins for wasm32.
 APT_PACKAGES=(clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32)
-CLANG=clang-14
+# Elsewhere, name a clang that targets wasm32-wasi with its sysroot (e.g.
+# wasi-sdk's bin/clang) in TRELLIS_C_CLANG: the packages are then not checked.
+CLANG="${TRELLIS_C_CLANG:-clang-14}"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="${TRELLIS_ROOT:-$(dirname "$here")}"
@@ -79,14 +81,16 @@ fi
 
 # The Debian packages, installed once.
 missing=()
-for package in "${APT_PACKAGES[@]}"; do
-    if [ "$(dpkg-query -W -f='${db:Status-Status}' "$package" 2>/dev/null)" != installed ]; then
-        missing+=("$package")
-    fi
-done
+if [ -z "${TRELLIS_C_CLANG:-}" ]; then
+    for package in "${APT_PACKAGES[@]}"; do
+        if [ "$(dpkg-query -W -f='${db:Status-Status}' "$package" 2>/dev/null)" != installed ]; then
+            missing+=("$package")
+        fi
+    done
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     command -v apt-get >/dev/null ||
-        fail "needs the Debian 12 packages ${APT_PACKAGES[*]} (or their equivalents) and apt-get is not here"
+        fail "needs the Debian 12 packages ${APT_PACKAGES[*]}, and apt-get is not here: or set TRELLIS_C_CLANG to a clang for wasm32-wasi with its sysroot (e.g. wasi-sdk's bin/clang)"
     [ "$(id -u)" -eq 0 ] ||
         fail "missing Debian packages; install them, then build again: sudo apt-get install ${missing[*]}"
     echo "c: installing ${missing[*]} with apt-get"
@@ -100,7 +104,7 @@ if [ ${#missing[@]} -gt 0 ]; then
         }
     fi
 fi
-command -v "$CLANG" >/dev/null || fail "$CLANG not found after installing ${APT_PACKAGES[*]}"
+command -v "$CLANG" >/dev/null || fail "$CLANG not found"
 
 # trellis-c-toolchain: cargo builds it once and rebuilds it only when its
 # sources or Cargo.lock change (a second of checking otherwise). Its own target
