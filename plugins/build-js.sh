@@ -49,6 +49,14 @@ if [ ${#dirs[@]} -eq 0 ]; then
     exit 0
 fi
 
+# One build at a time per tools dir (tests and a user may start one together); the
+# second one then finds the plugins up to date.
+mkdir -p "$tools"
+if command -v flock >/dev/null; then
+    exec 9>"$tools/.build-js.lock"
+    flock 9
+fi
+
 # Which plugins are out of date: skip the tool install when none is.
 stale=()
 for dir in "${dirs[@]}"; do
@@ -92,10 +100,10 @@ for dir in "${stale[@]}"; do
     start=$(date +%s)
     # Build next to the output, then rename: a half-written file is never loaded.
     if ! "$tool" "$dir/plugin.js" --wit "$wit" --world-name task \
-        --disable http fetch-event --out "$wasm.tmp" >&2; then
-        rm -f "$wasm.tmp"
+        --disable http fetch-event --out "$wasm.$$.tmp" >&2; then
+        rm -f "$wasm.$$.tmp"
         fail "componentize-js failed for $dir (see above)"
     fi
-    mv "$wasm.tmp" "$wasm"
+    mv "$wasm.$$.tmp" "$wasm"
     echo "js: built $wasm ($(($(stat -c %s "$wasm") / 1024)) KiB, $(($(date +%s) - start)) s)"
 done

@@ -45,6 +45,14 @@ if [ ${#dirs[@]} -eq 0 ]; then
     exit 0
 fi
 
+# One build at a time per tools dir (tests and a user may start one together); the
+# second one then finds the plugins up to date.
+mkdir -p "$tools"
+if command -v flock >/dev/null; then
+    exec 9>"$tools/.build-python.lock"
+    flock 9
+fi
+
 # Which plugins are out of date: skip the tool install when none is.
 stale=()
 for dir in "${dirs[@]}"; do
@@ -88,10 +96,10 @@ for dir in "${stale[@]}"; do
     # VIRTUAL_ENV: look for packages in the tool's venv only, not in the
     # system's site-packages (plugins use the standard library).
     if ! VIRTUAL_ENV="$venv" PYTHONDONTWRITEBYTECODE=1 "$tool" --quiet -d "$wit" -w task \
-        componentize app -p "$dir" -o "$wasm.tmp"; then
-        rm -f "$wasm.tmp"
+        componentize app -p "$dir" -o "$wasm.$$.tmp"; then
+        rm -f "$wasm.$$.tmp"
         fail "componentize-py failed for $dir (see above)"
     fi
-    mv "$wasm.tmp" "$wasm"
+    mv "$wasm.$$.tmp" "$wasm"
     echo "python: built $wasm ($(($(stat -c %s "$wasm") / 1024)) KiB, $(($(date +%s) - start)) s)"
 done
