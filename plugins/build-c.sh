@@ -4,7 +4,7 @@
 # wit/. Every `*.c` file of the folder is compiled, with the folder and the
 # generated bindings (`task.h`) on the include path.
 #
-# The steps (docs/plugins-c.md explains them):
+# The steps (docs/plugins.md, section C explains them):
 #   1. C bindings for the world: task.h, task.c, task_component_type.o
 #      (`trellis-c-toolchain bindings`, the generator of `wit-bindgen c`);
 #   2. clang-14 --target=wasm32-wasi -mexec-model=reactor: a core module

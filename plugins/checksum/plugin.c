@@ -1,5 +1,5 @@
 // `checksum`: a 32-bit checksum of a text, and optionally a stable bucket for
-// it. A C plugin (see docs/plugins-c.md); built by plugins/build-c.sh.
+// it. A C plugin (see docs/plugins.md, section C); built by plugins/build-c.sh.
 //
 // Input:
 //   { "data": "db-02.example.com", "algorithm": "crc32", "buckets": 4 }
