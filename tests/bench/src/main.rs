@@ -13,6 +13,7 @@
 
 mod inproc;
 mod plot;
+#[allow(dead_code)] // until every part uses all of it
 mod report;
 mod system;
 
