@@ -10,6 +10,9 @@ use crate::support::*;
 /// `trellis run workflows/NAME.toml [--input ...] --json` with no `--plugin-dir`:
 /// the example plugins of this build, as a new user gets them.
 fn run_example(name: &str, input: Option<&str>) -> Value {
+    // The default dirs include the Python and JavaScript plugins: built and
+    // compiled once, not by every test process at the same time.
+    crate::polyglot::polyglot();
     let path = workspace().join("workflows").join(format!("{name}.toml"));
     let mut cmd = trellis();
     cmd.arg("run").arg(&path).arg("--json");
@@ -44,7 +47,7 @@ fn every_example_workflow_validates() {
         "--plugin-dir".to_string(),
         EXAMPLE_PLUGINS.to_string(),
         "--plugin-dir".to_string(),
-        polyglot_plugins().to_string(),
+        crate::polyglot::polyglot().to_string(),
     ];
     for entry in std::fs::read_dir(workspace().join("workflows")).unwrap() {
         let path = entry.unwrap().path();

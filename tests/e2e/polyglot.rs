@@ -11,8 +11,9 @@ use crate::support::*;
 
 /// The polyglot plugin dir, built, with its plugins compiled into the shared
 /// code cache once (a Python or JavaScript component takes seconds to
-/// compile: not once per test process).
-fn polyglot() -> &'static str {
+/// compile: not once per test process). `target/plugins-polyglot` is also a
+/// default plugin dir, so a test that runs with the defaults warms it first.
+pub(crate) fn polyglot() -> &'static str {
     static WARM: std::sync::Once = std::sync::Once::new();
     let dir = polyglot_plugins();
     WARM.call_once(|| {
