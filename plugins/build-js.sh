@@ -12,9 +12,10 @@
 #   plugins/build-js.sh            # every JavaScript plugin
 #   plugins/build-js.sh slugify    # only these folders
 #
-# The host does not offer wasi:http to JavaScript plugins, so the build turns
-# off componentize-js's `http` and `fetch-event` features (no fetch()); stdio,
-# clocks and random stay (console.log goes to the step log).
+# The build turns off componentize-js's `http` and `fetch-event` features: no
+# fetch(), so the component imports no wasi:http (which would otherwise be
+# linked into every JavaScript plugin, used or not); stdio, clocks and random
+# stay (console.log goes to the step log).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
