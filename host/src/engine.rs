@@ -213,14 +213,14 @@ impl Engine {
 /// engine's compatibility hash (wasmtime version and every setting that
 /// changes machine code), so a stale entry is never even looked up.
 ///
-/// Each entry starts with a magic and the sha256 of the rest: a torn or
-/// corrupt file is detected, deleted and rebuilt, never handed to wasmtime.
+/// An entry is the serialized component (`.cwasm`), memory-mapped when loaded
+/// (no copy: a 40 MB Python component costs page cache, not heap), and a
+/// `.b3` file with the BLAKE3 hash of it, checked before wasmtime sees the
+/// bytes: a torn or corrupt entry is deleted and rebuilt.
 #[derive(Debug, Clone)]
 pub struct CodeCache {
     dir: std::path::PathBuf,
 }
-
-const CACHE_MAGIC: &[u8; 8] = b"TRLSCWA1";
 
 impl CodeCache {
     pub fn new(dir: impl Into<std::path::PathBuf>) -> CodeCache {
@@ -243,23 +243,21 @@ impl CodeCache {
         digest: &str,
         compile: impl FnOnce() -> wasmtime::Result<wasmtime::component::Component>,
     ) -> wasmtime::Result<wasmtime::component::Component> {
-        use sha2::{Digest, Sha256};
         let path = self.path(engine, digest);
-        if let Ok(bytes) = std::fs::read(&path) {
-            let header = CACHE_MAGIC.len() + 32;
-            let valid = bytes.len() > header
-                && &bytes[..CACHE_MAGIC.len()] == CACHE_MAGIC
-                && bytes[CACHE_MAGIC.len()..header] == Sha256::digest(&bytes[header..])[..];
-            if valid {
-                // SAFETY: wasmtime requires that the bytes came from
-                // `Component::serialize` of a compatible engine. This file
-                // was written by `store` below with exactly that, its name
-                // carries the engine's compatibility hash, and its checksum
-                // was verified just now, so it is the bytes we wrote.
+        let sum = path.with_extension("b3");
+        if path.exists() {
+            let expected = std::fs::read_to_string(&sum).ok();
+            let actual = hash_file(&path).ok();
+            if expected.is_some() && expected == actual {
+                // SAFETY: wasmtime requires that the file came from
+                // `Component::serialize` of a compatible engine and is not
+                // changed while mapped. It was written by `store` below with
+                // exactly that (its name carries the engine's compatibility
+                // hash), its hash was checked just now, and entries are only
+                // ever replaced by rename, never written in place.
                 #[allow(unsafe_code)]
-                let loaded = unsafe {
-                    wasmtime::component::Component::deserialize(engine, &bytes[header..])
-                };
+                let loaded =
+                    unsafe { wasmtime::component::Component::deserialize_file(engine, &path) };
                 match loaded {
                     Ok(component) => return Ok(component),
                     Err(err) => {
@@ -270,6 +268,7 @@ impl CodeCache {
                 tracing::warn!(path = %path.display(), "corrupt compiled-code cache entry; recompiling");
             }
             let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(&sum);
         }
         let component = compile()?;
         if let Err(err) = self.store(&path, &component) {
@@ -283,19 +282,26 @@ impl CodeCache {
         path: &std::path::Path,
         component: &wasmtime::component::Component,
     ) -> anyhow::Result<()> {
-        use sha2::{Digest, Sha256};
         let code = component.serialize()?;
         std::fs::create_dir_all(&self.dir)?;
-        let mut bytes = Vec::with_capacity(CACHE_MAGIC.len() + 32 + code.len());
-        bytes.extend_from_slice(CACHE_MAGIC);
-        bytes.extend_from_slice(&Sha256::digest(&code));
-        bytes.extend_from_slice(&code);
-        // Write then rename: a reader never sees half a file.
+        // Write then rename: a reader never sees half a file. The hash goes
+        // last: until it is there the entry does not count.
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, &bytes)?;
+        std::fs::write(&tmp, &code)?;
         std::fs::rename(&tmp, path)?;
+        let sum = path.with_extension("b3");
+        let tmp = sum.with_extension(format!("b3tmp{}", std::process::id()));
+        std::fs::write(&tmp, blake3::hash(&code).to_hex().as_bytes())?;
+        std::fs::rename(&tmp, sum)?;
         Ok(())
     }
+}
+
+/// The BLAKE3 hash of a file, in hex, read in chunks (not into memory whole).
+fn hash_file(path: &std::path::Path) -> std::io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(std::fs::File::open(path)?)?;
+    Ok(hasher.finalize().to_hex().to_string())
 }
 
 #[cfg(test)]
@@ -344,10 +350,9 @@ mod tests {
 
         let entry = std::fs::read_dir(dir.path())
             .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+            .map(|entry| entry.unwrap().path())
+            .find(|path| path.extension().is_some_and(|e| e == "cwasm"))
+            .unwrap();
         let mut bytes = std::fs::read(&entry).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
@@ -360,5 +365,11 @@ mod tests {
         std::fs::write(&entry, b"short").unwrap();
         compile_counting(&engine, &cache, &mut compiles);
         assert_eq!(compiles, 3, "a truncated entry is rebuilt");
+
+        std::fs::remove_file(entry.with_extension("b3")).unwrap();
+        compile_counting(&engine, &cache, &mut compiles);
+        assert_eq!(compiles, 4, "an entry without its hash is rebuilt");
+        compile_counting(&engine, &cache, &mut compiles);
+        assert_eq!(compiles, 4);
     }
 }
