@@ -211,8 +211,19 @@ impl PluginRegistry {
         let owned = bytes.to_vec();
         let cache = self.cache.clone();
         let key = digest.clone();
+        let label = match &path {
+            Some(path) => path.display().to_string(),
+            None => format!("sha256:{}", &digest[..12]),
+        };
         let component = tokio::task::spawn_blocking(move || {
-            let compile = || Component::new(engine.wasmtime(), &owned);
+            // Only on a cache miss: seconds for a Python or JavaScript plugin.
+            let compile = || {
+                let started = std::time::Instant::now();
+                tracing::info!(plugin = %label, "compiling (first load; the code is cached afterwards)");
+                let compiled = Component::new(engine.wasmtime(), &owned);
+                tracing::info!(plugin = %label, elapsed_ms = started.elapsed().as_millis() as u64, "compiled");
+                compiled
+            };
             match cache {
                 Some(cache) => cache.get_or_compile(engine.wasmtime(), &key, compile),
                 None => compile(),
