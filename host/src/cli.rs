@@ -190,10 +190,10 @@ impl PluginDirs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // Once, now that the flags say how.
-    crate::telemetry::init(match &cli.command {
-        Command::Serve(args) => args.log_format,
-        _ => LogFormat::Text,
-    });
+    match &cli.command {
+        Command::Serve(args) => crate::telemetry::init(args.log_format, "info"),
+        _ => crate::telemetry::init(LogFormat::Text, "warn"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("trellis-worker")

@@ -30,21 +30,22 @@ pub enum LogFormat {
 }
 
 /// Logs to stderr in `format`, filtered by `TRELLIS_LOG` (e.g. `info`,
-/// `trellis=debug`); warnings and errors by default. A second call does nothing.
-pub fn init(format: LogFormat) {
+/// `trellis=debug`), else by `default` (`warn` for the CLI, `info` for a
+/// server's lifecycle). A second call does nothing.
+pub fn init(format: LogFormat, default: &str) {
     let (filter, bad_filter) = match std::env::var("TRELLIS_LOG") {
         Ok(directives) if !directives.is_empty() => match EnvFilter::try_new(&directives) {
             Ok(filter) => (filter, None),
-            Err(error) => (EnvFilter::new("warn"), Some((directives, error))),
+            Err(error) => (EnvFilter::new(default), Some((directives, error))),
         },
-        _ => (EnvFilter::new("warn"), None),
+        _ => (EnvFilter::new(default), None),
     };
     let installed = subscriber(format, filter, std::io::stderr).try_init();
     if installed.is_ok()
         && let Some((directives, error)) = bad_filter
     {
         tracing::warn!(
-            "ignoring TRELLIS_LOG=\"{directives}\" ({error}); logging warnings and errors"
+            "ignoring TRELLIS_LOG=\"{directives}\" ({error}); logging at the default level"
         );
     }
 }
