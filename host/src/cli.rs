@@ -488,15 +488,24 @@ async fn list(dirs: &PluginDirs, cache: Option<CodeCache>, json: bool) -> Result
         let list: Vec<Value> = registry.list().iter().map(|p| plugin_json(p)).collect();
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {
+        let plugins = registry.list();
+        // Columns as wide as their longest value.
+        let name = plugins.iter().map(|p| p.name.len()).max().unwrap_or(0).max(4);
+        let version = plugins
+            .iter()
+            .map(|p| p.version.to_string().len())
+            .max()
+            .unwrap_or(0)
+            .max(7);
         println!(
-            "{:<16} {:<9} {:>9}  {:<19} DESCRIPTION",
+            "{:<name$} {:<version$} {:>9}  {:<19} DESCRIPTION",
             "NAME", "VERSION", "SIZE", "DIGEST"
         );
-        for plugin in registry.list() {
+        for plugin in plugins {
             println!(
-                "{:<16} {:<9} {:>9}  sha256:{:<12} {}",
+                "{:<name$} {:<version$} {:>9}  sha256:{:<12} {}",
                 plugin.name,
-                plugin.version,
+                plugin.version.to_string(),
                 bytesize::ByteSize(plugin.size).to_string(),
                 &plugin.digest[..12],
                 plugin.description

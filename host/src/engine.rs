@@ -264,6 +264,9 @@ impl CodeCache {
                         tracing::warn!(path = %path.display(), error = %err, "unusable compiled-code cache entry; recompiling")
                     }
                 }
+            } else if expected.is_none() {
+                // Torn between the two renames, or written by an older build.
+                tracing::debug!(path = %path.display(), "compiled-code cache entry without its hash; recompiling");
             } else {
                 tracing::warn!(path = %path.display(), "corrupt compiled-code cache entry; recompiling");
             }
