@@ -85,7 +85,7 @@ impl Budget {
     }
 }
 
-/// Budgets in normal mode (about 80 s over everything in a release build).
+/// Budgets in normal mode: about a minute over everything in a release build.
 const FAST_CALL: Budget = Budget::new(500, 2_000, 100_000, 2_500);
 const SHORT_RUN: Budget = Budget::new(100, 500, 50_000, 3_000);
 const MEDIUM_RUN: Budget = Budget::new(20, 100, 10_000, 3_000);
@@ -502,7 +502,7 @@ impl Bench {
             let per_second = runs as f64 / elapsed;
             let latency = samples.median();
             let note = format!(
-                "{runs} runs in {elapsed:.1} s; latency median {:.0} µs, {}",
+                "{runs} runs in {elapsed:.2} s; latency median {:.0} µs, {}",
                 latency,
                 samples.note("µs").replace(&format!("n={runs}, "), "")
             );
@@ -528,7 +528,7 @@ impl Bench {
             let per_second = runs as f64 / elapsed;
             let amortised = 1e6 / per_second / workload.steps as f64;
             let note = format!(
-                "{runs} runs in {elapsed:.1} s, {CONCURRENT_RUNS} at a time; latency median {:.1} ms, p99 {:.1} ms; {amortised:.1} µs of wall time per step",
+                "{runs} runs in {elapsed:.2} s; latency median {:.1} ms, p99 {:.1} ms; {amortised:.1} µs of wall time per step",
                 median(&mut latencies) / 1000.0,
                 percentile(&mut latencies, 99.0) / 1000.0,
             );
