@@ -959,7 +959,6 @@ fn replay(run: &RunRecord) -> Vec<RunEvent> {
 struct ActiveRun {
     cancel: CancellationToken,
     state: Mutex<ActiveState>,
-    live: broadcast::Sender<RunEvent>,
     done: watch::Sender<Option<RunRecord>>,
 }
 
@@ -968,6 +967,9 @@ struct ActiveState {
     events: Vec<RunEvent>,
     logs_kept: usize,
     seq: u64,
+    /// Made by the first subscriber: a channel preallocates its buffer
+    /// (`EVENT_BUFFER` events, ~0.3 MiB), and most runs are never followed.
+    live: Option<broadcast::Sender<RunEvent>>,
 }
 
 impl ActiveRun {
@@ -981,8 +983,8 @@ impl ActiveRun {
                 logs_kept: 0,
                 events,
                 seq,
+                live: None,
             }),
-            live: broadcast::channel(EVENT_BUFFER).0,
             done: watch::channel(None).0,
         }
     }
@@ -992,11 +994,15 @@ impl ActiveRun {
     }
 
     fn subscribe(&self) -> EventSubscription {
-        let state = self.state.lock().unwrap();
+        let mut state = self.state.lock().unwrap();
         // Under the lock: no event falls between the replay and the receiver.
+        let live = state
+            .live
+            .get_or_insert_with(|| broadcast::channel(EVENT_BUFFER).0)
+            .subscribe();
         EventSubscription {
             replay: state.events.clone(),
-            live: Some(self.live.subscribe()),
+            live: Some(live),
         }
     }
 
@@ -1011,7 +1017,9 @@ impl ActiveRun {
             state.logs_kept += usize::from(is_log);
             state.events.push(event.clone());
         }
-        let _ = self.live.send(event);
+        if let Some(live) = &state.live {
+            let _ = live.send(event);
+        }
     }
 
     fn finish(&self, record: RunRecord) {
