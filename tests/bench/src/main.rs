@@ -39,6 +39,10 @@ pub struct Options {
     /// The `trellis` binary the system part starts (a release build).
     #[arg(long, default_value = "target/release/trellis")]
     pub trellis: PathBuf,
+    /// Also write the table into this markdown file, between the lines
+    /// `<!-- results:start -->` and `<!-- results:end -->` (BENCHMARKS.md).
+    #[arg(long, value_name = "FILE")]
+    pub update: Option<PathBuf>,
 }
 
 impl Options {
@@ -69,5 +73,72 @@ fn main() -> anyhow::Result<()> {
         "wrote {}/results.{{md,json}} and per-step.svg",
         options.out.display()
     );
+    if let Some(doc) = &options.update {
+        let text = std::fs::read_to_string(doc)?;
+        let updated = splice(&text, &table, &machine())
+            .ok_or_else(|| anyhow::anyhow!("{} has no results markers", doc.display()))?;
+        std::fs::write(doc, updated)?;
+        eprintln!("updated the table in {}", doc.display());
+    }
     Ok(())
+}
+
+/// `text` with what is between the results markers replaced by `table`
+/// (headed by the machine it ran on).
+fn splice(text: &str, table: &str, machine: &str) -> Option<String> {
+    const START: &str = "<!-- results:start -->";
+    const END: &str = "<!-- results:end -->";
+    let start = text.find(START)? + START.len();
+    let end = start + text[start..].find(END)?;
+    Some(format!(
+        "{}\n{machine}\n\n{table}{}",
+        &text[..start],
+        &text[end..]
+    ))
+}
+
+/// The machine, for the record: CPU model and count, memory, kernel, date.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_owned()))
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let when = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "Measured {when} on {cpus} x {model}, {memory} RAM, Linux {}.",
+        kernel.trim()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_table_replaces_what_is_between_the_markers() {
+        let doc = "# B\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n";
+        let out = super::splice(doc, "| t |\n", "On M.").unwrap();
+        assert_eq!(
+            out,
+            "# B\n<!-- results:start -->\nOn M.\n\n| t |\n<!-- results:end -->\nafter\n"
+        );
+        assert!(super::splice("no markers", "x", "m").is_none());
+    }
 }
