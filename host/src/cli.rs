@@ -490,7 +490,12 @@ async fn list(dirs: &PluginDirs, cache: Option<CodeCache>, json: bool) -> Result
     } else {
         let plugins = registry.list();
         // Columns as wide as their longest value.
-        let name = plugins.iter().map(|p| p.name.len()).max().unwrap_or(0).max(4);
+        let name = plugins
+            .iter()
+            .map(|p| p.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(4);
         let version = plugins
             .iter()
             .map(|p| p.version.to_string().len())
