@@ -272,6 +272,15 @@ impl Executor {
                 observer.step_finished(&step_record);
             }
             record.steps[index] = step_record;
+            // Stored before any step that needs it starts: after a crash, a
+            // finished step keeps its output and is not run again.
+            if let Some(store) = &options.store
+                && let Err(err) = store
+                    .save_step(&run.run_id, index, &record.steps[index])
+                    .await
+            {
+                tracing::error!(run_id = %run.run_id, step = %step.id, error = %err, "cannot store the finished step");
+            }
             for &dependent in &dependents[index] {
                 waiting[dependent] -= 1;
                 if waiting[dependent] == 0

@@ -141,3 +141,46 @@ fn an_uploaded_workflow_survives_a_restart() {
         serde_json::json!({ "echo": "kept" })
     );
 }
+
+/// A step that finished before the kill keeps its one attempt and its output:
+/// it is stored when it finishes, not only when the run does.
+#[test]
+fn a_step_finished_before_a_kill_is_not_run_again() {
+    let server = Serve::new().workflow("durable.toml", DURABLE).start();
+    let reply = server.post("/v1/workflows/durable/runs", r#"{"n": 7, "ms": 3000}"#);
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+    // Wait until `first` has finished and `nap` is sleeping.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let run = server.get(&format!("/v1/runs/{id}")).json();
+        if step(&run, "first")["status"] == "succeeded" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "`first` never finished: {run:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let dir = server.crash();
+
+    let server = Serve::in_dir(dir).start();
+    let run = server.wait_for_run(&id);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let first = step(&run, "first");
+    assert_eq!(
+        first["attempts"].as_array().unwrap().len(),
+        1,
+        "`first` ran again after the restart: {first:#}"
+    );
+    assert_eq!(first["output"]["counter"], 1, "{first:#}");
+    // `nap` was cut short: its interrupted attempt, then the one that finished.
+    let nap = step(&run, "nap");
+    assert_eq!(nap["attempts"].as_array().unwrap().len(), 2, "{nap:#}");
+    assert_eq!(
+        nap["attempts"][0]["error"]["kind"], "interrupted",
+        "{nap:#}"
+    );
+}
