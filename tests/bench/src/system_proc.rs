@@ -1,7 +1,7 @@
 //! Processes the system part starts and watches: a `trellis serve` child on a
 //! loopback port of its own, and what `/proc` says about it (RSS, CPU time).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -177,6 +177,23 @@ impl Server {
     /// User + system CPU seconds the server has used.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
         cpu_seconds(&format!("/proc/{}/stat", self.pid()))
+    }
+
+    /// CPU seconds per thread name (`trellis-worker`, `trellis-store-w`...),
+    /// of the threads alive now.
+    pub fn thread_cpu_seconds(&self) -> anyhow::Result<BTreeMap<String, f64>> {
+        let mut by_name = BTreeMap::new();
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid()))? {
+            let dir = task?.path();
+            let (Ok(name), Ok(cpu)) = (
+                std::fs::read_to_string(dir.join("comm")),
+                cpu_seconds(&dir.join("stat").to_string_lossy()),
+            ) else {
+                continue; // the thread ended meanwhile
+            };
+            *by_name.entry(name.trim().to_owned()).or_insert(0.0) += cpu;
+        }
+        Ok(by_name)
     }
 
     /// The server's Prometheus metrics.
