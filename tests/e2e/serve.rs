@@ -1009,7 +1009,7 @@ fn sigterm_stops_the_server_gracefully() {
     let mut server = Serve::new()
         .workflow("nap.toml", NAP)
         .args(&["--log-format", "json"])
-        .env("TRELLIS_LOG", "info")
+        .env("TRELLIS_LOG", "debug")
         .start();
     let done = server.post("/v1/workflows/nap/runs?wait=30s", r#"{"ms": 1}"#);
     assert_eq!(done.status, 200);
@@ -1057,6 +1057,7 @@ fn sigterm_stops_the_server_gracefully() {
             .any(|log| log["fields"]["message"] == "listening"),
         "{stderr}"
     );
+    // Requests are logged at debug.
     assert!(
         logs.iter().any(|log| log["span"]["name"] == "request"),
         "{stderr}"
