@@ -53,7 +53,7 @@ fn invocation(input: &str, state: &Arc<MemoryStateStore>) -> Invocation {
         attempt: 1,
         input: input.into(),
         config: BTreeMap::new(),
-        secrets: BTreeMap::new(),
+        secrets: Default::default(),
         allow_hosts: Arc::from([]),
         limits: Limits::default(),
         state: state.clone(),

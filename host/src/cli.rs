@@ -237,14 +237,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             config,
         } => {
             // Secret names are checked only against a configuration that exists.
-            let secrets = match &config {
-                Some(_) => Some(Config::load(config.as_deref(), &Overrides::default())?),
-                None if Path::new(crate::config::DEFAULT_FILE).is_file() => {
-                    Some(Config::load(None, &Overrides::default())?)
-                }
-                None => None,
-            }
-            .map(|config| Secrets::new(config.secrets));
+            let secrets = if config.is_some() || Path::new(crate::config::DEFAULT_FILE).is_file() {
+                let config = Config::load(config.as_deref(), &Overrides::default())?;
+                Some(Secrets::new(config.secrets))
+            } else {
+                None
+            };
             validate(&workflows, &plugins, cache, secrets.as_ref()).await
         }
         Command::Plugins(PluginsCommand::List { plugins, json }) => {

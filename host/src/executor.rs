@@ -22,7 +22,7 @@ use crate::record::{
     AttemptRecord, ErrorKind, ErrorRecord, LogLine, Progress, RunError, RunRecord, RunStatus,
     StepRecord, StepStatus, new_run_id, now_rfc3339,
 };
-use crate::secrets::Secrets;
+use crate::secrets::{Granted, Secrets};
 use crate::store::Store;
 use crate::telemetry;
 use crate::workflow::{OnFailure, Plan, Scope};
@@ -504,8 +504,21 @@ impl RunContext {
             }
         }
 
+        // Read once for every attempt and item of the step.
+        let secrets = match Granted::read(&self.executor.inner.secrets, &step.secrets) {
+            Ok(granted) => Arc::new(granted),
+            Err(err) => {
+                let error = ErrorRecord {
+                    kind: ErrorKind::Secret,
+                    message: err.to_string(),
+                    retryable: false,
+                    details: None,
+                };
+                return fail(record, error);
+            }
+        };
         let (result, attempts) = match &step.for_each {
-            None => self.clone().run_instance(index, scope, None).await,
+            None => self.clone().run_instance(index, scope, None, secrets).await,
             Some(for_each) => {
                 let items = match templates.render_list(for_each, &scope) {
                     Ok(items) => items,
@@ -518,10 +531,12 @@ impl RunContext {
                 for (position, item) in items.iter().enumerate() {
                     let run = self.clone();
                     let scope = scope.with_item(item, position);
+                    let secrets = secrets.clone();
                     tasks.spawn(async move {
                         (
                             position,
-                            run.run_instance(index, scope, Some(position)).await,
+                            run.run_instance(index, scope, Some(position), secrets)
+                                .await,
                         )
                     });
                 }
@@ -616,6 +631,7 @@ impl RunContext {
         index: usize,
         scope: Scope,
         item: Option<usize>,
+        secrets: Arc<Granted>,
     ) -> InstanceResult {
         let step = &self.plan.steps[index];
         let templates = &self.plan.templates;
@@ -632,18 +648,6 @@ impl RunContext {
                 Err(err) => return (Err(template_error(err.to_string())), Vec::new()),
             };
         }
-        let secrets = match self.executor.inner.secrets.resolve(&step.secrets) {
-            Ok(values) => values,
-            Err(err) => {
-                let error = ErrorRecord {
-                    kind: ErrorKind::Secret,
-                    message: err.to_string(),
-                    retryable: false,
-                    details: None,
-                };
-                return (Err(error), Vec::new());
-            }
-        };
         let limits = step.limits.apply(self.executor.inner.defaults);
         let events: Option<Arc<dyn StepEvents>> = self.observer.as_ref().map(|observer| {
             Arc::new(ForwardEvents {

@@ -1,9 +1,9 @@
 //! Secrets: `[secrets]` of `trellis.toml`, granted to a step by name
 //! (`secrets = ["api_token"]`) and read by its plugin through `host.config`.
 //!
-//! Values are read when an attempt of a step that names them starts (so a
-//! rotated file is picked up without a restart) and live only in that
-//! attempt's sandbox. Everything the attempt leaves behind (its output, its
+//! Values are read when a step that names them starts (so a rotated file is
+//! picked up without a restart), once for all its attempts and `for_each`
+//! items, and live only in their sandboxes. Everything the attempt leaves behind (its output, its
 //! error, its log lines and progress, and so the run record, the events and
 //! the host's own logs) passes through a [`Redactor`] that replaces each value
 //! with [`REDACTED`]. As with CI systems that mask secrets, a value that the
@@ -12,6 +12,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use aho_corasick::AhoCorasick;
 use serde_json::Value;
@@ -64,11 +65,6 @@ impl Secrets {
         self.sources.contains_key(name)
     }
 
-    /// The first of `names` that is not configured.
-    pub fn first_unknown<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-        names.into_iter().find(|name| !self.contains(name))
-    }
-
     /// Reads the values of `names`. A file's content loses one trailing
     /// newline (as `echo token > file` writes it).
     pub fn resolve(&self, names: &[String]) -> Result<BTreeMap<String, String>, SecretError> {
@@ -107,6 +103,36 @@ impl Secrets {
             values.insert(name.clone(), value);
         }
         Ok(values)
+    }
+}
+
+/// What one step was granted: the values of the secrets it names and the
+/// redactor of those values, made once per step and shared by its attempts.
+#[derive(Debug, Default)]
+pub struct Granted {
+    values: BTreeMap<String, String>,
+    redactor: Option<Arc<Redactor>>,
+}
+
+impl Granted {
+    /// The values of `names`, read now.
+    pub fn read(secrets: &Secrets, names: &[String]) -> Result<Granted, SecretError> {
+        if names.is_empty() {
+            return Ok(Granted::default());
+        }
+        let values = secrets.resolve(names)?;
+        let redactor = Redactor::new(values.values().map(String::as_str)).map(Arc::new);
+        Ok(Granted { values, redactor })
+    }
+
+    /// The value of the granted secret `name`.
+    pub fn get(&self, name: &str) -> Option<&String> {
+        self.values.get(name)
+    }
+
+    /// Masks the granted values; `None` when nothing was granted.
+    pub fn redactor(&self) -> Option<&Arc<Redactor>> {
+        self.redactor.as_ref()
     }
 }
 
@@ -280,7 +306,5 @@ mod tests {
             error("other"),
             "secret \"other\" is not configured: add it to [secrets] in trellis.toml"
         );
-        assert_eq!(secrets.first_unknown(["db", "x", "y"]), Some("x"));
-        assert_eq!(secrets.first_unknown(["db"]), None);
     }
 }

@@ -147,3 +147,17 @@ pub mod __private {
             .map_err(|err| TaskError::fatal(format!("output is not JSON: {err}")))
     }
 }
+
+/// Typed input from a JSON value, with an error that names the field that
+/// does not fit (`invalid input: field `mode`: unknown variant ...`). For a
+/// task that takes `serde_json::Value` and checks it in steps.
+pub fn parse_input<T: DeserializeOwned>(input: serde_json::Value) -> Result<T, TaskError> {
+    serde_path_to_error::deserialize(input).map_err(|err| {
+        let path = err.path().to_string();
+        let err = err.into_inner();
+        match path.as_str() {
+            "." => TaskError::fatal(format!("invalid input: {err}")),
+            _ => TaskError::fatal(format!("invalid input: field `{path}`: {err}")),
+        }
+    })
+}

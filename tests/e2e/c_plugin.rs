@@ -34,20 +34,7 @@ fn c_plugins() -> &'static str {
 fn run(workflow: &str, input: Option<&str>) -> (Outcome, Value) {
     let sandbox = Sandbox::new();
     let path = sandbox.write("workflow.toml", workflow);
-    let mut cmd = trellis();
-    cmd.arg("run").arg(&path).arg("--json");
-    for dir in [EXAMPLE_PLUGINS, c_plugins()] {
-        cmd.args(["--plugin-dir", dir]);
-    }
-    if let Some(input) = input {
-        cmd.args(["--input", input]);
-    }
-    let output = cmd.output().unwrap();
-    let outcome = Outcome {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
+    let outcome = run_with_dirs(&path, input, &[EXAMPLE_PLUGINS, c_plugins()], &["--json"]);
     let record = outcome.json();
     (outcome, record)
 }

@@ -25,20 +25,8 @@ pub(crate) fn polyglot() -> &'static str {
 
 /// `trellis run PATH --json` with the example, fixture and polyglot plugin dirs.
 fn run_path(path: &Path, input: Option<&str>) -> (Outcome, Value) {
-    let mut cmd = trellis();
-    cmd.arg("run").arg(path).arg("--json");
-    for dir in [EXAMPLE_PLUGINS, FIXTURE_PLUGINS, polyglot()] {
-        cmd.args(["--plugin-dir", dir]);
-    }
-    if let Some(input) = input {
-        cmd.args(["--input", input]);
-    }
-    let output = cmd.output().unwrap();
-    let outcome = Outcome {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
+    let dirs = [EXAMPLE_PLUGINS, FIXTURE_PLUGINS, polyglot()];
+    let outcome = run_with_dirs(path, input, &dirs, &["--json"]);
     let record = outcome.json();
     (outcome, record)
 }

@@ -134,13 +134,16 @@ impl Sandbox {
 
 /// `trellis run PATH` with both plugin dirs.
 pub fn run_file(path: &Path, input: Option<&str>, extra: &[&str]) -> Outcome {
+    run_with_dirs(path, input, &[EXAMPLE_PLUGINS, FIXTURE_PLUGINS], extra)
+}
+
+/// `trellis run PATH` with these plugin dirs.
+pub fn run_with_dirs(path: &Path, input: Option<&str>, dirs: &[&str], extra: &[&str]) -> Outcome {
     let mut cmd = trellis();
-    cmd.arg("run").arg(path).args([
-        "--plugin-dir",
-        EXAMPLE_PLUGINS,
-        "--plugin-dir",
-        FIXTURE_PLUGINS,
-    ]);
+    cmd.arg("run").arg(path);
+    for dir in dirs {
+        cmd.args(["--plugin-dir", dir]);
+    }
     if let Some(input) = input {
         cmd.args(["--input", input]);
     }

@@ -324,16 +324,13 @@ impl WasiHttpHooks for HttpPolicy {
             .line(LogStream::Host, LogLevel::Debug, format!("http: {target}"));
 
         let request = request.map(|body| {
-            Bounded {
-                inner: body,
-                seen: 0,
-                max: self.max_request_body,
-                side: Side::Request,
-                target: target.clone(),
-                log: self.log.clone(),
-                over: None,
-            }
-            .boxed_unsync()
+            Bounded::wrap(
+                body,
+                self.max_request_body,
+                Side::Request,
+                target.clone(),
+                self.log.clone(),
+            )
         });
         let max_response_body = self.max_response_body;
         let log = self.log.clone();
@@ -356,16 +353,13 @@ impl WasiHttpHooks for HttpPolicy {
                 format!("http: {target} -> {}", response.status()),
             );
             let response = response.map(|body| {
-                Bounded {
-                    inner: body.boxed_unsync(),
-                    seen: 0,
-                    max: max_response_body,
-                    side: Side::Response,
+                Bounded::wrap(
+                    body.boxed_unsync(),
+                    max_response_body,
+                    Side::Response,
                     target,
                     log,
-                    over: None,
-                }
-                .boxed_unsync()
+                )
             });
             Ok((
                 response,
@@ -402,6 +396,22 @@ struct Bounded {
     log: LogSink,
     /// Set when `max` was reached inside a frame: the error the next poll gives.
     over: Option<HttpError>,
+}
+
+impl Bounded {
+    /// `body`, passing its first `max` bytes, then failing.
+    fn wrap(body: WasiBody, max: u64, side: Side, target: String, log: LogSink) -> WasiBody {
+        Bounded {
+            inner: body,
+            seen: 0,
+            max,
+            side,
+            target,
+            log,
+            over: None,
+        }
+        .boxed_unsync()
+    }
 }
 
 impl Body for Bounded {

@@ -23,7 +23,7 @@ use super::bindings::{StepContext, TaskPre};
 use super::http::{HostPattern, HttpPolicy};
 use crate::engine::{Engine, Limits};
 use crate::record::{ErrorKind, ErrorRecord, LogLevel, LogLine, LogStream, Progress, now_rfc3339};
-use crate::secrets::Redactor;
+use crate::secrets::{Granted, Redactor};
 
 /// Bytes a table element is counted as against the step's memory limit.
 const TABLE_ELEMENT_BYTES: u64 = 8;
@@ -91,7 +91,7 @@ pub struct Invocation {
     /// The values of the secrets the step names, readable through
     /// `host.config` like `config` and masked in everything the attempt
     /// leaves behind.
-    pub secrets: BTreeMap<String, String>,
+    pub secrets: Arc<Granted>,
     /// Where the step may send HTTP requests.
     pub allow_hosts: Arc<[HostPattern]>,
     pub limits: Limits,
@@ -131,7 +131,7 @@ pub struct StepState {
     http: WasiHttpCtx,
     http_policy: HttpPolicy,
     config: BTreeMap<String, String>,
-    redactor: Option<Arc<Redactor>>,
+    secrets: Arc<Granted>,
     state: Arc<dyn StateStore>,
     state_scope: String,
     progress: Option<Progress>,
@@ -146,7 +146,7 @@ impl StepState {
         StepState::new(
             limits,
             BTreeMap::new(),
-            BTreeMap::new(),
+            Arc::default(),
             Arc::from([]),
             Arc::new(MemoryStateStore::default()),
             String::new(),
@@ -158,18 +158,15 @@ impl StepState {
     #[allow(clippy::too_many_arguments)]
     fn new(
         limits: &Limits,
-        mut config: BTreeMap<String, String>,
-        secrets: BTreeMap<String, String>,
+        config: BTreeMap<String, String>,
+        secrets: Arc<Granted>,
         allow_hosts: Arc<[HostPattern]>,
         state: Arc<dyn StateStore>,
         state_scope: String,
         events: Option<Arc<dyn StepEvents>>,
         cancel: CancellationToken,
     ) -> StepState {
-        let redactor = Redactor::new(secrets.values().map(String::as_str)).map(Arc::new);
-        // The validator refuses a config key that is also a secret's name.
-        config.extend(secrets);
-        let log = LogSink::new(limits.max_log, events.clone(), redactor.clone());
+        let log = LogSink::new(limits.max_log, events.clone(), secrets.redactor().cloned());
         let http_policy = HttpPolicy::new(allow_hosts, limits, log.clone());
         // Deny by default: no preopened directories, no environment, no
         // arguments, no sockets; stdout and stderr go into the step log.
@@ -197,7 +194,7 @@ impl StepState {
             http: WasiHttpCtx::new(),
             http_policy,
             config,
-            redactor,
+            secrets,
             state,
             state_scope,
             progress: None,
@@ -308,7 +305,7 @@ pub(crate) async fn invoke(
         Err(err) => Err(classify(&err, &data, &limits)),
     };
     let mut result = result;
-    if let Some(redactor) = &data.redactor {
+    if let Some(redactor) = data.secrets.redactor() {
         match &mut result {
             Ok(output) => redactor.json(output),
             Err(error) => {
@@ -761,7 +758,12 @@ impl host::Host for StepState {
     }
 
     async fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.config.get(&key).cloned())
+        // The validator refuses a config key that is also a secret's name.
+        Ok(self
+            .config
+            .get(&key)
+            .or_else(|| self.secrets.get(&key))
+            .cloned())
     }
 
     async fn progress(&mut self, fraction: f32, message: String) -> wasmtime::Result<()> {
@@ -771,7 +773,7 @@ impl host::Host for StepState {
             0.0
         };
         let mut message = cut(message);
-        if let Some(redactor) = &self.redactor {
+        if let Some(redactor) = self.secrets.redactor() {
             redactor.string(&mut message);
         }
         let progress = Progress { fraction, message };

@@ -48,7 +48,6 @@
 
 use std::collections::BTreeMap;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use trellis_sdk::{StepContext, TaskError};
@@ -146,7 +145,7 @@ enum Output {
 }"#
 )]
 fn run(_ctx: &StepContext, input: Value) -> Result<Output, TaskError> {
-    let input: Input = parse_input(input)?;
+    let input: Input = trellis_sdk::parse_input(input)?;
     let modes = [
         input.values.is_some(),
         input.text.is_some(),
@@ -279,16 +278,4 @@ fn word_stats(counts: BTreeMap<String, u64>, top: usize) -> WordStats {
         top,
         counts,
     }
-}
-
-/// Typed input, naming the field that does not fit (`values[2]: invalid type: ...`).
-fn parse_input<T: DeserializeOwned>(input: Value) -> Result<T, TaskError> {
-    serde_path_to_error::deserialize(input).map_err(|err| {
-        let path = err.path().to_string();
-        let err = err.into_inner();
-        match path.as_str() {
-            "." => TaskError::fatal(format!("invalid input: {err}")),
-            _ => TaskError::fatal(format!("invalid input: field `{path}`: {err}")),
-        }
-    })
 }

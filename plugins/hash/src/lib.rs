@@ -17,7 +17,6 @@
 //! Errors (fatal): `data` missing; unknown `algorithm` or `encoding`.
 
 use base64::Engine as _;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Digest as _;
@@ -84,7 +83,7 @@ struct Output {
 }"#
 )]
 fn run(_ctx: &StepContext, input: Value) -> Result<Output, TaskError> {
-    let input: Input = parse_input(input)?;
+    let input: Input = trellis_sdk::parse_input(input)?;
     let bytes = match input.data {
         Value::String(text) => text.into_bytes(),
         mut other => {
@@ -109,17 +108,5 @@ fn run(_ctx: &StepContext, input: Value) -> Result<Output, TaskError> {
         algorithm: input.algorithm,
         digest,
         bytes: bytes.len(),
-    })
-}
-
-/// Typed input, naming the field that does not fit (`algorithm: unknown variant ...`).
-fn parse_input<T: DeserializeOwned>(input: Value) -> Result<T, TaskError> {
-    serde_path_to_error::deserialize(input).map_err(|err| {
-        let path = err.path().to_string();
-        let err = err.into_inner();
-        match path.as_str() {
-            "." => TaskError::fatal(format!("invalid input: {err}")),
-            _ => TaskError::fatal(format!("invalid input: field `{path}`: {err}")),
-        }
     })
 }

@@ -30,7 +30,6 @@
 
 use std::collections::BTreeMap;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use trellis_sdk::{StepContext, TaskError};
@@ -126,7 +125,7 @@ struct Response {
 }"#
 )]
 fn run(_ctx: &StepContext, input: Value) -> Result<Output, TaskError> {
-    let input: Input = parse_input(input)?;
+    let input: Input = trellis_sdk::parse_input(input)?;
     let mut headers: Vec<(String, String)> = Vec::new();
     for (name, value) in &input.headers {
         match value {
@@ -423,16 +422,4 @@ fn describe(code: &ErrorCode) -> String {
         ErrorCode::DnsError(_) => "the host name does not resolve".to_owned(),
         other => format!("{other:?}"),
     }
-}
-
-/// Typed input, naming the field that does not fit.
-fn parse_input<T: DeserializeOwned>(input: Value) -> Result<T, TaskError> {
-    serde_path_to_error::deserialize(input).map_err(|err| {
-        let path = err.path().to_string();
-        let err = err.into_inner();
-        match path.as_str() {
-            "." => TaskError::fatal(format!("invalid input: {err}")),
-            _ => TaskError::fatal(format!("invalid input: field `{path}`: {err}")),
-        }
-    })
 }

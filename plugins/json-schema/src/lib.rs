@@ -25,7 +25,6 @@
 //!
 //! [jsonschema]: https://docs.rs/jsonschema
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use trellis_sdk::{StepContext, TaskError};
@@ -100,7 +99,7 @@ enum Output {
 }"#
 )]
 fn run(_ctx: &StepContext, input: Value) -> Result<Output, TaskError> {
-    let input: Input = parse_input(input)?;
+    let input: Input = trellis_sdk::parse_input(input)?;
     let validator = jsonschema::options()
         .should_validate_formats(input.formats)
         .build(&input.schema)
@@ -148,16 +147,4 @@ fn run(_ctx: &StepContext, input: Value) -> Result<Output, TaskError> {
             )
         }
     }
-}
-
-/// Typed input, naming the field that does not fit (`mode: unknown variant ...`).
-fn parse_input<T: DeserializeOwned>(input: Value) -> Result<T, TaskError> {
-    serde_path_to_error::deserialize(input).map_err(|err| {
-        let path = err.path().to_string();
-        let err = err.into_inner();
-        match path.as_str() {
-            "." => TaskError::fatal(format!("invalid input: {err}")),
-            _ => TaskError::fatal(format!("invalid input: field `{path}`: {err}")),
-        }
-    })
 }

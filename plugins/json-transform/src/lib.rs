@@ -29,7 +29,6 @@ use jaq_core::load::{Arena, File, Loader};
 use jaq_core::{Compiler, Ctx, Vars, data};
 use jaq_json::Val;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 use trellis_sdk::{StepContext, TaskError};
 
@@ -61,7 +60,7 @@ struct Input {
 }"#
 )]
 fn run(_ctx: &StepContext, input: Value) -> Result<Value, TaskError> {
-    let input: Input = parse_input(input)?;
+    let input: Input = trellis_sdk::parse_input(input)?;
     let filter_text = input.filter.as_str();
     let program = File {
         code: filter_text,
@@ -208,18 +207,6 @@ fn to_json(val: Val) -> Value {
                 .collect(),
         ),
     }
-}
-
-/// Typed input, naming the field that does not fit (`vars: invalid type: ...`).
-fn parse_input<T: DeserializeOwned>(input: Value) -> Result<T, TaskError> {
-    serde_path_to_error::deserialize(input).map_err(|err| {
-        let path = err.path().to_string();
-        let err = err.into_inner();
-        match path.as_str() {
-            "." => TaskError::fatal(format!("invalid input: {err}")),
-            _ => TaskError::fatal(format!("invalid input: field `{path}`: {err}")),
-        }
-    })
 }
 
 /// jq prints a computed whole number without a fraction (`35.5 * 2` is `71`); jaq keeps

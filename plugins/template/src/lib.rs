@@ -31,7 +31,6 @@
 use std::collections::BTreeMap;
 
 use minijinja::{Environment, Error, ErrorKind, UndefinedBehavior};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use trellis_sdk::{StepContext, TaskError};
@@ -78,7 +77,7 @@ enum Output {
 }"#
 )]
 fn run(_ctx: &StepContext, input: Value) -> Result<Output, TaskError> {
-    let input: Input = parse_input(input)?;
+    let input: Input = trellis_sdk::parse_input(input)?;
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);
@@ -167,16 +166,4 @@ fn template_error(err: Error) -> TaskError {
         "detail": err.detail(),
     });
     TaskError::fatal(err.to_string()).with_details(details)
-}
-
-/// Typed input, naming the field that does not fit (`vars: invalid type: ...`).
-fn parse_input<T: DeserializeOwned>(input: Value) -> Result<T, TaskError> {
-    serde_path_to_error::deserialize(input).map_err(|err| {
-        let path = err.path().to_string();
-        let err = err.into_inner();
-        match path.as_str() {
-            "." => TaskError::fatal(format!("invalid input: {err}")),
-            _ => TaskError::fatal(format!("invalid input: field `{path}`: {err}")),
-        }
-    })
 }

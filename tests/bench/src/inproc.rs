@@ -366,7 +366,7 @@ impl Bench {
                 attempt: 1,
                 input: input.clone(),
                 config: BTreeMap::new(),
-                secrets: BTreeMap::new(),
+                secrets: Default::default(),
                 allow_hosts: Arc::from([]),
                 limits: Limits::default(),
                 state: state.clone(),
