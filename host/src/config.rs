@@ -12,6 +12,9 @@
 //! auth_token = ""                  # TRELLIS_AUTH_TOKEN; empty = no auth (loopback only)
 //! max_concurrent_steps = 64        # TRELLIS_MAX_CONCURRENT_STEPS
 //! max_body = "16MiB"               # TRELLIS_MAX_BODY
+//! header_timeout = "10s"           # TRELLIS_HEADER_TIMEOUT: a request's headers, and an idle keep-alive connection
+//! body_timeout = "60s"             # TRELLIS_BODY_TIMEOUT: the whole request body
+//! max_connections = 1024           # TRELLIS_MAX_CONNECTIONS: more wait in the listen backlog
 //!
 //! [limits]                         # under every workflow's own [limits]
 //! fuel = 1_000_000_000             # TRELLIS_FUEL
@@ -84,6 +87,13 @@ pub struct Config {
     pub max_concurrent_steps: usize,
     /// The largest request body the API accepts, in bytes.
     pub max_body: u64,
+    /// How long a client may take to send a request's headers; also how long
+    /// a keep-alive connection may sit idle. Bounds slow-header clients.
+    pub header_timeout: Duration,
+    /// How long a client may take to send a whole request body (else 408).
+    pub body_timeout: Duration,
+    /// Connections served at once; further ones wait to be accepted.
+    pub max_connections: usize,
     /// The limits under every workflow's own `[limits]`.
     pub limits: Limits,
     /// Where each named secret comes from; the values are not read here.
@@ -103,6 +113,9 @@ impl Default for Config {
             auth_token: None,
             max_concurrent_steps: 64,
             max_body: 16 * 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            max_connections: 1024,
             limits: Limits::default(),
             secrets: BTreeMap::new(),
         }
@@ -126,6 +139,9 @@ impl fmt::Debug for Config {
             )
             .field("max_concurrent_steps", &self.max_concurrent_steps)
             .field("max_body", &self.max_body)
+            .field("header_timeout", &self.header_timeout)
+            .field("body_timeout", &self.body_timeout)
+            .field("max_connections", &self.max_connections)
             .field("limits", &self.limits)
             .field("secrets", &self.secrets)
             .finish()
@@ -411,6 +427,30 @@ impl Config {
         if let Some(max_body) = file.max_body {
             self.max_body = max_body.0;
         }
+        for (key, value, slot) in [
+            (
+                "header_timeout",
+                file.header_timeout,
+                &mut self.header_timeout,
+            ),
+            ("body_timeout", file.body_timeout, &mut self.body_timeout),
+        ] {
+            if let Some(value) = value {
+                let span = value.span();
+                let duration = value.into_inner().0;
+                check(
+                    span,
+                    check_server_timeout(key, duration).map(|()| *slot = duration),
+                );
+            }
+        }
+        if let Some(connections) = file.max_connections {
+            let value = *connections.get_ref();
+            check(
+                connections.span(),
+                check_connections(value).map(|()| self.max_connections = value),
+            );
+        }
         if let Some(limits) = file.limits {
             let mut overrides = LimitOverrides::default();
             if let Some(fuel) = limits.fuel {
@@ -486,6 +526,33 @@ impl Config {
         if let Some(max_body) = env.parse("TRELLIS_MAX_BODY", parse_size)? {
             self.max_body = max_body;
         }
+        for (var, key, slot) in [
+            (
+                "TRELLIS_HEADER_TIMEOUT",
+                "header_timeout",
+                &mut self.header_timeout,
+            ),
+            (
+                "TRELLIS_BODY_TIMEOUT",
+                "body_timeout",
+                &mut self.body_timeout,
+            ),
+        ] {
+            let timeout = env.parse(var, |s| {
+                let timeout = parse_duration(s)?;
+                check_server_timeout(key, timeout).map(|()| timeout)
+            })?;
+            if let Some(timeout) = timeout {
+                *slot = timeout;
+            }
+        }
+        let connections = env.parse("TRELLIS_MAX_CONNECTIONS", |s| {
+            let connections = parse_count(s)?;
+            check_connections(connections).map(|()| connections)
+        })?;
+        if let Some(connections) = connections {
+            self.max_connections = connections;
+        }
         let fuel = env.parse("TRELLIS_FUEL", |s| {
             let fuel = parse_count(s)?;
             check_fuel(fuel).map(|()| fuel)
@@ -541,6 +608,9 @@ struct ConfigFile {
     auth_token: Option<String>,
     max_concurrent_steps: Option<Spanned<usize>>,
     max_body: Option<Size>,
+    header_timeout: Option<Spanned<HumanDuration>>,
+    body_timeout: Option<Spanned<HumanDuration>>,
+    max_connections: Option<Spanned<usize>>,
     limits: Option<LimitsTable>,
     #[serde(default)]
     secrets: BTreeMap<String, SecretSource>,
@@ -605,6 +675,23 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn check_concurrency(steps: usize) -> Result<(), String> {
     if steps == 0 {
         return Err("`max_concurrent_steps` must be at least 1".to_owned());
+    }
+    Ok(())
+}
+
+/// `header_timeout` and `body_timeout`: long enough to mean something, short
+/// enough that a slow client cannot hold a connection for ever.
+fn check_server_timeout(key: &str, timeout: Duration) -> Result<(), String> {
+    const MAX: Duration = Duration::from_secs(3600);
+    if timeout.is_zero() || timeout > MAX {
+        return Err(format!("`{key}` must be longer than 0s and at most 1h"));
+    }
+    Ok(())
+}
+
+fn check_connections(connections: usize) -> Result<(), String> {
+    if connections == 0 {
+        return Err("`max_connections` must be at least 1".to_owned());
     }
     Ok(())
 }
@@ -699,6 +786,9 @@ mod tests {
         assert_eq!(config.auth_token, None);
         assert_eq!(config.max_concurrent_steps, 64);
         assert_eq!(config.max_body, 16 * 1024 * 1024);
+        assert_eq!(config.header_timeout, Duration::from_secs(10));
+        assert_eq!(config.body_timeout, Duration::from_secs(60));
+        assert_eq!(config.max_connections, 1024);
         assert_eq!(config.limits, Limits::default());
         assert!(config.secrets.is_empty());
         assert_eq!(config.plugin_dirs, crate::cli::builtin_plugin_dirs());
@@ -723,6 +813,9 @@ mod tests {
                 auth_token = "s3cret"
                 max_concurrent_steps = 8
                 max_body = "1MiB"
+                header_timeout = "5s"
+                body_timeout = "2m"
+                max_connections = 200
 
                 [limits]
                 fuel = 1_000
@@ -756,6 +849,9 @@ mod tests {
         assert_eq!(config.auth_token.as_deref(), Some("s3cret"));
         assert_eq!(config.max_concurrent_steps, 8);
         assert_eq!(config.max_body, 1024 * 1024);
+        assert_eq!(config.header_timeout, Duration::from_secs(5));
+        assert_eq!(config.body_timeout, Duration::from_secs(120));
+        assert_eq!(config.max_connections, 200);
         assert_eq!(
             config.limits,
             Limits {
@@ -819,6 +915,9 @@ mod tests {
                 auth_token = "file-token"
                 max_concurrent_steps = 2
                 max_body = 10
+                header_timeout = "1s"
+                body_timeout = "1s"
+                max_connections = 1
                 [limits]
                 fuel = 1
                 memory = 1
@@ -834,6 +933,9 @@ mod tests {
                 ("TRELLIS_AUTH_TOKEN", "env-token"),
                 ("TRELLIS_MAX_CONCURRENT_STEPS", "3"),
                 ("TRELLIS_MAX_BODY", "2KiB"),
+                ("TRELLIS_HEADER_TIMEOUT", "3s"),
+                ("TRELLIS_BODY_TIMEOUT", "4s"),
+                ("TRELLIS_MAX_CONNECTIONS", "5"),
                 ("TRELLIS_FUEL", "1_000"),
                 ("TRELLIS_MEMORY", "1MiB"),
                 ("TRELLIS_TIMEOUT", "1m 30s"),
@@ -855,6 +957,9 @@ mod tests {
         assert_eq!(config.auth_token.as_deref(), Some("env-token"));
         assert_eq!(config.max_concurrent_steps, 3);
         assert_eq!(config.max_body, 2048);
+        assert_eq!(config.header_timeout, Duration::from_secs(3));
+        assert_eq!(config.body_timeout, Duration::from_secs(4));
+        assert_eq!(config.max_connections, 5);
         assert_eq!(config.limits.fuel, 1000);
         assert_eq!(config.limits.memory, 1024 * 1024);
         assert_eq!(config.limits.timeout, Duration::from_secs(90));
@@ -962,6 +1067,26 @@ mod tests {
         assert_eq!(
             message,
             "DIR/trellis.toml:1:12: invalid size \"lots\"; write it like \"64MiB\", \"512KiB\", \"1GB\" or as a number of bytes"
+        );
+    }
+
+    #[test]
+    fn server_timeouts_and_connections_are_bounded() {
+        assert_eq!(
+            load_err("header_timeout = \"0s\"\n", &[]),
+            "DIR/trellis.toml:1:18: `header_timeout` must be longer than 0s and at most 1h"
+        );
+        assert_eq!(
+            load_err("body_timeout = \"2h\"\n", &[]),
+            "DIR/trellis.toml:1:16: `body_timeout` must be longer than 0s and at most 1h"
+        );
+        assert_eq!(
+            load_err("max_connections = 0\n", &[]),
+            "DIR/trellis.toml:1:19: `max_connections` must be at least 1"
+        );
+        assert_eq!(
+            load_err("", &[("TRELLIS_BODY_TIMEOUT", "0s")]),
+            "TRELLIS_BODY_TIMEOUT: `body_timeout` must be longer than 0s and at most 1h"
         );
     }
 

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod attack;
 mod c_plugin;
 mod cli;
 mod examples;

@@ -50,6 +50,9 @@ pub enum ApiError {
         name: String,
         diagnostics: Option<Diagnostics>,
     },
+    /// 408 `request_timeout`: the body did not arrive within `body_timeout`.
+    #[error("the request body did not arrive within {}s", .after.as_secs_f64())]
+    RequestTimeout { after: std::time::Duration },
     /// 413 `payload_too_large`.
     #[error("the request body is larger than the server accepts ({limit} bytes at most)")]
     PayloadTooLarge { limit: u64 },
@@ -89,6 +92,7 @@ impl ApiError {
             ApiError::RunFinished { .. }
             | ApiError::WorkflowInvalid { .. }
             | ApiError::PluginConflict(_) => StatusCode::CONFLICT,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidInput(_)
@@ -109,6 +113,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::RunFinished { .. } => "run_finished",
             ApiError::WorkflowInvalid { .. } => "workflow_invalid",
+            ApiError::RequestTimeout { .. } => "request_timeout",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::InvalidInput(_) => "invalid_input",
@@ -172,9 +177,10 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorInfo {
     /// Machine-readable: `invalid_json`, `invalid_request`, `unauthorized`,
-    /// `not_found`, `method_not_allowed`, `run_finished`, `workflow_invalid`,
-    /// `payload_too_large`, `unsupported_media_type`, `invalid_input`,
-    /// `invalid_workflow`, `unavailable`, `internal`.
+    /// `not_found`, `method_not_allowed`, `request_timeout`, `run_finished`,
+    /// `workflow_invalid`, `plugin_conflict`, `payload_too_large`,
+    /// `unsupported_media_type`, `invalid_input`, `invalid_workflow`,
+    /// `invalid_plugin`, `unavailable`, `internal`.
     pub code: String,
     /// For people.
     pub message: String,

@@ -95,10 +95,16 @@ impl FromRequest<AppState> for WasmBody {
     }
 }
 
-/// The body, at most the configured `max_body` bytes (else 413).
+/// The body, at most the configured `max_body` bytes (else 413), read within
+/// `body_timeout` (else 408: a client trickling its body cannot hold a
+/// connection and a buffer for ever).
 async fn body(request: Request, state: &AppState) -> Result<Bytes, ApiError> {
-    Bytes::from_request(request, state)
+    let read = Bytes::from_request(request, state);
+    tokio::time::timeout(state.body_timeout, read)
         .await
+        .map_err(|_| ApiError::RequestTimeout {
+            after: state.body_timeout,
+        })?
         .map_err(|rejection: BytesRejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge {

@@ -36,8 +36,12 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
@@ -81,13 +85,15 @@ const OPEN_ROUTE: &str = "/healthz";
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// What the router needs from the configuration.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ApiConfig {
     /// Every route but `/healthz` requires `Authorization: Bearer <token>`;
     /// `None`: no auth (only safe on loopback: `Config::check_bind`).
     pub auth_token: Option<String>,
     /// The largest request body, in bytes (413 above it).
     pub max_body: u64,
+    /// How long reading a whole request body may take (408 after it).
+    pub body_timeout: Duration,
 }
 
 impl ApiConfig {
@@ -95,7 +101,15 @@ impl ApiConfig {
         ApiConfig {
             auth_token: config.auth_token.clone(),
             max_body: config.max_body,
+            body_timeout: config.body_timeout,
         }
+    }
+}
+
+/// The configuration's defaults.
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig::from_config(&Config::default())
     }
 }
 
@@ -108,6 +122,7 @@ impl std::fmt::Debug for ApiConfig {
                 &self.auth_token.as_ref().map(|_| "<redacted>"),
             )
             .field("max_body", &self.max_body)
+            .field("body_timeout", &self.body_timeout)
             .finish()
     }
 }
@@ -120,6 +135,7 @@ pub(crate) struct AppState {
     /// token's length as well as its bytes.
     token: Option<Arc<[u8; 32]>>,
     max_body: u64,
+    body_timeout: Duration,
     metrics: Metrics,
     /// Cancelled at shutdown: open event streams end and `?wait`s answer.
     stop: CancellationToken,
@@ -138,6 +154,7 @@ fn build(service: Service, config: ApiConfig, stop: CancellationToken) -> Router
             .as_deref()
             .map(|token| Arc::new(digest(token))),
         max_body: config.max_body,
+        body_timeout: config.body_timeout,
         metrics: Metrics::install(),
         stop,
     };
@@ -190,6 +207,11 @@ fn build(service: Service, config: ApiConfig, stop: CancellationToken) -> Router
 /// [`SHUTDOWN_GRACE`] to finish. Runs still going are resumed by the next
 /// start (they are durable).
 ///
+/// Slow or idle clients cannot hold the server: a request's headers (and the
+/// silence before them on a keep-alive connection) get `header_timeout`, its
+/// body `body_timeout`, and at most `max_connections` are served at once
+/// (more wait in the listen backlog). HTTP/1.1 only.
+///
 /// The first thing it prints (stderr) is `listening on http://ADDR`, with the
 /// address actually bound (so port 0 works).
 pub async fn serve(
@@ -210,23 +232,72 @@ pub async fn serve(
         ApiConfig::from_config(config),
         stop.clone(),
     );
-    let stopping = stop.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        service.close();
-        stopping.cancel();
-    });
-    let grace_over = async {
-        stop.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout);
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = accept(&listener, &connections) => accepted,
+        };
+        let (stream, permit) = accepted;
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    service.close();
+    stop.cancel();
     tokio::select! {
-        served = server => served.context("the HTTP server failed")?,
-        () = grace_over => {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
             tracing::warn!("requests still open {SHUTDOWN_GRACE:?} after shutdown began; stopping anyway");
         }
     }
     Ok(())
+}
+
+/// The next connection, once fewer than `max_connections` are open. An error
+/// that belongs to one connection (it was reset before it was accepted) is
+/// skipped; one that does not (out of file descriptors) is logged and retried
+/// after a pause, so the server neither spins nor stops.
+async fn accept(
+    listener: &tokio::net::TcpListener,
+    connections: &Arc<Semaphore>,
+) -> (tokio::net::TcpStream, OwnedSemaphorePermit) {
+    let permit = Arc::clone(connections)
+        .acquire_owned()
+        .await
+        .expect("the connection semaphore is never closed");
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                // Small answers go out at once rather than after a delayed ACK.
+                let _ = stream.set_nodelay(true);
+                return (stream, permit);
+            }
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(err) => {
+                tracing::error!(error = %err, "cannot accept a connection; retrying in 1s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 fn digest(token: &str) -> [u8; 32] {

@@ -79,6 +79,7 @@ pub struct TriggerParams {
 pub async fn trigger(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
+        (status = 408, description = "The body did not arrive within `body_timeout`", body = super::ErrorBody),
     ApiQuery(params): ApiQuery<TriggerParams>,
     headers: HeaderMap,
     JsonBody(input): JsonBody<Value>,

@@ -42,6 +42,7 @@ impl Fixture {
             ApiConfig {
                 auth_token: auth_token.map(str::to_owned),
                 max_body,
+                ..ApiConfig::default()
             },
         )
     }

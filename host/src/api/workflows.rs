@@ -164,6 +164,7 @@ pub async fn put_workflow(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     TomlBody(source): TomlBody,
+        (status = 408, description = "The body did not arrive within `body_timeout`", body = super::ErrorBody),
 ) -> Result<Json<WorkflowDetail>, ApiError> {
     check_name(&name)?;
     check_declared_name(&name, &source)?;
@@ -193,20 +194,13 @@ fn plural(n: usize, word: &str) -> String {
 
 /// Workflow names are URL segments: letters, digits, `-`, `_`, `.`.
 fn check_name(name: &str) -> Result<(), ApiError> {
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name.chars().all(allowed)
-        && name != "."
-        && name != ".."
-    {
-        Ok(())
-    } else {
-        let shown: String = name.chars().take(MAX_NAME).collect();
-        Err(ApiError::InvalidRequest(format!(
-            "workflow name \"{shown}\" may only contain letters, digits, `-`, `_` and `.` (at most {MAX_NAME})"
-        )))
-    }
+    crate::workflow::check_workflow_name(name).map_err(ApiError::InvalidRequest)
+}
+
+/// A plugin name in a URL: what `info()` may answer (plugin::registry).
+fn check_plugin_name(name: &str) -> Result<(), ApiError> {
+    crate::plugin::check_plugin_name(name)
+        .map_err(|reason| ApiError::InvalidRequest(format!("plugin name {name:?}: {reason}")))
 }
 
 /// A `name = "..."` in the file must be the name in the URL, or the workflow
@@ -335,7 +329,7 @@ pub async fn put_plugin(
     ApiPath(name): ApiPath<String>,
     WasmBody(bytes): WasmBody,
 ) -> Result<(axum::http::StatusCode, Json<PluginSummary>), ApiError> {
-    check_name(&name)?;
+    check_plugin_name(&name)?;
     match state.service.put_plugin(&name, bytes).await {
         Ok((plugin, created)) => {
             let status = if created {
@@ -350,6 +344,7 @@ pub async fn put_plugin(
             Err(ApiError::PluginConflict(err.to_string()))
         }
         Err(err) => Err(ApiError::InvalidPlugin(format!(
+        (status = 408, description = "The body did not arrive within `body_timeout`", body = super::ErrorBody),
             "not a usable plugin: {err}"
         ))),
     }
@@ -384,7 +379,7 @@ pub async fn delete_plugin(
     ApiPath(name): ApiPath<String>,
     axum::extract::Query(query): axum::extract::Query<DeleteQuery>,
 ) -> Result<Json<Removed>, ApiError> {
-    check_name(&name)?;
+    check_plugin_name(&name)?;
     let version = match &query.version {
         Some(text) => Some(semver::Version::parse(text).map_err(|e| {
             ApiError::InvalidRequest(format!("`version` {text:?} is not a semver version: {e}"))
@@ -431,3 +426,19 @@ mod tests {
         }
     }
 }
+        assert!(check_name(&"x".repeat(128)).is_ok());
+        for good in ["hash", "json-schema", "a_1"] {
+            assert!(check_plugin_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "Hash",
+            "a.b",
+            "..",
+            "a/b",
+            "../etc",
+            "%2e%2e",
+            &"x".repeat(65),
+        ] {
+            assert!(check_plugin_name(bad).is_err(), "{bad}");
+        }

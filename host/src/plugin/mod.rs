@@ -8,5 +8,7 @@ mod registry;
 mod sandbox;
 
 pub use http::{HostPattern, PatternError};
-pub use registry::{LoadReport, Plugin, PluginError, PluginRegistry, ResolveError};
+pub use registry::{
+    LoadReport, Plugin, PluginError, PluginRegistry, ResolveError, check_plugin_name,
+};
 pub use sandbox::{AttemptOutcome, Invocation, MemoryStateStore, StateStore, StepEvents};

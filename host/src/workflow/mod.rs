@@ -52,6 +52,7 @@ use std::path::Path;
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use plan::{Backoff, InputSchema, OnFailure, Plan, PlannedStep, RetryPolicy, SchemaViolation};
 pub use template::{CompiledTemplate, Scope, TemplateError, TemplateValue, Templates};
+pub use validate::{MAX_WORKFLOW_NAME, check_workflow_name};
 
 use diagnostic::Reporter;
 

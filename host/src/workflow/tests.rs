@@ -310,6 +310,50 @@ fn duplicate_ids_point_at_the_second() {
 }
 
 #[test]
+fn workflow_names_are_url_and_file_safe() {
+    let source = "[[step]]\nid = \"a\"\nplugin = \"noop\"\n";
+    for good in ["w", "order-pipeline", "v1.2_x"] {
+        let plan = parse_str(source, "f.toml", good, &CATALOG).unwrap();
+        assert_eq!(plan.name, good);
+    }
+    // From the file name: reported at the top of the file, with the way out.
+    for bad in ["my flow", "..", "naïve", "a%2Fb"] {
+        let errors = parse_str(source, "f.toml", bad, &CATALOG).unwrap_err();
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with(&format!(
+                "f.toml:1:1: workflow name \"{bad}\" may only contain"
+            )),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[0].ends_with("rename the file, or set `name = \"...\"`"),
+            "{errors:#?}"
+        );
+    }
+    // A `name` in the file wins over the file name, and is checked at its value.
+    let plan = parse_str(
+        &format!("name = \"ok\"\n{source}"),
+        "f.toml",
+        "my flow",
+        &CATALOG,
+    );
+    assert_eq!(plan.unwrap().name, "ok");
+    for bad in ["../etc/passwd", ".", "a b", &"x".repeat(129)] {
+        let errors = parse_str(
+            &format!("name = \"{bad}\"\n{source}"),
+            "f.toml",
+            "w",
+            &CATALOG,
+        )
+        .unwrap_err();
+        let first = errors.iter().next().unwrap().to_string();
+        assert!(first.starts_with("f.toml:1:8: workflow name"), "{first}");
+    }
+}
+
+#[test]
 fn invalid_ids() {
     assert_eq!(
         error("[[step]]\nid = \"fetch-user\"\nplugin = \"noop\"\n"),

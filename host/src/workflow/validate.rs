@@ -125,7 +125,17 @@ impl Validator<'_, '_> {
                 }
                 name.get_ref().clone()
             }
-            None => default_name.to_owned(),
+            None => {
+                if let Err(message) = check_workflow_name(default_name) {
+                    self.report.error_at(
+                        0,
+                        format!(
+                            "{message}; the name comes from the file name: rename the file, or set `name = \"...\"`"
+                        ),
+                    );
+                }
+                default_name.to_owned()
+            }
         };
 
         let limits = self.limits(file.limits.as_ref());
@@ -1060,15 +1070,26 @@ fn check_step_id(id: &str) -> Result<(), String> {
     }
 }
 
-/// Workflow names are part of the API's URLs (`/v1/workflows/<name>/runs`).
-fn check_workflow_name(name: &str) -> Result<(), String> {
+/// The longest workflow name.
+pub const MAX_WORKFLOW_NAME: usize = 128;
+
+/// A workflow name is a URL segment and a file name: 1 to
+/// [`MAX_WORKFLOW_NAME`] letters, digits, `-`, `_` and `.`, not `.` or `..`.
+pub fn check_workflow_name(name: &str) -> Result<(), String> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if !name.is_empty() && name.chars().all(allowed) {
+    if !name.is_empty()
+        && name.len() <= MAX_WORKFLOW_NAME
+        && name.chars().all(allowed)
+        && name != "."
+        && name != ".."
+    {
         Ok(())
     } else {
+        let shown: String = name.chars().take(MAX_WORKFLOW_NAME).collect();
         Err(format!(
-            "workflow name \"{name}\" may only contain letters, digits, `-`, `_` and `.` \
-             (it is part of the API's URLs)"
+            "workflow name \"{shown}\" may only contain letters, digits, `-`, `_` and `.`, \
+             at most {MAX_WORKFLOW_NAME} of them, and may not be `.` or `..` \
+             (it is part of the API's URLs and of a file name)"
         ))
     }
 }
