@@ -3,7 +3,9 @@
 
 use utoipa::Modify;
 use utoipa::OpenApi;
+use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, ResponseBuilder, Type};
 
 use super::{runs, system, workflows};
 
@@ -29,7 +31,7 @@ use super::{runs, system, workflows};
         system::metrics,
         system::openapi,
     ),
-    modifiers(&BearerToken),
+    modifiers(&BearerToken, &Unauthorized),
     security(("bearer" = [])),
     tags(
         (name = "runs", description = "Trigger runs, follow and cancel them"),
@@ -51,5 +53,50 @@ impl Modify for BearerToken {
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+    }
+}
+
+/// Every operation that needs the token answers 401 without it: the
+/// `unauthorized` error, with `WWW-Authenticate: Bearer`.
+struct Unauthorized;
+
+impl Modify for Unauthorized {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let response = ResponseBuilder::new()
+            .description(
+                "No or a wrong `Authorization: Bearer <token>` (when the server has a token)",
+            )
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .header(
+                "WWW-Authenticate",
+                HeaderBuilder::new()
+                    .schema(ObjectBuilder::new().schema_type(Type::String))
+                    .description(Some("`Bearer`"))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                // `security(())` (an open route) overrides the document's
+                // `bearer`; `None` inherits it.
+                if operation.security.is_none() {
+                    operation
+                        .responses
+                        .responses
+                        .insert("401".to_owned(), response.clone().into());
+                }
+            }
+        }
     }
 }

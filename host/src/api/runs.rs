@@ -13,7 +13,10 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::broadcast;
-use utoipa::{IntoParams, ToSchema};
+use utoipa::openapi::RefOr;
+use utoipa::openapi::extensions::Extensions;
+use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use super::extract::{ApiPath, ApiQuery, JsonBody, run_id};
 use super::{ApiError, AppState};
@@ -42,7 +45,12 @@ static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-rep
 pub struct TriggerParams {
     /// Wait up to this long for the run to finish (`500ms`, `30s`, `2m`; at
     /// most `5m`): 200 with the finished run, or 202 with the run as it is
-    /// if it is still going at the deadline.
+    /// if it is still going at the deadline. (Any humantime duration up to
+    /// 5m is taken, like `1m 30s`; the pattern has the plain forms.)
+    #[param(
+        pattern = r"^(0|[0-9]{1,5}ms|([0-9]{1,2}|[12][0-9]{2}|300)s|[0-5]m)$",
+        example = "30s"
+    )]
     wait: Option<String>,
 }
 
@@ -55,13 +63,14 @@ pub struct TriggerParams {
     path = "/v1/workflows/{name}/runs",
     tag = "runs",
     params(
-        ("name" = String, Path, description = "The workflow's name"),
+        ("name" = String, Path, description = "The workflow's name", pattern = r"^[A-Za-z0-9._-]{1,128}$", example = "order-pipeline"),
         TriggerParams,
         ("Idempotency-Key" = Option<String>, Header,
-            description = "At most 255 characters. A second trigger of the same workflow with the same key starts nothing and answers 200 with the first run"),
+            description = "1 to 255 printable ASCII characters. A second trigger of the same workflow with the same key starts nothing and answers 200 with the first run",
+            nullable = false, min_length = 1, max_length = 255, pattern = r"^[!-~]([ -~]*[!-~])?$"),
     ),
-    request_body(content = Value, content_type = "application/json",
-        description = "The run's input; must satisfy the workflow's `[input] schema` if it has one"),
+    request_body(content = Option<Value>, content_type = "application/json",
+        description = "The run's input; must satisfy the workflow's `[input] schema` if it has one. No body (or only white space) is `{}`"),
     responses(
         (status = 202, description = "Accepted (queued or running); `Location` is the run's URL", body = RunRecord,
             headers(("Location" = String, description = "/v1/runs/{id}"))),
@@ -70,6 +79,7 @@ pub struct TriggerParams {
         (status = 400, description = "Malformed JSON (`details`: line, column), a bad `wait` or `Idempotency-Key`", body = super::ErrorBody),
         (status = 404, description = "No workflow with this name", body = super::ErrorBody),
         (status = 409, description = "The workflow has errors (`details`: its diagnostics)", body = super::ErrorBody),
+        (status = 408, description = "The body did not arrive within `body_timeout`", body = super::ErrorBody),
         (status = 413, description = "The body is over `max_body`", body = super::ErrorBody),
         (status = 415, description = "The body is not JSON", body = super::ErrorBody),
         (status = 422, description = "The input fails the workflow's input schema (`details`: `[{path, message}]`)", body = super::ErrorBody),
@@ -79,7 +89,6 @@ pub struct TriggerParams {
 pub async fn trigger(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
-        (status = 408, description = "The body did not arrive within `body_timeout`", body = super::ErrorBody),
     ApiQuery(params): ApiQuery<TriggerParams>,
     headers: HeaderMap,
     JsonBody(input): JsonBody<Value>,
@@ -177,7 +186,7 @@ fn parse_wait(text: &str) -> Result<Duration, ApiError> {
     get,
     path = "/v1/runs/{id}",
     tag = "runs",
-    params(("id" = String, Path, description = "The run id (a UUID)")),
+    params(("id" = String, Path, description = "The run id (a UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "The run (live while it runs)", body = RunRecord),
         (status = 400, description = "The id is not a UUID", body = super::ErrorBody),
@@ -206,10 +215,13 @@ pub struct ListParams {
     /// Only runs of this workflow.
     workflow: Option<String>,
     /// Only runs in this state: `queued`, `running`, `succeeded`, `failed`, `cancelled`.
+    #[param(value_type = Option<RunStatus>)]
     status: Option<String>,
     /// Runs per page, 1 to 1000 (default 50).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page (empty: the first page).
+    #[param(pattern = "^([0-7][0-9a-fA-F])*$")]
     cursor: Option<String>,
 }
 
@@ -275,7 +287,7 @@ fn parse_status(text: &str) -> Result<RunStatus, ApiError> {
     post,
     path = "/v1/runs/{id}/cancel",
     tag = "runs",
-    params(("id" = String, Path, description = "The run id (a UUID)")),
+    params(("id" = String, Path, description = "The run id (a UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
     responses(
         (status = 200, description = "The run, cancelled (or as it stands if it is still winding down)", body = RunRecord),
         (status = 400, description = "The id is not a UUID", body = super::ErrorBody),
@@ -310,11 +322,12 @@ pub async fn cancel_run(
     path = "/v1/runs/{id}/events",
     tag = "runs",
     params(
-        ("id" = String, Path, description = "The run id (a UUID)"),
-        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event"),
+        ("id" = String, Path, description = "The run id (a UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"),
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, pattern = "^[0-9]{1,19}$",
+            description = "Resume after this event (its `id`, the event's `seq`)"),
     ),
     responses(
-        (status = 200, description = "`text/event-stream`; each `data` is a RunEvent", content_type = "text/event-stream", body = RunEvent),
+        (status = 200, description = "`text/event-stream`; each `data` is a RunEvent", content_type = "text/event-stream", body = RunEventMessage),
         (status = 400, description = "The id is not a UUID, or a bad `Last-Event-ID`", body = super::ErrorBody),
         (status = 404, description = "No run with this id", body = super::ErrorBody),
     ),
@@ -344,6 +357,70 @@ pub async fn run_events(
         .ok_or_else(|| no_run(&id))?;
     let stream = events(subscription, after).take_until(state.stop.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}
+
+/// One message of the event stream, as OpenAPI 3.1 describes a
+/// `text/event-stream` body (the schema of each event): `event`, `id` and
+/// `data`, a [`RunEvent`] as JSON (`contentSchema`); or the last message of
+/// a stream that fell behind, `event: lagged` with `{missed, message}`.
+pub struct RunEventMessage;
+
+impl utoipa::PartialSchema for RunEventMessage {
+    fn schema() -> RefOr<Schema> {
+        let string = || ObjectBuilder::new().schema_type(Type::String);
+        let json = |schema: Value| {
+            string()
+                .content_media_type("application/json")
+                .extensions(Some(Extensions::from_iter([("contentSchema", schema)])))
+        };
+        let event = ObjectBuilder::new()
+            .property(
+                "event",
+                string().enum_values(Some([
+                    "step_started",
+                    "log",
+                    "progress",
+                    "step_finished",
+                    "run_finished",
+                ])),
+            )
+            .required("event")
+            .property(
+                "id",
+                string()
+                    .pattern(Some("^[0-9]+$"))
+                    .description(Some("The event's `seq`, for `Last-Event-ID`")),
+            )
+            .required("id")
+            .property(
+                "data",
+                json(serde_json::json!({ "$ref": "#/components/schemas/RunEvent" })),
+            )
+            .required("data");
+        let lagged = ObjectBuilder::new()
+            .property("event", string().enum_values(Some(["lagged"])))
+            .required("event")
+            .property(
+                "data",
+                json(serde_json::json!({
+                    "type": "object",
+                    "required": ["missed", "message"],
+                    "properties": {
+                        "missed": { "type": "integer", "minimum": 0 },
+                        "message": { "type": "string" },
+                    },
+                })),
+            )
+            .required("data");
+        OneOfBuilder::new().item(event).item(lagged).into()
+    }
+}
+
+impl ToSchema for RunEventMessage {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push(("RunEvent".to_owned(), RunEvent::schema()));
+        RunEvent::schemas(schemas);
+    }
 }
 
 /// The replay, then (while the run goes on) the live events, up to and

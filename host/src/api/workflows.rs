@@ -5,14 +5,22 @@ use axum::extract::State;
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
 
-use super::extract::{ApiPath, TomlBody, WasmBody};
+use super::extract::{ApiPath, ApiQuery, TomlBody, WasmBody};
 use super::{ApiError, AppState};
 use crate::service::{PutPluginError, PutWorkflowError, WorkflowEntry};
 use crate::workflow::{Diagnostic, Diagnostics};
 
-/// The longest workflow name the API takes in a URL.
-const MAX_NAME: usize = 128;
+/// The request body example of `PUT /v1/workflows/{name}`.
+const EXAMPLE_WORKFLOW: &str = r#"description = "Says hello to the name in the input"
+
+[[step]]
+id = "greet"
+plugin = "json-transform"
+input = { filter = ".greeting", data = { greeting = 'hello {{ input.name | default("world") }}' } }
+"#;
 
 /// A workflow the server knows, valid or not.
 #[derive(Debug, Serialize, ToSchema)]
@@ -127,7 +135,7 @@ pub async fn list_workflows(State(state): State<AppState>) -> Json<WorkflowList>
     get,
     path = "/v1/workflows/{name}",
     tag = "workflows",
-    params(("name" = String, Path, description = "The workflow's name")),
+    params(("name" = String, Path, description = "The workflow's name", pattern = r"^[A-Za-z0-9._-]{1,128}$", example = "order-pipeline")),
     responses(
         (status = 200, description = "The workflow", body = WorkflowDetail),
         (status = 404, description = "No workflow with this name", body = super::ErrorBody),
@@ -150,11 +158,13 @@ pub async fn get_workflow(
     put,
     path = "/v1/workflows/{name}",
     tag = "workflows",
-    params(("name" = String, Path, description = "The workflow's name: letters, digits, `-`, `_`, `.`")),
-    request_body(content = String, content_type = "application/toml", description = "The workflow file (TOML); its `name`, if set, must be the one in the URL"),
+    params(("name" = String, Path, description = "The workflow's name: letters, digits, `-`, `_`, `.`", pattern = r"^[A-Za-z0-9._-]{1,128}$", example = "hello")),
+    request_body(content = String, content_type = "application/toml", description = "The workflow file (TOML); its `name`, if set, must be the one in the URL",
+        example = json!(EXAMPLE_WORKFLOW)),
     responses(
         (status = 200, description = "The workflow, now active", body = WorkflowDetail),
         (status = 400, description = "A bad name, or a body that is not UTF-8", body = super::ErrorBody),
+        (status = 408, description = "The body did not arrive within `body_timeout`", body = super::ErrorBody),
         (status = 413, description = "The body is over `max_body`", body = super::ErrorBody),
         (status = 415, description = "The body is not TOML", body = super::ErrorBody),
         (status = 422, description = "The workflow does not validate (`details`: `[{file, line, column, message}]`)", body = super::ErrorBody),
@@ -164,7 +174,6 @@ pub async fn put_workflow(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     TomlBody(source): TomlBody,
-        (status = 408, description = "The body did not arrive within `body_timeout`", body = super::ErrorBody),
 ) -> Result<Json<WorkflowDetail>, ApiError> {
     check_name(&name)?;
     check_declared_name(&name, &source)?;
@@ -192,7 +201,7 @@ fn plural(n: usize, word: &str) -> String {
     }
 }
 
-/// Workflow names are URL segments: letters, digits, `-`, `_`, `.`.
+/// A workflow name in a URL: what a workflow file may be named.
 fn check_name(name: &str) -> Result<(), ApiError> {
     crate::workflow::check_workflow_name(name).map_err(ApiError::InvalidRequest)
 }
@@ -232,6 +241,21 @@ fn check_declared_name(name: &str, source: &str) -> Result<(), ApiError> {
         _ => Ok(()),
     }
 }
+
+/// The body of a plugin upload: a WebAssembly component's bytes.
+pub struct WasmComponent;
+
+impl utoipa::PartialSchema for WasmComponent {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .content_media_type("application/wasm")
+            .into()
+    }
+}
+
+impl ToSchema for WasmComponent {}
 
 /// A loaded plugin.
 #[derive(Debug, Serialize, ToSchema)]
@@ -313,12 +337,14 @@ fn plugin_summary(plugin: &crate::plugin::Plugin) -> PluginSummary {
     put,
     path = "/v1/plugins/{name}",
     tag = "plugins",
-    params(("name" = String, Path, description = "The name the component's info() must give")),
-    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The component"),
+    params(("name" = String, Path, description = "The name the component's info() must give: 1 to 64 lowercase letters, digits, `-`, `_`", pattern = "^[a-z0-9_-]{1,64}$", example = "checksum")),
+    request_body(content = inline(WasmComponent), content_type = "application/wasm", description = "The component"),
     responses(
         (status = 201, description = "Activated", body = PluginSummary),
         (status = 200, description = "The same build was already loaded", body = PluginSummary),
+        (status = 400, description = "A bad name", body = super::ErrorBody),
         (status = 409, description = "That name and version are loaded with other bytes", body = super::ErrorBody),
+        (status = 408, description = "The body did not arrive within `body_timeout`", body = super::ErrorBody),
         (status = 413, description = "Larger than max_body", body = super::ErrorBody),
         (status = 415, description = "Not application/wasm", body = super::ErrorBody),
         (status = 422, description = "Not a usable plugin (the reason says why); the loaded versions keep serving", body = super::ErrorBody),
@@ -344,15 +370,20 @@ pub async fn put_plugin(
             Err(ApiError::PluginConflict(err.to_string()))
         }
         Err(err) => Err(ApiError::InvalidPlugin(format!(
-        (status = 408, description = "The body did not arrive within `body_timeout`", body = super::ErrorBody),
             "not a usable plugin: {err}"
         ))),
     }
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
     /// Only this version (default: every version).
+    #[param(
+        pattern = r"^(0|[1-9][0-9]{0,18})\.(0|[1-9][0-9]{0,18})\.(0|[1-9][0-9]{0,18})(-(0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)(\.(0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*)?(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$",
+        example = "1.0.0"
+    )]
     pub version: Option<String>,
 }
 
@@ -367,17 +398,17 @@ pub struct Removed {
     delete,
     path = "/v1/plugins/{name}",
     tag = "plugins",
-    params(("name" = String, Path, description = "Plugin name"), DeleteQuery),
+    params(("name" = String, Path, description = "The plugin's name", pattern = "^[a-z0-9_-]{1,64}$", example = "checksum"), DeleteQuery),
     responses(
         (status = 200, description = "Removed", body = Removed),
-        (status = 400, description = "Bad version", body = super::ErrorBody),
+        (status = 400, description = "A bad name or `version`, or an unknown parameter", body = super::ErrorBody),
         (status = 404, description = "No such plugin or version", body = super::ErrorBody),
     ),
 )]
 pub async fn delete_plugin(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
-    axum::extract::Query(query): axum::extract::Query<DeleteQuery>,
+    ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> Result<Json<Removed>, ApiError> {
     check_plugin_name(&name)?;
     let version = match &query.version {
@@ -407,8 +438,24 @@ mod tests {
         for good in ["order-pipeline", "a.b_c", "X1"] {
             assert!(check_name(good).is_ok(), "{good}");
         }
-        for bad in ["", ".", "..", "a/b", "a b", "é", &"x".repeat(129)] {
+        for bad in ["", ".", "..", "a/b", "a b", "é", "a\0b", &"x".repeat(129)] {
             assert!(check_name(bad).is_err(), "{bad}");
+        }
+        assert!(check_name(&"x".repeat(128)).is_ok());
+        for good in ["hash", "json-schema", "a_1"] {
+            assert!(check_plugin_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "Hash",
+            "a.b",
+            "..",
+            "a/b",
+            "../etc",
+            "%2e%2e",
+            &"x".repeat(65),
+        ] {
+            assert!(check_plugin_name(bad).is_err(), "{bad}");
         }
     }
 
@@ -426,19 +473,3 @@ mod tests {
         }
     }
 }
-        assert!(check_name(&"x".repeat(128)).is_ok());
-        for good in ["hash", "json-schema", "a_1"] {
-            assert!(check_plugin_name(good).is_ok(), "{good}");
-        }
-        for bad in [
-            "",
-            "Hash",
-            "a.b",
-            "..",
-            "a/b",
-            "../etc",
-            "%2e%2e",
-            &"x".repeat(65),
-        ] {
-            assert!(check_plugin_name(bad).is_err(), "{bad}");
-        }
