@@ -395,3 +395,280 @@ async fn a_panic_is_a_500_without_detail() {
         json!({ "error": { "code": "internal", "message": "internal error" } })
     );
 }
+
+/// The schema of a documented parameter, with the document's components so
+/// that its `$ref`s resolve.
+fn parameter_schema(document: &Value, method: &str, path: &str, name: &str) -> Value {
+    let parameters = document["paths"][path][method]["parameters"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{method} {path} has no parameters"));
+    let parameter = parameters
+        .iter()
+        .find(|parameter| parameter["name"] == name)
+        .unwrap_or_else(|| panic!("{method} {path} has no parameter {name}"));
+    let mut schema = parameter["schema"].clone();
+    schema["components"] = document["components"].clone();
+    schema
+}
+
+/// Whether `text`, as sent in a URL or header, fits `schema`.
+fn fits(schema: &Value, text: &str) -> bool {
+    let types = schema["type"].to_string();
+    let value = if types.contains("integer") {
+        match text.parse::<i64>() {
+            Ok(number) => json!(number),
+            Err(_) => json!(text),
+        }
+    } else {
+        json!(text)
+    };
+    jsonschema::is_valid(schema, &value)
+}
+
+/// What the document says a parameter takes is what the server takes: each
+/// sample fits the parameter's schema exactly when the server does not answer
+/// 400 for it. (schemathesis generates from these schemas: a schema looser than
+/// the server fails its positive tests, a stricter one its negative tests.)
+#[tokio::test]
+async fn parameter_schemas_agree_with_the_server() {
+    let fixture = fixture().await;
+    let app = fixture.app(None, 1024);
+    let (_, document) = send(&app, get("/v1/openapi.json")).await;
+    let run = "0190b5a4-7c1e-7d3a-9f2b-1c2d3e4f5a6b";
+    let enc = |text: &str| text.replace(' ', "%20").replace('+', "%2B");
+    type MakeRequest = Box<dyn Fn(&str) -> Request<Body>>;
+    let (k255, k256) = ("k".repeat(255), "k".repeat(256));
+    let (x64, x65, x128, x129) = (
+        "x".repeat(64),
+        "x".repeat(65),
+        "x".repeat(128),
+        "x".repeat(129),
+    );
+    let cursor = hex::encode(run);
+    let cases: Vec<(&str, &str, &str, MakeRequest, Vec<&str>)> = vec![
+        (
+            "post",
+            "/v1/workflows/{name}/runs",
+            "wait",
+            Box::new(move |v| {
+                post_json(&format!("/v1/workflows/broken/runs?wait={}", enc(v)), "{}")
+            }),
+            vec![
+                "0", "1ms", "99999ms", "0s", "59s", "299s", "300s", "0m", "5m", "301s", "6m", "1h",
+                "5", "", "soon",
+            ],
+        ),
+        (
+            "post",
+            "/v1/workflows/{name}/runs",
+            "Idempotency-Key",
+            Box::new(|v| {
+                Request::post("/v1/workflows/broken/runs")
+                    .header("idempotency-key", v)
+                    .body(Body::empty())
+                    .unwrap()
+            }),
+            vec!["k", "order 42", "~!", &k255, &k256],
+        ),
+        (
+            "get",
+            "/v1/runs",
+            "status",
+            Box::new(move |v| get(&format!("/v1/runs?status={}", enc(v)))),
+            vec![
+                "queued",
+                "running",
+                "succeeded",
+                "failed",
+                "cancelled",
+                "done",
+                "",
+                "Failed",
+            ],
+        ),
+        (
+            "get",
+            "/v1/runs",
+            "limit",
+            Box::new(move |v| get(&format!("/v1/runs?limit={}", enc(v)))),
+            vec!["1", "50", "1000", "0", "1001", "-1", "ten", ""],
+        ),
+        (
+            "get",
+            "/v1/runs",
+            "cursor",
+            Box::new(move |v| get(&format!("/v1/runs?cursor={}", enc(v)))),
+            vec![&cursor, "", "41", "nothex", "4", "ff"],
+        ),
+        (
+            "get",
+            "/v1/runs/{id}",
+            "id",
+            Box::new(|v| get(&format!("/v1/runs/{v}"))),
+            vec![
+                run,
+                "0190B5A4-7C1E-7D3A-9F2B-1C2D3E4F5A6B",
+                "42",
+                "not-a-uuid",
+            ],
+        ),
+        (
+            "get",
+            "/v1/runs/{id}/events",
+            "Last-Event-ID",
+            Box::new(move |v| {
+                Request::get(format!("/v1/runs/{run}/events"))
+                    .header("last-event-id", v)
+                    .body(Body::empty())
+                    .unwrap()
+            }),
+            vec!["0", "7", "9999999999999999999", "-1", "x", "null"],
+        ),
+        (
+            "put",
+            "/v1/workflows/{name}",
+            "name",
+            Box::new(|v| {
+                Request::put(format!("/v1/workflows/{v}"))
+                    .header(header::CONTENT_TYPE, "application/toml")
+                    .body(Body::from("[[step]]\nid = \"a\"\nplugin = \"missing\"\n"))
+                    .unwrap()
+            }),
+            vec!["order-pipeline", "a.b_C9", &x128, &x129, "a%20b", "%C3%A9"],
+        ),
+        (
+            "delete",
+            "/v1/plugins/{name}",
+            "name",
+            Box::new(|v| {
+                Request::delete(format!("/v1/plugins/{v}"))
+                    .body(Body::empty())
+                    .unwrap()
+            }),
+            vec!["json-transform", "a_1", &x64, &x65, "Hash", "a.b"],
+        ),
+        (
+            "delete",
+            "/v1/plugins/{name}",
+            "version",
+            Box::new(move |v| {
+                Request::delete(format!("/v1/plugins/hash?version={}", enc(v)))
+                    .body(Body::empty())
+                    .unwrap()
+            }),
+            vec![
+                "1.0.0",
+                "0.10.2-rc.1+build.5",
+                "1.0",
+                "01.0.0",
+                "1.0.0-01",
+                "v1",
+                "",
+            ],
+        ),
+    ];
+    for (method, path, name, request, samples) in cases {
+        let schema = parameter_schema(&document, method, path, name);
+        for sample in samples {
+            let (status, body) = send(&app, request(sample)).await;
+            assert_eq!(
+                fits(&schema, sample),
+                status != StatusCode::BAD_REQUEST,
+                "{method} {path} {name}={sample:?}: the server answered {status} {body}"
+            );
+        }
+    }
+}
+
+/// Found by the API fuzzer: these answered text/plain (axum's own rejection).
+#[tokio::test]
+async fn a_plugin_delete_query_that_does_not_parse_is_a_json_error() {
+    let fixture = fixture().await;
+    let app = fixture.app(None, 1024);
+    for uri in [
+        "/v1/plugins/hash?version=1.0.0&version=2.0.0",
+        "/v1/plugins/hash?force=true",
+    ] {
+        let answer = send(&app, Request::delete(uri).body(Body::empty()).unwrap()).await;
+        assert_eq!(
+            code(&answer),
+            (400, "invalid_request"),
+            "{uri}: {}",
+            answer.1
+        );
+    }
+}
+
+/// Found by the API fuzzer: what the document promised did not match what the
+/// server sends.
+#[tokio::test]
+async fn the_openapi_document_matches_the_answers() {
+    let fixture = fixture().await;
+    let app = fixture.app(None, 1024);
+    let (_, document) = send(&app, get("/v1/openapi.json")).await;
+
+    // Every guarded route answers 401 without the token.
+    for (method, path) in ROUTES {
+        let responses = &document["paths"][path][method.to_lowercase()]["responses"];
+        if *path == "/healthz" {
+            assert!(responses["401"].is_null(), "{method} {path}");
+        } else {
+            assert_eq!(
+                responses["401"]["content"]["application/json"]["schema"]["$ref"],
+                "#/components/schemas/ErrorBody",
+                "{method} {path}"
+            );
+            assert!(
+                responses["401"]["headers"]["WWW-Authenticate"].is_object(),
+                "{method} {path}"
+            );
+        }
+    }
+
+    // A trigger without a body is taken (as `{}`).
+    let trigger = &document["paths"]["/v1/workflows/{name}/runs"]["post"];
+    assert_ne!(trigger["requestBody"]["required"], true, "{trigger}");
+
+    // A plugin upload is bytes, and a bad name is a 400.
+    let upload = &document["paths"]["/v1/plugins/{name}"]["put"];
+    assert_eq!(
+        upload["requestBody"]["content"]["application/wasm"]["schema"]["format"],
+        "binary"
+    );
+    assert!(upload["responses"]["400"].is_object());
+
+    // Each event of the stream: `event`, `id`, and `data` holding a RunEvent
+    // as JSON. A real event fits both.
+    let events = &document["paths"]["/v1/runs/{id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
+        ["schema"];
+    let mut message_schema = events.clone();
+    message_schema["components"] = document["components"].clone();
+    let event = crate::service::RunEvent::StepStarted {
+        seq: 3,
+        step: "fetch".to_owned(),
+        attempt: 1,
+        item: Some(2),
+    };
+    let message = json!({
+        "event": event.name(),
+        "id": event.seq().to_string(),
+        "data": serde_json::to_string(&event).unwrap(),
+    });
+    assert!(
+        jsonschema::is_valid(&message_schema, &message),
+        "{message} does not fit {events}"
+    );
+    let resolved = &document["components"]["schemas"][events["$ref"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("#/components/schemas/")];
+    let data = &resolved["oneOf"][0]["properties"]["data"];
+    assert_eq!(data["contentMediaType"], "application/json");
+    let mut data_schema = data["contentSchema"].clone();
+    data_schema["components"] = document["components"].clone();
+    assert!(jsonschema::is_valid(
+        &data_schema,
+        &serde_json::to_value(&event).unwrap()
+    ));
+    assert!(!jsonschema::is_valid(&data_schema, &message));
+}
