@@ -99,6 +99,25 @@ pub const MAX_MEMORY: u64 = 4 * 1024 * 1024 * 1024;
 /// tokio worker this often.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// Elements one table of an instance may hold. A guest that grows a table
+/// without end (`table.grow` in a loop) is refused past this, with its own
+/// error (`table_limit`): each element is a pointer of host memory (also
+/// counted against `memory`), and every table slot of the pooling allocator
+/// reserves this many. Compilers emit far fewer: a Rust plugin's function
+/// table holds hundreds of entries, a Python or JavaScript one thousands.
+pub const MAX_TABLE_ELEMENTS: u64 = 100_000;
+
+/// Linear memories one component may define, over all its core instances.
+/// Each is a reservation of virtual memory (and a pool slot); a component with
+/// thousands could exhaust the host's mappings for every other step, so one
+/// with more is refused when it is loaded. Components made by componentize-py
+/// or -js hold a few.
+pub const MAX_MEMORIES_PER_COMPONENT: u32 = 16;
+
+/// Tables one component may define, over all its core instances (see
+/// [`MAX_MEMORIES_PER_COMPONENT`]).
+pub const MAX_TABLES_PER_COMPONENT: u32 = 64;
+
 /// The native stack a guest may use. A guest that recurses without end traps
 /// with a stack overflow instead of taking the host thread's stack.
 const MAX_WASM_STACK: usize = 512 * 1024;
@@ -163,13 +182,15 @@ impl Engine {
             pool.total_stacks(1000);
             // Components made by componentize-py/js hold several core modules.
             pool.max_core_instances_per_component(64);
-            pool.max_memories_per_component(16);
-            pool.max_tables_per_component(64);
+            pool.max_memories_per_component(MAX_MEMORIES_PER_COMPONENT);
+            pool.max_tables_per_component(MAX_TABLES_PER_COMPONENT);
             pool.max_memories_per_module(2);
             pool.max_tables_per_module(8);
             pool.max_component_instance_size(1 << 20);
             pool.max_core_instance_size(1 << 20);
-            pool.table_elements(100_000);
+            // The sandbox's limiter refuses growth past this first, so a
+            // guest sees the same limit with or without the pool.
+            pool.table_elements(MAX_TABLE_ELEMENTS as usize);
             pool.max_memory_size(MAX_MEMORY as usize);
             // Keeping a little of each slot resident doubles fresh-instance
             // throughput on two threads (see WASMTIME-NOTES.md).

@@ -85,11 +85,14 @@ pub enum ErrorKind {
     FuelExhausted,
     /// The instance asked for more memory than the step's `memory` limit.
     MemoryLimit,
+    /// A table of the instance grew past the host's bound on table elements
+    /// (`table.grow` without end).
+    TableLimit,
     /// The attempt ran past the step's `timeout`.
     Timeout,
     /// The output was larger than the step's `max_output`.
     OutputTooLarge,
-    /// The output was not JSON.
+    /// The output was not JSON, or a string the plugin handed over was not UTF-8.
     InvalidOutput,
     /// The guest kept writing to stdout/stderr far past the step's `max_log`.
     LogFlood,
@@ -118,6 +121,7 @@ impl ErrorKind {
             ErrorKind::StackOverflow => "stack overflow",
             ErrorKind::FuelExhausted => "fuel exhausted",
             ErrorKind::MemoryLimit => "memory limit exceeded",
+            ErrorKind::TableLimit => "table limit exceeded",
             ErrorKind::Timeout => "timed out",
             ErrorKind::OutputTooLarge => "output too large",
             ErrorKind::InvalidOutput => "output is not valid JSON",

@@ -10,6 +10,7 @@ mod c_plugin;
 mod cli;
 mod examples;
 mod hostile;
+mod hostile_serve;
 mod hotswap;
 mod http;
 mod limits;

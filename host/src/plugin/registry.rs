@@ -7,11 +7,14 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use wasmtime::Trap;
 use wasmtime::component::{Component, Linker};
 
 use super::bindings::{Task, TaskPre};
 use super::sandbox::{self, AttemptOutcome, Invocation, StepState};
-use crate::engine::{CodeCache, Engine, Limits};
+use crate::engine::{
+    CodeCache, Engine, Limits, MAX_MEMORIES_PER_COMPONENT, MAX_TABLES_PER_COMPONENT,
+};
 
 /// What `info()` may use: it should answer at once.
 const INFO_LIMITS: Limits = Limits {
@@ -42,6 +45,10 @@ pub enum PluginError {
     CoreModule,
     #[error("does not compile: {0}")]
     Compile(String),
+    #[error(
+        "defines {memories} linear memories and {tables} tables; a component may define at most {MAX_MEMORIES_PER_COMPONENT} and {MAX_TABLES_PER_COMPONENT}"
+    )]
+    TooManyResources { memories: u32, tables: u32 },
     #[error("needs imports the host does not provide: {0}")]
     Link(String),
     #[error("does not implement the trellis:plugin/task world: {0}")]
@@ -232,6 +239,18 @@ impl PluginRegistry {
         .await
         .map_err(|e| PluginError::Compile(e.to_string()))?
         .map_err(|e| PluginError::Compile(format!("{e:#}")))?;
+        // The pooling allocator refuses such a component in `Component::new`
+        // already; without the pool (its memory could not be reserved) this
+        // is the check.
+        if let Some(needs) = component.resources_required()
+            && (needs.num_memories > MAX_MEMORIES_PER_COMPONENT
+                || needs.num_tables > MAX_TABLES_PER_COMPONENT)
+        {
+            return Err(PluginError::TooManyResources {
+                memories: needs.num_memories,
+                tables: needs.num_tables,
+            });
+        }
         let imports = component
             .component_type()
             .imports(self.engine.wasmtime())
@@ -512,12 +531,24 @@ async fn probe_info(
         let task = pre.instantiate_async(&mut store).await?;
         task.call_info(&mut store).await
     };
+    let no_answer = || {
+        PluginError::Info(format!(
+            "no answer within {} (info() must answer at once)",
+            humantime::format_duration(INFO_LIMITS.timeout)
+        ))
+    };
     match tokio::time::timeout(INFO_LIMITS.timeout, call).await {
         Ok(Ok(info)) => Ok(info),
-        Ok(Err(err)) => Err(PluginError::Info(format!("{err:#}"))),
-        Err(_) => Err(PluginError::Info(format!(
-            "no answer within {}",
-            humantime::format_duration(INFO_LIMITS.timeout)
-        ))),
+        Ok(Err(err)) if sandbox::deadline_reached(&err) => Err(no_answer()),
+        Ok(Err(err)) => Err(PluginError::Info(match err.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) => format!(
+                "it used all of its {} fuel without answering (info() must answer at once: does it loop?)",
+                INFO_LIMITS.fuel
+            ),
+            // The trap itself, without the wasm backtrace wasmtime puts first.
+            Some(trap) => format!("the plugin trapped: {trap}"),
+            None => format!("{err:#}"),
+        })),
+        Err(_) => Err(no_answer()),
     }
 }

@@ -21,7 +21,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use super::bindings::trellis::plugin::{host, state, types};
 use super::bindings::{StepContext, TaskPre};
 use super::http::{HostPattern, HttpPolicy};
-use crate::engine::{Engine, Limits};
+use crate::engine::{Engine, Limits, MAX_TABLE_ELEMENTS};
 use crate::record::{ErrorKind, ErrorRecord, LogLevel, LogLine, LogStream, Progress, now_rfc3339};
 use crate::secrets::{Granted, Redactor};
 
@@ -120,6 +120,14 @@ enum Interrupted {
     Timeout,
     #[error("cancelled")]
     Cancelled,
+}
+
+/// Whether the epoch callback stopped the guest at its deadline.
+pub(crate) fn deadline_reached(err: &wasmtime::Error) -> bool {
+    matches!(
+        err.downcast_ref::<Interrupted>(),
+        Some(Interrupted::Timeout)
+    ) || matches!(err.downcast_ref::<Trap>(), Some(Trap::Interrupt))
 }
 
 /// The data of a step's `Store`.
@@ -397,14 +405,36 @@ fn classify(err: &wasmtime::Error, data: &StepState, limits: &Limits) -> ErrorRe
             false,
         );
     }
-    if let Some(refused) = data.limiter.refused {
+    match data.limiter.refused {
+        Some(Refusal::Memory(total)) => {
+            return record(
+                ErrorKind::MemoryLimit,
+                format!(
+                    "the instance asked for {} of memory; the step allows {} (limits.memory)",
+                    bytesize::ByteSize(total),
+                    bytesize::ByteSize(limits.memory)
+                ),
+                false,
+            );
+        }
+        Some(Refusal::TableElements(elements)) => {
+            return record(
+                ErrorKind::TableLimit,
+                format!(
+                    "the instance asked for a table of {elements} elements; a table may hold at most {MAX_TABLE_ELEMENTS}"
+                ),
+                false,
+            );
+        }
+        None => {}
+    }
+    // A `string` the guest hands over (its output, a host call's argument)
+    // is checked when it is read: bytes that are not UTF-8 are as final as
+    // output that is not JSON, so this is not retried.
+    if let Some(utf8) = err.downcast_ref::<std::str::Utf8Error>() {
         return record(
-            ErrorKind::MemoryLimit,
-            format!(
-                "the instance asked for {} of memory; the step allows {} (limits.memory)",
-                bytesize::ByteSize(refused),
-                bytesize::ByteSize(limits.memory)
-            ),
+            ErrorKind::InvalidOutput,
+            format!("the plugin handed the host a string that is not UTF-8 ({utf8})"),
             false,
         );
     }
@@ -452,21 +482,32 @@ fn classify(err: &wasmtime::Error, data: &StepState, limits: &Limits) -> ErrorRe
 }
 
 /// Bounds memories and tables of one instance, added up: a component may have
-/// several, and each would otherwise get the whole limit.
+/// several, and each would otherwise get the whole limit. Also bounds the
+/// elements of each table (`MAX_TABLE_ELEMENTS`).
 #[derive(Debug, Default)]
 struct MemoryLimiter {
     limit: u64,
     used: u64,
     peak: u64,
-    /// The total the guest asked for when it was refused.
-    refused: Option<u64>,
+    /// What the guest asked for when it was first refused.
+    refused: Option<Refusal>,
+}
+
+/// Why the limiter refused a memory or table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Memories and tables together would have been this many bytes, over
+    /// `limits.memory`.
+    Memory(u64),
+    /// One table would have had this many elements, over `MAX_TABLE_ELEMENTS`.
+    TableElements(u64),
 }
 
 impl MemoryLimiter {
     fn grow(&mut self, by: u64) -> bool {
         let wanted = self.used.saturating_add(by);
         if wanted > self.limit {
-            self.refused.get_or_insert(wanted);
+            self.refused.get_or_insert(Refusal::Memory(wanted));
             return false;
         }
         self.used = wanted;
@@ -480,8 +521,13 @@ impl ResourceLimiter for MemoryLimiter {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        // Past its own maximum the growth fails after this answer: counting
+        // it would charge the step for memory it never got.
+        if maximum.is_some_and(|maximum| desired > maximum) {
+            return Ok(false);
+        }
         Ok(self.grow(desired.saturating_sub(current) as u64))
     }
 
@@ -489,8 +535,19 @@ impl ResourceLimiter for MemoryLimiter {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        if desired as u64 > MAX_TABLE_ELEMENTS {
+            self.refused
+                .get_or_insert(Refusal::TableElements(desired as u64));
+            return Ok(false);
+        }
+        // wasmtime checks the table's own maximum (its type's, or the pool
+        // slot's) only after asking: a guest that keeps trying to grow a
+        // full table must not use up its memory limit on growth it never got.
+        if maximum.is_some_and(|maximum| desired > maximum) {
+            return Ok(false);
+        }
         Ok(self.grow((desired.saturating_sub(current) as u64).saturating_mul(TABLE_ELEMENT_BYTES)))
     }
 }
@@ -917,7 +974,36 @@ mod tests {
             !limiter.memory_growing(0, 100, None).unwrap(),
             "a second memory shares the limit"
         );
-        assert_eq!(limiter.refused, Some(1100));
+        assert_eq!(limiter.refused, Some(Refusal::Memory(1100)));
         assert_eq!(limiter.peak, 1000);
+    }
+
+    #[test]
+    fn a_table_is_bounded_in_elements_and_failed_growth_is_not_counted() {
+        let mut limiter = MemoryLimiter {
+            limit: u64::MAX,
+            ..Default::default()
+        };
+        let max = MAX_TABLE_ELEMENTS as usize;
+        assert!(limiter.table_growing(0, max, None).unwrap());
+        assert!(!limiter.table_growing(max, max + 1, None).unwrap());
+        assert_eq!(
+            limiter.refused,
+            Some(Refusal::TableElements(MAX_TABLE_ELEMENTS + 1))
+        );
+
+        let mut limiter = MemoryLimiter {
+            limit: 1000,
+            ..Default::default()
+        };
+        assert!(limiter.table_growing(0, 10, Some(10)).unwrap());
+        for _ in 0..1000 {
+            // A full table of maximum 10: refused, and not charged.
+            assert!(!limiter.table_growing(10, 11, Some(10)).unwrap());
+        }
+        assert_eq!(limiter.used, 80);
+        assert_eq!(limiter.refused, None);
+        assert!(!limiter.memory_growing(0, 200, Some(100)).unwrap());
+        assert_eq!(limiter.used, 80);
     }
 }
