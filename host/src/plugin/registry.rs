@@ -263,16 +263,11 @@ impl PluginRegistry {
         let pre = TaskPre::new(instance_pre).map_err(|e| PluginError::World(format!("{e:#}")))?;
         let info = probe_info(&self.engine, &pre).await?;
         let name = info.name.trim().to_string();
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-        {
+        if let Err(reason) = check_plugin_name(&name) {
             return Err(PluginError::BadInfo {
                 field: "name",
                 value: info.name,
-                reason: "use 1 to 64 lowercase letters, digits, `-` or `_`".into(),
+                reason,
             });
         }
         let version =
@@ -550,5 +545,17 @@ async fn probe_info(
             None => format!("{err:#}"),
         })),
         Err(_) => Err(no_answer()),
+    }
+}
+
+/// A plugin name, as `info()` answers it and as URLs and file names
+/// (`<name>-<version>.wasm`) carry it: 1 to 64 lowercase letters, digits,
+/// `-` or `_`.
+pub fn check_plugin_name(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
+    if !name.is_empty() && name.len() <= 64 && name.chars().all(allowed) {
+        Ok(())
+    } else {
+        Err("use 1 to 64 lowercase letters, digits, `-` or `_`".into())
     }
 }
