@@ -131,7 +131,7 @@ impl Executor {
 
         // Which steps are done already (a resumed run) and which will run.
         let mut done = vec![false; plan.steps.len()];
-        let mut previous_attempts = vec![0u32; plan.steps.len()];
+        let mut earlier_attempts = vec![Vec::new(); plan.steps.len()];
         for (index, step_record) in record.steps.iter_mut().enumerate() {
             match step_record.status {
                 StepStatus::Succeeded | StepStatus::Skipped | StepStatus::Failed => {
@@ -149,12 +149,7 @@ impl Executor {
                             });
                         }
                     }
-                    previous_attempts[index] = step_record
-                        .attempts
-                        .iter()
-                        .map(|a| a.attempt)
-                        .max()
-                        .unwrap_or(0);
+                    earlier_attempts[index] = step_record.attempts.clone();
                     step_record.status = StepStatus::Pending;
                     step_record.error = None;
                 }
@@ -179,7 +174,7 @@ impl Executor {
             observer: options.observer.clone(),
             cancel: options.cancel.clone(),
             store: options.store.clone(),
-            previous_attempts,
+            earlier_attempts,
         });
 
         let n = plan.steps.len();
@@ -471,8 +466,9 @@ struct RunContext {
     observer: Option<Arc<dyn RunObserver>>,
     cancel: CancellationToken,
     store: Option<Arc<dyn Store>>,
-    /// Per step: the highest attempt number a previous incarnation stored.
-    previous_attempts: Vec<u32>,
+    /// Per step: the attempts previous incarnations stored (one cut short
+    /// by the stop is marked interrupted).
+    earlier_attempts: Vec<Vec<AttemptRecord>>,
 }
 
 impl RunContext {
@@ -595,11 +591,14 @@ impl RunContext {
 
     /// Stores that `attempt` of a (non-`for_each`) step has started, so that
     /// after a crash the next incarnation numbers its attempt `attempt + 1`.
+    /// The record stored replaces the step's: it keeps the attempts of
+    /// earlier incarnations too, or a second crash would lose them.
     async fn save_running(&self, index: usize, attempt: u32, this_incarnation: &[AttemptRecord]) {
         let Some(store) = &self.store else { return };
         let step = &self.plan.steps[index];
         let plugin = &self.plugins[index];
-        let mut attempts = this_incarnation.to_vec();
+        let mut attempts = self.earlier_attempts[index].clone();
+        attempts.extend_from_slice(this_incarnation);
         attempts.push(AttemptRecord {
             attempt,
             item: None,
@@ -659,7 +658,11 @@ impl RunContext {
         let mut attempts = Vec::new();
         // A resumed step goes on numbering from the stored attempts, and gets
         // at least one more attempt even if the interrupted one was the last.
-        let previous = self.previous_attempts[index];
+        let previous = self.earlier_attempts[index]
+            .iter()
+            .map(|a| a.attempt)
+            .max()
+            .unwrap_or(0);
         let mut attempt = previous + 1;
         let last_attempt = step.retry.max_attempts.max(previous + 1);
         loop {

@@ -7,6 +7,7 @@ mod support;
 
 mod attack;
 mod c_plugin;
+mod chaos;
 mod cli;
 mod examples;
 mod hostile;
