@@ -37,14 +37,8 @@ fail() {
 [ -x "$trellis" ] || fail "no trellis binary at $trellis (cargo build -p trellis, or set TRELLIS)"
 command -v curl >/dev/null || fail "curl not found"
 
-# The venv's Python: $PYTHON, else the system's (Debian's python3), else the
-# first python3 on PATH. (CPython 3.11.7, which pyenv may put first, fails
-# inside hypothesis with "AST constructor recursion depth mismatch".)
-python="${PYTHON:-}"
-if [ -z "$python" ]; then
-    python=python3
-    [ -x /usr/bin/python3 ] && python=/usr/bin/python3
-fi
+# The venv's Python: $PYTHON, else python3.
+python="${PYTHON:-python3}"
 command -v "$python" >/dev/null ||
     fail "$python not found: install Python 3.10 or newer with the venv module (Debian: apt-get install python3 python3-venv)"
 
@@ -95,6 +89,16 @@ cache="${FUZZ_CACHE:-$root/target/api-fuzz/cache}"
 mkdir -p "$cache" "$work/data"
 ln -s "$cache" "$work/data/cache"
 
+# Real components for some of the uploads (see hooks.py): a new plugin, two
+# versions of one, and a build that is already loaded. Named by their info().
+: > "$work/uploads.tsv"
+for file in "$root/target/plugins-test/noop.wasm" "$root/target/plugins-swap/versioned-v1.wasm" \
+    "$root/target/plugins-swap/versioned-v2.wasm" "$work/plugins/hash.wasm"; do
+    [ -f "$file" ] || continue
+    name="$("$trellis" plugins inspect "$file" 2>/dev/null | sed -n 's/^  "name": "\(.*\)",$/\1/p')"
+    [ -n "$name" ] && printf '%s\t%s\n' "$name" "$file" >> "$work/uploads.tsv"
+done
+
 token="fuzz-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 echo "--- starting $trellis serve (the first start compiles the plugins)"
 TRELLIS_AUTH_TOKEN="$token" "$trellis" serve --config "$work/trellis.toml" \
@@ -132,7 +136,7 @@ seed_args=()
 echo "--- schemathesis: $examples examples per operation, checks: all"
 status=0
 start=$(date +%s)
-PYTHONPATH="$here" SCHEMATHESIS_HOOKS=hooks \
+PYTHONPATH="$here" SCHEMATHESIS_HOOKS=hooks FUZZ_UPLOADS="$work/uploads.tsv" \
     "$venv/bin/schemathesis" --config-file "$here/schemathesis.toml" run "$base/v1/openapi.json" \
     --header "Authorization: Bearer $token" \
     --checks all \
