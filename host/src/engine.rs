@@ -162,6 +162,14 @@ impl Engine {
         }
     }
 
+    /// An engine without the pool, as [`Engine::new`] falls back to: for
+    /// tests of what must hold either way.
+    #[cfg(test)]
+    pub(crate) fn on_demand() -> Engine {
+        let engine = wasmtime::Engine::new(&Self::config(false)).expect("an on-demand engine");
+        Self::start(engine, false)
+    }
+
     fn config(pooling: bool) -> wasmtime::Config {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);

@@ -101,6 +101,17 @@ fn cases(never_answers: &StalledServer, stalls_body: &StalledServer) -> Vec<Case
             &["fuel_exhausted"],
             "the attempt used all of its 50000000 fuel",
         ),
+        // A busy guest stopped by the epoch deadline, with other guests
+        // wanting the same two cores.
+        Case {
+            name: "hostile-loop-timeout".into(),
+            ..hostile(
+                "loop",
+                "fuel = 1_000_000_000_000\ntimeout = \"300ms\"",
+                &["timeout"],
+                "the attempt ran longer than its timeout of 300ms",
+            )
+        },
         hostile(
             "alloc",
             "memory = \"32MiB\"",

@@ -559,3 +559,42 @@ pub fn check_plugin_name(name: &str) -> Result<(), String> {
         Err("use 1 to 64 lowercase letters, digits, `-` or `_`".into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_component_with_too_many_memories_is_refused_with_or_without_the_pool() {
+        let source = include_str!("../../../plugins/fixtures/wat/refused/too-many-memories.wat");
+        let bytes = wat::parse_str(source).unwrap();
+
+        let pooled = PluginRegistry::new(Engine::new().unwrap()).unwrap();
+        if pooled.engine().is_pooling() {
+            let err = pooled.compile(&bytes, None).await.unwrap_err();
+            assert!(
+                err.to_string().contains(
+                    "21 Wasm linear memories, which exceeds the configured maximum of 16"
+                ),
+                "{err}"
+            );
+        }
+
+        let on_demand = PluginRegistry::new(Engine::on_demand()).unwrap();
+        let err = on_demand.compile(&bytes, None).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PluginError::TooManyResources {
+                    memories: 21,
+                    tables: 0
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "defines 21 linear memories and 0 tables; a component may define at most 16 and 64"
+        );
+    }
+}
