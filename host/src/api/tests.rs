@@ -106,6 +106,7 @@ async fn every_refusal_is_a_json_error() {
         (get("/v1/runs?cursor=nothex"), 400, "invalid_request"),
         (get("/v1/runs?page=2"), 400, "invalid_request"),
         (get("/v1/workflows/nope"), 404, "not_found"),
+        (get("/v1/workflows/%FF"), 400, "invalid_request"),
         (post_json("/v1/workflows/nope/runs", "{}"), 404, "not_found"),
         (
             post_json("/v1/workflows/broken/runs", "{}"),
@@ -623,6 +624,12 @@ async fn the_openapi_document_matches_the_answers() {
                 "{method} {path}"
             );
         }
+    }
+
+    // A path segment that is not UTF-8 is a 400 on every route that has one.
+    for (method, path) in ROUTES.iter().filter(|(_, path)| path.contains('{')) {
+        let responses = &document["paths"][path][method.to_lowercase()]["responses"];
+        assert!(responses["400"].is_object(), "{method} {path}: no 400");
     }
 
     // A trigger without a body is taken (as `{}`).

@@ -138,6 +138,7 @@ pub async fn list_workflows(State(state): State<AppState>) -> Json<WorkflowList>
     params(("name" = String, Path, description = "The workflow's name", pattern = r"^[A-Za-z0-9._-]{1,128}$", example = "order-pipeline")),
     responses(
         (status = 200, description = "The workflow", body = WorkflowDetail),
+        (status = 400, description = "The name is not UTF-8 once percent-decoded", body = super::ErrorBody),
         (status = 404, description = "No workflow with this name", body = super::ErrorBody),
     ),
 )]
