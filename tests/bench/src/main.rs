@@ -5,7 +5,9 @@
 //!   workflow shapes (chain10, chain40, fanout100, fanout1000, diamond) and
 //!   3-step runs back to back and 64 at once;
 //! - `system`: HTTP load against `trellis serve`, cold starts, memory with
-//!   10,000 runs in flight.
+//!   10,000 runs in flight;
+//! - `soak` (`--soak`, its own mode; a small one in `--smoke`): 20,000 runs
+//!   from 128 clients, every output checked, RSS flat.
 //!
 //! Writes `results.json`, `results.md` (the table) and `per-step.svg` (the
 //! plot) to `--out`. `--smoke` runs a few iterations of each, to prove the
@@ -15,6 +17,7 @@ mod inproc;
 mod plot;
 #[allow(dead_code)] // until every part uses all of it
 mod report;
+mod soak;
 mod system;
 
 use std::path::PathBuf;
@@ -33,7 +36,7 @@ pub struct Options {
     /// Where results.json, results.md and per-step.svg go.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
-    /// Only these parts (inproc, system); default both.
+    /// Only these parts (inproc, system; soak in --smoke); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// The `trellis` binary the system part starts (a release build).
@@ -43,6 +46,16 @@ pub struct Options {
     /// `<!-- results:start -->` and `<!-- results:end -->` (BENCHMARKS.md).
     #[arg(long, value_name = "FILE")]
     pub update: Option<PathBuf>,
+    /// Only the soak (see soak.rs): many runs against one server, every
+    /// output checked, RSS sampled; fails on any error or growing memory.
+    #[arg(long)]
+    pub soak: bool,
+    /// Runs in the soak.
+    #[arg(long, default_value_t = 20_000)]
+    pub soak_runs: usize,
+    /// Concurrent keep-alive clients in the soak.
+    #[arg(long, default_value_t = 128)]
+    pub soak_clients: usize,
 }
 
 impl Options {
@@ -54,12 +67,25 @@ impl Options {
 fn main() -> anyhow::Result<()> {
     let options = Options::parse();
     std::fs::create_dir_all(&options.out)?;
+    if options.soak {
+        let results = soak::run(&options)?;
+        println!("{}", report::markdown(&results));
+        std::fs::write(
+            options.out.join("soak.json"),
+            serde_json::to_string_pretty(&results)?,
+        )?;
+        return Ok(());
+    }
     let mut results = Vec::new();
     if options.wants("inproc") {
         results.extend(inproc::run(&options)?);
     }
     if options.wants("system") {
         results.extend(system::run(&options)?);
+    }
+    // The full soak is a mode of its own (`--soak`); a smoke run proves it works.
+    if options.smoke && options.wants("soak") {
+        results.extend(soak::run(&options)?);
     }
     let table = report::markdown(&results);
     println!("{table}");

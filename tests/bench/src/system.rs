@@ -30,9 +30,9 @@ use crate::Options;
 use crate::report::{Measurement, median, percentile};
 
 #[path = "system_http.rs"]
-mod client;
+pub(crate) mod client;
 #[path = "system_proc.rs"]
-mod process;
+pub(crate) mod process;
 
 use client::Conn;
 use process::{Metrics, Server, machine_busy_seconds, own_cpu_seconds};
