@@ -73,9 +73,11 @@ pub struct TriggerParams {
         description = "The run's input; must satisfy the workflow's `[input] schema` if it has one. No body (or only white space) is `{}`"),
     responses(
         (status = 202, description = "Accepted (queued or running); `Location` is the run's URL", body = RunRecord,
-            headers(("Location" = String, description = "/v1/runs/{id}"))),
+            headers(("Location" = String, description = "/v1/runs/{id}"),
+                ("Idempotent-Replayed" = String, description = "`true` when the `Idempotency-Key` matched an earlier run, which this is"))),
         (status = 200, description = "With `?wait`: the finished run. With an `Idempotency-Key` seen before: the earlier run (header `Idempotent-Replayed: true`)", body = RunRecord,
-            headers(("Location" = String, description = "/v1/runs/{id}"))),
+            headers(("Location" = String, description = "/v1/runs/{id}"),
+                ("Idempotent-Replayed" = String, description = "`true` when the `Idempotency-Key` matched an earlier run, which this is"))),
         (status = 400, description = "Malformed JSON (`details`: line, column), a bad `wait` or `Idempotency-Key`", body = super::ErrorBody),
         (status = 404, description = "No workflow with this name", body = super::ErrorBody),
         (status = 409, description = "The workflow has errors (`details`: its diagnostics)", body = super::ErrorBody),
