@@ -167,7 +167,7 @@ fn names_cannot_climb_out_of_their_directories() {
     let bad_request = (400, "invalid_request");
     let toml = [("content-type", "application/toml")];
     let wasm = [("content-type", "application/wasm")];
-    let cases: &[(&str, &str, &[(&str, &str)], &[u8], (u16, &str))] = &[
+    let cases: &[Case] = &[
         (
             "PUT",
             "/v1/workflows/..%2Fescaped",
@@ -278,6 +278,15 @@ fn names_cannot_climb_out_of_their_directories() {
     let run = server.post("/v1/workflows/echo/runs?wait=30s", "{}");
     assert_eq!(run.status, 200, "{}", run.body);
 }
+
+/// A request (method, path, headers, body) and the status and code it gets.
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a [(&'a str, &'a str)],
+    &'a [u8],
+    (u16, &'a str),
+);
 
 /// Every path under `dir`, with its size: what a request may not change.
 fn tree(dir: &std::path::Path) -> Vec<(String, u64)> {
