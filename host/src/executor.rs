@@ -589,29 +589,38 @@ impl RunContext {
         }
     }
 
-    /// Stores that `attempt` of a (non-`for_each`) step has started, so that
-    /// after a crash the next incarnation numbers its attempt `attempt + 1`.
+    /// Stores the attempts of a (non-`for_each`) step so far and, with
+    /// `started`, that this attempt has started: after a crash the next
+    /// incarnation numbers its attempts on from there, and an attempt that
+    /// failed before the crash (one waiting out its backoff) keeps its error.
     /// The record stored replaces the step's: it keeps the attempts of
     /// earlier incarnations too, or a second crash would lose them.
-    async fn save_running(&self, index: usize, attempt: u32, this_incarnation: &[AttemptRecord]) {
+    async fn save_attempts(
+        &self,
+        index: usize,
+        this_incarnation: &[AttemptRecord],
+        started: Option<u32>,
+    ) {
         let Some(store) = &self.store else { return };
         let step = &self.plan.steps[index];
         let plugin = &self.plugins[index];
         let mut attempts = self.earlier_attempts[index].clone();
         attempts.extend_from_slice(this_incarnation);
-        attempts.push(AttemptRecord {
-            attempt,
-            item: None,
-            status: StepStatus::Running,
-            error: None,
-            started_at: now_rfc3339(),
-            duration_ms: 0.0,
-            fuel_consumed: 0,
-            peak_memory: 0,
-            logs: Vec::new(),
-            log_bytes_dropped: 0,
-            progress: None,
-        });
+        if let Some(attempt) = started {
+            attempts.push(AttemptRecord {
+                attempt,
+                item: None,
+                status: StepStatus::Running,
+                error: None,
+                started_at: now_rfc3339(),
+                duration_ms: 0.0,
+                fuel_consumed: 0,
+                peak_memory: 0,
+                logs: Vec::new(),
+                log_bytes_dropped: 0,
+                progress: None,
+            });
+        }
         let record = StepRecord {
             plugin_version: Some(plugin.version.to_string()),
             plugin_digest: Some(format!("sha256:{}", plugin.digest)),
@@ -620,7 +629,7 @@ impl RunContext {
             ..StepRecord::pending(&step.id, &step.plugin)
         };
         if let Err(err) = store.save_step(&self.run_id, index, &record).await {
-            tracing::error!(run_id = %self.run_id, step = %step.id, error = %err, "cannot store that the step started");
+            tracing::error!(run_id = %self.run_id, step = %step.id, error = %err, "cannot store the step's attempts");
         }
     }
 
@@ -682,7 +691,7 @@ impl RunContext {
                 observer.step_started(&step.id, attempt, item);
             }
             if item.is_none() {
-                self.save_running(index, attempt, &attempts).await;
+                self.save_attempts(index, &attempts, Some(attempt)).await;
             }
             let outcome = self.plugins[index]
                 .invoke(Invocation {
@@ -717,6 +726,9 @@ impl RunContext {
             match result {
                 Ok(output) => return (Ok(output), attempts),
                 Err(error) if error.retryable && attempt < last_attempt => {
+                    if item.is_none() {
+                        self.save_attempts(index, &attempts, None).await;
+                    }
                     let delay = step.retry.delay_before(attempt + 1);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}

@@ -50,14 +50,22 @@ for_each = "{{ input.words }}"
 input = { data = "{{ item }}-{{ input.n }}" }
 
 [[step]]
+id = "flaky"
+plugin = "fail"
+needs = ["first"]
+retry = { max_attempts = 5, backoff = "fixed", initial = "200ms" }
+input = { message = "try again", retryable = true, succeed_on_attempt = 3 }
+
+[[step]]
 id = "last"
 plugin = "probe"
-needs = ["fan"]
+needs = ["fan", "flaky"]
 input = { counter = "{{ run.id }}-last", n = "{{ input.n }}" }
 
 [output]
 n = "{{ steps.last.output.input.n }}"
 digests = "{{ steps.fan.output }}"
+flaky = "{{ steps.flaky.status }}"
 "#;
 
 /// Client threads submitting runs.
@@ -95,7 +103,7 @@ impl Job {
                 })
             })
             .collect();
-        json!({ "n": self.n, "digests": digests })
+        json!({ "n": self.n, "digests": digests, "flaky": "succeeded" })
     }
 }
 
@@ -307,6 +315,7 @@ fn accepted_runs_survive_repeated_sigkill() {
     problems.extend(load.refusals.lock().unwrap().iter().cloned());
     let deadline = Instant::now() + Duration::from_secs(180);
     let (mut succeeded, mut lost, mut stuck, mut resumed_steps) = (0, 0, 0, 0);
+    let mut flaky_interrupted = 0;
     for (&index, id) in &accepted {
         let job = &jobs[index];
         let run = loop {
@@ -357,7 +366,7 @@ fn accepted_runs_survive_repeated_sigkill() {
                 told["status"], told["output"], run["status"], run["output"]
             ));
         }
-        let step_problems = impossible_steps(&run, job, &mut resumed_steps);
+        let step_problems = impossible_steps(&run, job, &mut resumed_steps, &mut flaky_interrupted);
         if step_problems.is_empty() {
             succeeded += 1;
         }
@@ -406,7 +415,8 @@ fn accepted_runs_survive_repeated_sigkill() {
         "chaos: seed {seed}: {rounds} rounds, runs accepted {}, succeeded {succeeded}, lost {lost}, \
          stuck {stuck}; unfinished runs at each kill {in_flight_at_kills:?}; \
          {} requests cut off by a kill, {} retries found the run stored (idempotency key); \
-         {resumed_steps} probe/sleep steps re-attempted after a kill",
+         {resumed_steps} probe/sleep steps re-attempted after a kill; \
+         {flaky_interrupted} attempts of the retried step recorded as interrupted",
         accepted.len(),
         load.transport_errors.load(Ordering::SeqCst),
         load.found_on_retry.load(Ordering::SeqCst),
@@ -425,7 +435,12 @@ fn accepted_runs_survive_repeated_sigkill() {
 
 /// What a run's steps show that cannot have happened; counts the steps
 /// that a kill cut short and that were attempted again.
-fn impossible_steps(run: &Value, job: &Job, resumed: &mut usize) -> Vec<String> {
+fn impossible_steps(
+    run: &Value,
+    job: &Job,
+    resumed: &mut usize,
+    flaky_interrupted: &mut usize,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let id = run["id"].as_str().unwrap();
     for step_id in ["first", "nap", "last"] {
@@ -481,6 +496,35 @@ fn impossible_steps(run: &Value, job: &Job, resumed: &mut usize) -> Vec<String> 
             }
             if output["input"]["n"] != job.n {
                 problems.push(format!("step {step_id}: input {}", output["input"]));
+            }
+        }
+    }
+    // The retried step: failed twice on purpose, then succeeded, its
+    // attempts numbered on across kills; an attempt recorded as
+    // interrupted ran when a kill came, or had failed and was waiting out
+    // its backoff (counted: the record lost why it failed).
+    let flaky = step(run, "flaky");
+    let attempts = flaky["attempts"].as_array().unwrap();
+    let numbers: Vec<u64> = attempts
+        .iter()
+        .map(|a| a["attempt"].as_u64().unwrap())
+        .collect();
+    if numbers != (1..=attempts.len() as u64).collect::<Vec<_>>()
+        || attempts.len() < 3
+        || flaky["status"] != "succeeded"
+        || flaky["output"]["attempt"] != attempts.len()
+    {
+        problems.push(format!("flaky: {flaky:#}"));
+    }
+    if let Some((last, earlier)) = attempts.split_last() {
+        if last["status"] != "succeeded" {
+            problems.push(format!("flaky: the last attempt is {last}"));
+        }
+        for attempt in earlier {
+            match attempt["error"]["kind"].as_str() {
+                Some("interrupted") => *flaky_interrupted += 1,
+                _ if attempt["error"]["message"] == "try again" => {}
+                _ => problems.push(format!("flaky: an attempt {attempt}")),
             }
         }
     }
@@ -567,4 +611,36 @@ fn a_step_cut_short_twice_keeps_both_attempts() {
         "{nap:#}"
     );
     assert_eq!(step(&run, "first")["attempts"].as_array().unwrap().len(), 1);
+}
+
+/// An attempt that failed and was waiting out its backoff when the server
+/// was killed keeps its own error: it was stored as still running, so the
+/// restart called it interrupted and its reason was lost.
+#[test]
+fn a_failed_attempt_keeps_its_error_across_a_kill_in_its_backoff() {
+    const BACKOFF: &str = r#"
+[[step]]
+id = "flaky"
+plugin = "fail"
+retry = { max_attempts = 3, backoff = "fixed", initial = "5s" }
+input = { message = "try again", retryable = true, succeed_on_attempt = 2 }
+"#;
+    let server = Serve::new().workflow("backoff.toml", BACKOFF).start();
+    let reply = server.post("/v1/workflows/backoff/runs", "{}");
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    // Attempt 1 fails at once; the kill comes while it waits to retry.
+    std::thread::sleep(Duration::from_millis(1000));
+    let server = Serve::in_dir(server.crash()).start();
+
+    let run = server.wait_for_run(&id);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let flaky = step(&run, "flaky");
+    let attempts = flaky["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{flaky:#}");
+    assert_eq!(attempts[0]["status"], "failed", "{flaky:#}");
+    assert_eq!(attempts[0]["error"]["message"], "try again", "{flaky:#}");
+    assert_eq!(attempts[0]["error"]["retryable"], true, "{flaky:#}");
+    assert_eq!(attempts[1]["attempt"], 2, "{flaky:#}");
+    assert_eq!(attempts[1]["status"], "succeeded", "{flaky:#}");
 }
