@@ -3,6 +3,7 @@
 
 use utoipa::Modify;
 use utoipa::OpenApi;
+use utoipa::openapi::extensions::Extensions;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, ResponseBuilder, Type};
@@ -31,7 +32,7 @@ use super::{runs, system, workflows};
         system::metrics,
         system::openapi,
     ),
-    modifiers(&BearerToken, &Unauthorized),
+    modifiers(&BearerToken, &Unauthorized, &Links),
     security(("bearer" = [])),
     tags(
         (name = "runs", description = "Trigger runs, follow and cancel them"),
@@ -96,6 +97,109 @@ impl Modify for Unauthorized {
                         .responses
                         .insert("401".to_owned(), response.clone().into());
                 }
+            }
+        }
+    }
+}
+
+/// Links from an answer to the operations that take what it holds: the run
+/// a trigger started (its status, its cancel, its events), the workflow a
+/// `PUT` stored (a run of it), the plugin an upload activated (its removal).
+/// Clients and fuzzers follow them.
+struct Links;
+
+impl Modify for Links {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        // (path, method, statuses, [(link name, operation id, [(parameter, expression)])])
+        type Targets = &'static [(
+            &'static str,
+            &'static str,
+            &'static [(&'static str, &'static str)],
+        )];
+        let from: [(&str, &str, &[&str], Targets); 3] = [
+            (
+                "/v1/workflows/{name}/runs",
+                "post",
+                &["200", "202"],
+                &[
+                    ("GetRun", "get_run", &[("id", "$response.body#/id")]),
+                    ("CancelRun", "cancel_run", &[("id", "$response.body#/id")]),
+                    ("RunEvents", "run_events", &[("id", "$response.body#/id")]),
+                ],
+            ),
+            (
+                "/v1/workflows/{name}",
+                "put",
+                &["200"],
+                &[
+                    (
+                        "GetWorkflow",
+                        "get_workflow",
+                        &[("name", "$response.body#/name")],
+                    ),
+                    ("TriggerRun", "trigger", &[("name", "$response.body#/name")]),
+                ],
+            ),
+            (
+                "/v1/plugins/{name}",
+                "put",
+                &["200", "201"],
+                &[(
+                    "DeletePluginVersion",
+                    "delete_plugin",
+                    &[
+                        ("name", "$response.body#/name"),
+                        ("version", "$response.body#/version"),
+                    ],
+                )],
+            ),
+        ];
+        for (path, method, statuses, targets) in from {
+            let Some(item) = openapi.paths.paths.get_mut(path) else {
+                continue;
+            };
+            let operation = match method {
+                "post" => item.post.as_mut(),
+                "put" => item.put.as_mut(),
+                _ => None,
+            };
+            let Some(operation) = operation else {
+                continue;
+            };
+            for status in statuses {
+                let Some(utoipa::openapi::RefOr::T(response)) =
+                    operation.responses.responses.get_mut(*status)
+                else {
+                    continue;
+                };
+                // utoipa 5's `Link` serializes `operation_id` (not
+                // `operationId`), which no reader knows: the links go in as
+                // plain JSON through the response's extensions instead.
+                let links: serde_json::Map<String, serde_json::Value> = targets
+                    .iter()
+                    .map(|(name, operation_id, parameters)| {
+                        let parameters: serde_json::Map<String, serde_json::Value> = parameters
+                            .iter()
+                            .map(|(parameter, expression)| {
+                                ((*parameter).to_owned(), (*expression).into())
+                            })
+                            .collect();
+                        (
+                            (*name).to_owned(),
+                            serde_json::json!({
+                                "operationId": operation_id,
+                                "parameters": parameters,
+                            }),
+                        )
+                    })
+                    .collect();
+                response
+                    .extensions
+                    .get_or_insert_with(Default::default)
+                    .merge(Extensions::from_iter([(
+                        "links",
+                        serde_json::Value::Object(links),
+                    )]));
             }
         }
     }

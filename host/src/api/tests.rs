@@ -632,6 +632,38 @@ async fn the_openapi_document_matches_the_answers() {
         assert!(responses["400"].is_object(), "{method} {path}: no 400");
     }
 
+    // Every link leads to an operation of the document, with parameters it has.
+    let operations: std::collections::HashMap<&str, &Value> = document["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|item| item.as_object().unwrap().values())
+        .map(|operation| (operation["operationId"].as_str().unwrap(), operation))
+        .collect();
+    let mut links = 0;
+    for item in document["paths"].as_object().unwrap().values() {
+        for operation in item.as_object().unwrap().values() {
+            for response in operation["responses"].as_object().unwrap().values() {
+                for (name, link) in response["links"].as_object().into_iter().flatten() {
+                    links += 1;
+                    let target = operations[link["operationId"].as_str().unwrap()];
+                    for parameter in link["parameters"].as_object().unwrap().keys() {
+                        assert!(
+                            target["parameters"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .any(|p| p["name"] == parameter.as_str()),
+                            "link {name}: {} has no parameter {parameter}",
+                            link["operationId"]
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(links >= 9, "{links} links");
+
     // A trigger without a body is taken (as `{}`).
     let trigger = &document["paths"]["/v1/workflows/{name}/runs"]["post"];
     assert_ne!(trigger["requestBody"]["required"], true, "{trigger}");
