@@ -210,8 +210,10 @@ struct Inner {
     workflows: RwLock<BTreeMap<String, WorkflowEntry>>,
     /// Where `PUT /v1/workflows/{name}` writes: the first workflow dir.
     workflow_dir: Option<PathBuf>,
-    /// Where `PUT /v1/plugins/{name}` writes: the first plugin dir.
-    plugin_dir: Option<PathBuf>,
+    /// Where `PUT /v1/plugins/{name}` writes: `<data_dir>/uploads`, the first
+    /// plugin dir (uploads are data, like runs: never written into build
+    /// output or a directory the operator manages).
+    plugin_dir: PathBuf,
     /// The plugin dirs, watched for files that appear, change or go.
     plugin_dirs: Vec<PathBuf>,
     /// The workflow dirs, likewise.
@@ -245,7 +247,21 @@ impl Service {
         let engine = Engine::new()?;
         let registry =
             PluginRegistry::new(engine)?.with_cache(CodeCache::new(config.data_dir.join("cache")));
-        let report = registry.load_dirs(&config.plugin_dirs).await;
+        let uploads = config.data_dir.join("uploads");
+        std::fs::create_dir_all(&uploads).map_err(|source| StartError::DataDir {
+            path: uploads.clone(),
+            source,
+        })?;
+        let plugin_dirs: Vec<PathBuf> = std::iter::once(uploads.clone())
+            .chain(
+                config
+                    .plugin_dirs
+                    .iter()
+                    .filter(|dir| **dir != uploads)
+                    .cloned(),
+            )
+            .collect();
+        let report = registry.load_dirs(&plugin_dirs).await;
         for (path, err) in &report.errors {
             tracing::warn!(path = %path.display(), error = %err, "plugin not loaded");
         }
@@ -274,8 +290,8 @@ impl Service {
                 registry,
                 workflows: RwLock::new(BTreeMap::new()),
                 workflow_dir: config.workflow_dirs.first().cloned(),
-                plugin_dir: config.plugin_dirs.first().cloned(),
-                plugin_dirs: config.plugin_dirs.clone(),
+                plugin_dir: uploads,
+                plugin_dirs,
                 workflow_dirs: config.workflow_dirs.clone(),
                 plugin_errors: RwLock::new(
                     report
@@ -601,13 +617,11 @@ impl Service {
         }
         self.keep_blob(&plugin, &bytes);
         let mut plugin = plugin;
-        if let Some(dir) = &self.inner.plugin_dir {
-            let file = dir.join(format!("{name}-{}.wasm", plugin.version));
-            write_atomically(dir, &file, &bytes).map_err(|e| {
-                PutPluginError::Save(format!("cannot write {}: {e}", file.display()))
-            })?;
-            plugin.path = Some(file);
-        }
+        let dir = &self.inner.plugin_dir;
+        let file = dir.join(format!("{name}-{}.wasm", plugin.version));
+        write_atomically(dir, &file, &bytes)
+            .map_err(|e| PutPluginError::Save(format!("cannot write {}: {e}", file.display())))?;
+        plugin.path = Some(file);
         let plugin = registry.insert(plugin).map_err(PutPluginError::Invalid)?;
         tracing::info!(plugin = %plugin.label(), digest = %plugin.digest, "plugin activated");
         Ok((plugin, true))

@@ -95,7 +95,7 @@ fn an_upload_swaps_the_plugin_under_load() {
             n + 100
         );
     }
-    // Both versions are listed; the upload was written to the plugin dir.
+    // Both versions are listed.
     let list = server.get("/v1/plugins").json();
     let versions: Vec<&str> = list["plugins"]
         .as_array()
@@ -105,6 +105,10 @@ fn an_upload_swaps_the_plugin_under_load() {
         .map(|p| p["version"].as_str().unwrap())
         .collect();
     assert_eq!(versions, ["1.0.0", "2.0.0"]);
+    // It was written to the data dir's uploads, not to a configured plugin dir.
+    let uploaded = server.data_dir().join("uploads/versioned-2.0.0.wasm");
+    assert_eq!(std::fs::read(&uploaded).unwrap(), v2);
+    assert!(!server.plugin_dir().join("versioned-2.0.0.wasm").exists());
     // The same bytes again: nothing changes.
     assert_eq!(upload(&server, "versioned", &v2).status, 200);
 }
