@@ -73,14 +73,14 @@ for target in "${targets[@]}"; do
   "${cargo[@]}" run "${flags[@]}" "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- "${args[@]}" > "$log" 2>&1
   status=$?
   set -e
-  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
-  took=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | grep -o 'in [0-9]*' | grep -o '[0-9]*' | tail -1)
+  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
+  took=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | grep -o '[0-9]*' | tail -1 || true)
   if [ "$status" -eq 0 ]; then
     echo "fuzz $target: ${execs:-?} execs in ${took:-?} s, 0 crashes"
   else
-    artifact=$(grep -o "fuzz/artifacts/$target/[^ ]*" "$log" | head -1)
+    artifact=$(grep -o 'Test unit written to [^ ]*' "$log" | head -1 | sed 's|.* to .*/fuzz/artifacts|fuzz/artifacts|' || true)
     echo "fuzz $target: ${execs:-?} execs, 1 crash (exit $status): ${artifact:-see the log below}"
-    grep -E -B2 -A40 'panicked|ERROR: (libFuzzer|AddressSanitizer)|==ERROR' "$log" | head -80
+    grep -E -A30 'panicked|ERROR: libFuzzer|ERROR: AddressSanitizer' "$log" | head -60 || true
     failed+=("$target")
   fi
 done
