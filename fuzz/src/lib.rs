@@ -66,17 +66,6 @@ pub fn parse_workflow(source: &str) -> Option<Plan> {
     }
 }
 
-/// The JSON of a run-trigger body, as `POST /v1/workflows/{name}/runs` reads
-/// it (`JsonBody`): blank is `{}`.
-pub fn parse_body(body: &[u8]) -> Result<Json, serde_json::Error> {
-    let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        body
-    };
-    serde_json::from_slice(text)
-}
-
 /// Renders every template of `plan` the way the executor does for a run with
 /// `input`, in plan order, as if each step's plugin echoed its input: `if`,
 /// then `for_each` (with `item` and `index` per item), `input` and `config` of

@@ -29,19 +29,23 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             )));
         }
         let bytes = body(request, state).await?;
-        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
-        serde_json::from_slice(text)
-            .map(JsonBody)
-            .map_err(|error| ApiError::InvalidJson {
-                message: error.to_string(),
-                line: error.line(),
-                column: error.column(),
-            })
+        parse_json_body(&bytes).map(JsonBody)
     }
+}
+
+/// A JSON request body as [`JsonBody`] reads it: blank is `{}`; JSON that
+/// does not parse is `invalid_json` with where it broke.
+pub fn parse_json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    serde_json::from_slice(text).map_err(|error| ApiError::InvalidJson {
+        message: error.to_string(),
+        line: error.line(),
+        column: error.column(),
+    })
 }
 
 /// A TOML document as text (`application/toml`, any `text/*`, or no

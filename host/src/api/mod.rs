@@ -48,6 +48,7 @@ use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 pub use error::{ApiError, ErrorBody, ErrorInfo};
+pub use extract::parse_json_body;
 pub use openapi::ApiDoc;
 pub use runs::{MAX_WAIT, RunList};
 pub use workflows::{

@@ -78,6 +78,20 @@ pub fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples[rank.clamp(1, samples.len()) - 1]
 }
 
+/// p50, p90, p99 and the maximum of `samples`; NaN for each when empty.
+pub fn quantiles(samples: &[f64]) -> (f64, f64, f64, f64) {
+    if samples.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mut sorted = samples.to_vec();
+    (
+        median(&mut sorted),
+        percentile(&mut sorted, 90.0),
+        percentile(&mut sorted, 99.0),
+        percentile(&mut sorted, 100.0),
+    )
+}
+
 /// The table BENCHMARKS.md quotes.
 pub fn markdown(measurements: &[Measurement]) -> String {
     let mut out = String::from(

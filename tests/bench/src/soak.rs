@@ -12,7 +12,6 @@
 //! of a plain `--smoke` run), where only the errors are judged.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -21,9 +20,9 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::Options;
-use crate::report::{Measurement, median, percentile};
+use crate::report::{Measurement, quantiles};
+use crate::system::Env;
 use crate::system::client::{Conn, Response};
-use crate::system::process::Server;
 
 pub const SMOKE_RUNS: usize = 400;
 pub const SMOKE_CLIENTS: usize = 16;
@@ -104,38 +103,17 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Measurement>> {
         runs >= 4 && clients >= 1,
         "--soak-runs >= 4, --soak-clients >= 1"
     );
-    let trellis = std::fs::canonicalize(&options.trellis).with_context(|| {
-        format!(
-            "no trellis binary at {} (build it: cargo build --release -p trellis)",
-            options.trellis.display()
-        )
-    })?;
-    let fixtures = fixtures(&trellis)?;
-    let scratch = tempfile::Builder::new()
-        .prefix("trellis-bench-soak")
-        .tempdir()?;
-    let workflows = scratch.path().join("workflows");
-    std::fs::create_dir_all(&workflows)?;
+    let env = Env::new(options)?;
+    let work = env.dir("soak")?;
+    let workflows = env.dir("soak/workflows")?;
     std::fs::write(workflows.join("soak.toml"), WORKFLOW)?;
-    let data = scratch.path().join("data");
-    let server = Server::start(
-        &trellis,
-        scratch.path(),
-        &[
-            "--data-dir",
-            utf8(&data),
-            "--plugin-dir",
-            utf8(&fixtures),
-            "--workflow-dir",
-            utf8(&workflows),
-        ],
-    )?;
+    let server = env.serve(&work, "data", &workflows, &[])?;
     std::thread::sleep(Duration::from_millis(500));
     let pid = server.pid();
     let (idle, _) = rss_mib(pid)?;
     eprintln!(
         "soak: {runs} runs, {clients} clients, server {} (pid {pid}), idle RSS {idle:.1} MiB",
-        trellis.display()
+        env.trellis().display()
     );
 
     let issued = AtomicUsize::new(0);
@@ -203,17 +181,7 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Measurement>> {
     drop(server);
 
     let throughput = runs as f64 / elapsed.as_secs_f64();
-    let mut latencies = tally.latencies.clone();
-    let (p50, p90, p99, max) = if latencies.is_empty() {
-        (f64::NAN, f64::NAN, f64::NAN, f64::NAN)
-    } else {
-        (
-            median(&mut latencies),
-            percentile(&mut latencies, 90.0),
-            percentile(&mut latencies, 99.0),
-            percentile(&mut latencies, 100.0),
-        )
-    };
+    let (p50, p90, p99, max) = quantiles(&tally.latencies);
     let memory = Memory::of(&samples, runs);
     let flat = memory.growth() <= FLAT_GROWTH;
 
@@ -467,21 +435,6 @@ fn rss_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
 }
 
 /// `target/plugins-test` next to the binary's profile dir, else from the cwd.
-fn fixtures(trellis: &Path) -> anyhow::Result<PathBuf> {
-    trellis
-        .parent()
-        .and_then(Path::parent)
-        .map(|target| target.join("plugins-test"))
-        .filter(|dir| dir.join("noop.wasm").is_file())
-        .or_else(|| std::fs::canonicalize("target/plugins-test").ok())
-        .filter(|dir| dir.join("noop.wasm").is_file())
-        .context("no target/plugins-test/noop.wasm: build the fixtures (cargo build)")
-}
-
-fn utf8(path: &Path) -> &str {
-    path.to_str().expect("a UTF-8 path")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 
 use crate::Options;
-use crate::report::{Measurement, median, percentile};
+use crate::report::{Measurement, median, percentile, quantiles};
 
 #[path = "system_http.rs"]
 pub(crate) mod client;
@@ -90,7 +90,7 @@ const SMOKE: Scale = Scale {
 
 /// What every part needs: absolute paths (servers run in a temp dir) and a
 /// scratch dir removed at the end.
-struct Env {
+pub(crate) struct Env {
     trellis: PathBuf,
     /// `target/plugins-test`: the noop and sleep fixtures.
     fixtures: PathBuf,
@@ -99,7 +99,7 @@ struct Env {
 }
 
 impl Env {
-    fn new(options: &Options) -> anyhow::Result<Env> {
+    pub(crate) fn new(options: &Options) -> anyhow::Result<Env> {
         let trellis = std::fs::canonicalize(&options.trellis).with_context(|| {
             format!(
                 "no trellis binary at {} (build it: cargo build --release -p trellis)",
@@ -126,7 +126,7 @@ impl Env {
     }
 
     /// A fresh dir under the scratch dir.
-    fn dir(&self, name: &str) -> anyhow::Result<PathBuf> {
+    pub(crate) fn dir(&self, name: &str) -> anyhow::Result<PathBuf> {
         let dir = self.scratch.path().join(name);
         std::fs::create_dir_all(&dir)?;
         Ok(dir)
@@ -134,6 +134,34 @@ impl Env {
 
     fn fixtures_arg(&self) -> &str {
         self.fixtures.to_str().expect("a UTF-8 path")
+    }
+
+    /// `trellis serve` in `work`, on the data dir `work/<data>`, with the
+    /// fixture plugins and the workflows in `workflows`.
+    pub(crate) fn serve(
+        &self,
+        work: &Path,
+        data: &str,
+        workflows: &Path,
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<Server> {
+        Server::start_with_env(
+            &self.trellis,
+            work,
+            &[
+                "--data-dir",
+                arg(&work.join(data)),
+                "--plugin-dir",
+                self.fixtures_arg(),
+                "--workflow-dir",
+                arg(workflows),
+            ],
+            envs,
+        )
+    }
+
+    pub(crate) fn trellis(&self) -> &Path {
+        &self.trellis
     }
 }
 
@@ -392,19 +420,7 @@ fn http(env: &Env) -> anyhow::Result<Vec<Measurement>> {
     let work = env.dir("http")?;
     let workflows = env.dir("http/workflows")?;
     std::fs::write(workflows.join("chain3.toml"), chain_workflow(3))?;
-    let data = work.join("data");
-    let mut server = Server::start(
-        &env.trellis,
-        &work,
-        &[
-            "--data-dir",
-            arg(&data),
-            "--plugin-dir",
-            env.fixtures_arg(),
-            "--workflow-dir",
-            arg(&workflows),
-        ],
-    )?;
+    let mut server = env.serve(&work, "data", &workflows, &[])?;
     let waited = "/v1/workflows/chain3/runs?wait=10s";
     // Warm up: plugins instantiated, SQLite pages and the allocator warm.
     let warm = load(
@@ -482,20 +498,7 @@ fn http(env: &Env) -> anyhow::Result<Vec<Measurement>> {
     // The same with the access log off: `serve` logs every request at info
     // by default; this says what that line costs.
     let clients = scale.levels[scale.levels.len() / 2];
-    let data = work.join("data-quiet");
-    let mut quiet = Server::start_with_env(
-        &env.trellis,
-        &work,
-        &[
-            "--data-dir",
-            arg(&data),
-            "--plugin-dir",
-            env.fixtures_arg(),
-            "--workflow-dir",
-            arg(&workflows),
-        ],
-        &[("TRELLIS_LOG", "warn")],
-    )?;
+    let mut quiet = env.serve(&work, "data-quiet", &workflows, &[("TRELLIS_LOG", "warn")])?;
     let warm = load(
         &quiet,
         waited,
@@ -533,17 +536,7 @@ fn waited_level(
     server.check_alive()?;
     load.check(&format!("?wait, {clients} clients{label}"))?;
     let completed = load.per_s(load.finished);
-    let mut latencies = load.latencies.clone();
-    let (p50, p90, p99, max) = if latencies.is_empty() {
-        (f64::NAN, f64::NAN, f64::NAN, f64::NAN)
-    } else {
-        (
-            median(&mut latencies),
-            percentile(&mut latencies, 90.0),
-            percentile(&mut latencies, 99.0),
-            percentile(&mut latencies, 100.0),
-        )
-    };
+    let (p50, p90, p99, max) = quantiles(&load.latencies);
     Ok(vec![
         Measurement::new(
             "http",
@@ -577,7 +570,7 @@ fn waited_level(
         )
         .note(format!(
             "p90 {p90:.1} ms, p99 {p99:.1} ms, max {max:.1} ms over {} requests",
-            latencies.len()
+            load.latencies.len()
         )),
     ])
 }
@@ -795,19 +788,7 @@ fn memory(env: &Env) -> anyhow::Result<Vec<Measurement>> {
          [[step]]\nid = \"b\"\nplugin = \"noop\"\ninput = \"{{ steps.nap.output }}\"\n\n\
          [[step]]\nid = \"c\"\nplugin = \"noop\"\ninput = \"{{ steps.b.output }}\"\n",
     )?;
-    let data = work.join("data");
-    let mut server = Server::start(
-        &env.trellis,
-        &work,
-        &[
-            "--data-dir",
-            arg(&data),
-            "--plugin-dir",
-            env.fixtures_arg(),
-            "--workflow-dir",
-            arg(&workflows),
-        ],
-    )?;
+    let mut server = env.serve(&work, "data", &workflows, &[])?;
     let mut conn = Conn::connect(server.addr)?;
     std::thread::sleep(Duration::from_millis(500));
     let idle = server.rss_mib()?;
