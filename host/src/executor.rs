@@ -23,7 +23,7 @@ use crate::record::{
     StepRecord, StepStatus, new_run_id, now_rfc3339,
 };
 use crate::secrets::{Granted, Secrets};
-use crate::store::Store;
+use crate::store::{ItemOutcome, ItemRecord, Store, StoredItems};
 use crate::telemetry;
 use crate::workflow::{OnFailure, Plan, Scope};
 
@@ -45,6 +45,9 @@ pub struct RunOptions {
     pub cancel: CancellationToken,
     /// Where step results go as they finish; `None` keeps the run in memory.
     pub store: Option<Arc<dyn Store>>,
+    /// A resumed run: the `for_each` items its store kept
+    /// ([`UnfinishedRun::items`](crate::store::UnfinishedRun::items)).
+    pub items: StoredItems,
 }
 
 /// Executes runs. Cheap to clone; clones share the concurrency bound.
@@ -111,12 +114,14 @@ impl Executor {
     ///
     /// Steps that had finished keep their records and are not run again; a
     /// step that was running is attempted again, its attempt numbers going on
-    /// from the stored ones (the interrupted attempt is marked so).
+    /// from the stored ones (the interrupted attempt is marked so). So is
+    /// each `for_each` item in `options.items` that had not finished; the
+    /// items that had keep their outcome.
     pub async fn execute(
         &self,
         plan: Arc<Plan>,
         mut record: RunRecord,
-        options: RunOptions,
+        mut options: RunOptions,
     ) -> RunRecord {
         let started = Instant::now();
         let run_id = record.id.clone();
@@ -132,12 +137,17 @@ impl Executor {
         // Which steps are done already (a resumed run) and which will run.
         let mut done = vec![false; plan.steps.len()];
         let mut earlier_attempts = vec![Vec::new(); plan.steps.len()];
+        let items = std::mem::take(&mut options.items);
         for (index, step_record) in record.steps.iter_mut().enumerate() {
             match step_record.status {
                 StepStatus::Succeeded | StepStatus::Skipped | StepStatus::Failed => {
                     done[index] = true
                 }
                 StepStatus::Pending | StepStatus::Running | StepStatus::Cancelled => {
+                    // Item by item, in item order, as a finished step has them.
+                    for ((_, _), item) in items.range((index, 0)..=(index, usize::MAX)) {
+                        step_record.attempts.extend(item.attempts.iter().cloned());
+                    }
                     for attempt in &mut step_record.attempts {
                         if attempt.status == StepStatus::Running {
                             attempt.status = StepStatus::Failed;
@@ -175,6 +185,7 @@ impl Executor {
             cancel: options.cancel.clone(),
             store: options.store.clone(),
             earlier_attempts,
+            items,
         });
 
         let n = plan.steps.len();
@@ -467,8 +478,10 @@ struct RunContext {
     cancel: CancellationToken,
     store: Option<Arc<dyn Store>>,
     /// Per step: the attempts previous incarnations stored (one cut short
-    /// by the stop is marked interrupted).
+    /// by the stop is marked interrupted), `for_each` items' included.
     earlier_attempts: Vec<Vec<AttemptRecord>>,
+    /// The `for_each` items previous incarnations stored.
+    items: StoredItems,
 }
 
 impl RunContext {
@@ -521,23 +534,40 @@ impl RunContext {
                     Err(err) => return fail(record, template_error(err.to_string())),
                 };
                 record.items = Some(items.len());
+                let mut results: Vec<Option<InstanceResult>> =
+                    (0..items.len()).map(|_| None).collect();
                 // One task per item: items run in parallel, bounded by the
-                // executor's permits like any other attempt.
+                // executor's permits like any other attempt. An item a
+                // previous incarnation finished keeps its outcome (its
+                // attempts are in the record already).
                 let mut tasks = JoinSet::new();
-                for (position, item) in items.iter().enumerate() {
+                for (position, item) in items.into_iter().enumerate() {
+                    let stored = self.items.get(&(index, position));
+                    if let Some(ItemRecord {
+                        item: stored_item,
+                        outcome: Some(outcome),
+                        ..
+                    }) = stored
+                        && *stored_item == item
+                    {
+                        let result = match outcome {
+                            ItemOutcome::Output(output) => Ok(output.clone()),
+                            ItemOutcome::Error(error) => Err(error.clone()),
+                        };
+                        results[position] = Some((result, Vec::new()));
+                        continue;
+                    }
                     let run = self.clone();
-                    let scope = scope.with_item(item, position);
+                    let scope = scope.with_item(&item, position);
                     let secrets = secrets.clone();
                     tasks.spawn(async move {
                         (
                             position,
-                            run.run_instance(index, scope, Some(position), secrets)
+                            run.run_instance(index, scope, Some((position, item)), secrets)
                                 .await,
                         )
                     });
                 }
-                let mut results: Vec<Option<InstanceResult>> =
-                    (0..items.len()).map(|_| None).collect();
                 while let Some(joined) = tasks.join_next().await {
                     match joined {
                         Ok((position, result)) => results[position] = Some(result),
@@ -546,7 +576,7 @@ impl RunContext {
                         }
                     }
                 }
-                let mut outputs = Vec::with_capacity(items.len());
+                let mut outputs = Vec::with_capacity(results.len());
                 let mut attempts = Vec::new();
                 let mut first_error = None;
                 for (position, result) in results.into_iter().enumerate() {
@@ -573,6 +603,10 @@ impl RunContext {
         };
 
         record.attempts.extend(attempts);
+        if step.for_each.is_some() {
+            // Earlier incarnations' attempts first: group them by item.
+            record.attempts.sort_by_key(|attempt| attempt.item);
+        }
         record.duration_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         match result {
             Ok(output) => {
@@ -589,27 +623,35 @@ impl RunContext {
         }
     }
 
-    /// Stores the attempts of a (non-`for_each`) step so far and, with
-    /// `started`, that this attempt has started: after a crash the next
+    /// Stores the attempts of a step (of one `for_each` item) so far and,
+    /// with `started`, that this attempt has started: after a crash the next
     /// incarnation numbers its attempts on from there, and an attempt that
     /// failed before the crash (one waiting out its backoff) keeps its error.
-    /// The record stored replaces the step's: it keeps the attempts of
-    /// earlier incarnations too, or a second crash would lose them.
-    async fn save_attempts(
+    /// The record stored replaces the step's (the item's): it keeps the
+    /// attempts of earlier incarnations too, or a second crash would lose
+    /// them. An item's record also keeps its `outcome` once it has one.
+    async fn save_progress(
         &self,
         index: usize,
+        item: Option<&(usize, Value)>,
         this_incarnation: &[AttemptRecord],
         started: Option<u32>,
+        outcome: Option<&Result<Value, ErrorRecord>>,
     ) {
         let Some(store) = &self.store else { return };
         let step = &self.plan.steps[index];
         let plugin = &self.plugins[index];
-        let mut attempts = self.earlier_attempts[index].clone();
+        let position = item.map(|(position, _)| *position);
+        let mut attempts: Vec<AttemptRecord> = self.earlier_attempts[index]
+            .iter()
+            .filter(|attempt| attempt.item == position)
+            .cloned()
+            .collect();
         attempts.extend_from_slice(this_incarnation);
         if let Some(attempt) = started {
             attempts.push(AttemptRecord {
                 attempt,
-                item: None,
+                item: position,
                 status: StepStatus::Running,
                 error: None,
                 started_at: now_rfc3339(),
@@ -620,6 +662,26 @@ impl RunContext {
                 log_bytes_dropped: 0,
                 progress: None,
             });
+        }
+        if let Some((position, item)) = item {
+            let record = ItemRecord {
+                item: item.clone(),
+                attempts,
+                outcome: match outcome {
+                    Some(Ok(output)) => Some(ItemOutcome::Output(output.clone())),
+                    Some(Err(error)) if error.kind != ErrorKind::Cancelled => {
+                        Some(ItemOutcome::Error(error.clone()))
+                    }
+                    _ => None,
+                },
+            };
+            if let Err(err) = store
+                .save_item(&self.run_id, index, *position, &record)
+                .await
+            {
+                tracing::error!(run_id = %self.run_id, step = %step.id, item = position, error = %err, "cannot store the item's attempts");
+            }
+            return;
         }
         let record = StepRecord {
             plugin_version: Some(plugin.version.to_string()),
@@ -638,9 +700,10 @@ impl RunContext {
         self: Arc<Self>,
         index: usize,
         scope: Scope,
-        item: Option<usize>,
+        item: Option<(usize, Value)>,
         secrets: Arc<Granted>,
     ) -> InstanceResult {
+        let position = item.as_ref().map(|(position, _)| *position);
         let step = &self.plan.steps[index];
         let templates = &self.plan.templates;
         let input = match templates.render(&step.input, &scope) {
@@ -665,10 +728,12 @@ impl RunContext {
         });
 
         let mut attempts = Vec::new();
-        // A resumed step goes on numbering from the stored attempts, and gets
-        // at least one more attempt even if the interrupted one was the last.
+        // A resumed step (item) goes on numbering from the stored attempts,
+        // and gets at least one more attempt even if the interrupted one was
+        // the last.
         let previous = self.earlier_attempts[index]
             .iter()
+            .filter(|a| a.item == position)
             .map(|a| a.attempt)
             .max()
             .unwrap_or(0);
@@ -688,11 +753,10 @@ impl RunContext {
             };
             telemetry::steps_in_flight(1);
             if let Some(observer) = &self.observer {
-                observer.step_started(&step.id, attempt, item);
+                observer.step_started(&step.id, attempt, position);
             }
-            if item.is_none() {
-                self.save_attempts(index, &attempts, Some(attempt)).await;
-            }
+            self.save_progress(index, item.as_ref(), &attempts, Some(attempt), None)
+                .await;
             let outcome = self.plugins[index]
                 .invoke(Invocation {
                     run_id: self.run_id.clone(),
@@ -721,14 +785,12 @@ impl RunContext {
                 outcome.duration,
                 outcome.fuel_consumed,
             );
-            let (result, attempt_record) = attempt_record(attempt, item, outcome);
+            let (result, attempt_record) = attempt_record(attempt, position, outcome);
             attempts.push(attempt_record);
             match result {
-                Ok(output) => return (Ok(output), attempts),
                 Err(error) if error.retryable && attempt < last_attempt => {
-                    if item.is_none() {
-                        self.save_attempts(index, &attempts, None).await;
-                    }
+                    self.save_progress(index, item.as_ref(), &attempts, None, None)
+                        .await;
                     let delay = step.retry.delay_before(attempt + 1);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -736,7 +798,15 @@ impl RunContext {
                     }
                     attempt += 1;
                 }
-                Err(error) => return (Err(error), attempts),
+                result => {
+                    // A step's own record is stored when it finishes; an
+                    // item's, with its outcome, now.
+                    if item.is_some() {
+                        self.save_progress(index, item.as_ref(), &attempts, None, Some(&result))
+                            .await;
+                    }
+                    return (result, attempts);
+                }
             }
         }
     }

@@ -21,7 +21,9 @@ use crate::plugin::{Plugin, PluginRegistry, StateStore};
 use crate::record::{
     LogLine, Progress, RunRecord, RunStatus, StepRecord, StepStatus, new_run_id, now_rfc3339,
 };
-use crate::store::{Created, NewRun, RunPage, RunQuery, SqliteStore, Store, StoreError};
+use crate::store::{
+    Created, NewRun, RunPage, RunQuery, SqliteStore, Store, StoreError, StoredItems,
+};
 use crate::workflow::{self, Diagnostics, Plan, SchemaViolation};
 
 /// How long a watched dir must be quiet before it is rescanned.
@@ -739,14 +741,22 @@ impl Service {
             }
         }
         crate::telemetry::run_accepted(&plan.name);
-        self.spawn(plan, record.clone(), active);
+        self.spawn(plan, record.clone(), StoredItems::new(), active);
         Ok(Submitted {
             run: record,
             created: true,
         })
     }
 
-    fn spawn(&self, plan: Arc<Plan>, record: RunRecord, active: Arc<ActiveRun>) {
+    /// Runs `record` in the background; `items` are the `for_each` items a
+    /// resumed run had stored.
+    fn spawn(
+        &self,
+        plan: Arc<Plan>,
+        record: RunRecord,
+        items: StoredItems,
+        active: Arc<ActiveRun>,
+    ) {
         let service = self.clone();
         let span = tracing::info_span!("run", run_id = %record.id, workflow = %record.workflow);
         let run = async move {
@@ -755,6 +765,7 @@ impl Service {
                 observer: Some(active.clone()),
                 cancel: active.cancel.clone(),
                 store: Some(service.inner.store.clone()),
+                items,
             };
             let record = service.inner.executor.execute(plan, record, options).await;
             crate::telemetry::run_finished(&record.workflow, record.status.as_str());
@@ -799,7 +810,7 @@ impl Service {
                 .unwrap()
                 .insert(run.record.id.clone(), active.clone());
             match entry.plan {
-                Ok(plan) => self.spawn(plan, run.record, active),
+                Ok(plan) => self.spawn(plan, run.record, run.items, active),
                 Err(diagnostics) => {
                     // The definition it started with no longer plans (a plugin
                     // it needs is gone): it cannot go on.

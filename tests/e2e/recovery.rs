@@ -184,3 +184,106 @@ fn a_step_finished_before_a_kill_is_not_run_again() {
         "{nap:#}"
     );
 }
+
+/// Each item counts its executions in durable state and then sleeps, and the
+/// server runs one attempt at a time, so the kill lands with some items
+/// finished, one cut short and the rest not started.
+const FAN_OUT: &str = r#"
+name = "fan"
+
+[[step]]
+id = "each"
+plugin = "probe"
+for_each = "{{ input.items }}"
+input = { counter = "{{ run.id }}-{{ item }}", sleep_ms = 400 }
+"#;
+
+/// A `for_each` item that finished before a kill is not run again: its
+/// outcome is stored when it finishes, not only when the whole step does.
+/// The item cut short goes on from its interrupted attempt.
+#[test]
+fn a_for_each_item_finished_before_a_kill_is_not_run_again() {
+    const ITEMS: usize = 6;
+    let server = Serve::new()
+        .config("max_concurrent_steps = 1\n")
+        .workflow("fan.toml", FAN_OUT)
+        .start();
+    let items: Vec<usize> = (0..ITEMS).collect();
+    let reply = server.post(
+        "/v1/workflows/fan/runs",
+        &serde_json::json!({ "items": items }).to_string(),
+    );
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+    // One attempt at a time: once a third item has started, two have ended.
+    let mut started = std::collections::BTreeSet::new();
+    for event in server.event_stream(&id, &[]) {
+        if event.event == "step_started" {
+            started.insert(event.data["item"].as_u64().expect("an item"));
+        }
+        if started.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        started.len(),
+        3,
+        "the run ended before a third item started"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let dir = server.crash();
+
+    let server = Serve::in_dir(dir).start();
+    let run = server.wait_for_run(&id);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let each = step(&run, "each");
+    let attempts = each["attempts"].as_array().unwrap();
+    let mut interrupted = 0;
+    let mut once = 0;
+    for position in 0..ITEMS {
+        let mine: Vec<&Value> = attempts.iter().filter(|a| a["item"] == position).collect();
+        let output = &each["output"][position];
+        // Every execution shows as an attempt: an item run again unseen
+        // would count more executions than attempts.
+        assert_eq!(
+            output["counter"],
+            mine.len(),
+            "item {position}: {} attempts, counter {}: {each:#}",
+            mine.len(),
+            output["counter"]
+        );
+        assert_eq!(output["input"]["counter"], format!("{id}-{position}"));
+        let numbers: Vec<u64> = mine
+            .iter()
+            .map(|a| a["attempt"].as_u64().unwrap())
+            .collect();
+        let expected: Vec<u64> = (1..=mine.len() as u64).collect();
+        assert_eq!(numbers, expected, "item {position}: {each:#}");
+        assert_eq!(output["ctx"]["attempt"], mine.len(), "item {position}");
+        match mine.as_slice() {
+            [only] => {
+                assert_eq!(only["status"], "succeeded", "item {position}");
+                once += 1;
+            }
+            [cut, last] => {
+                assert_eq!(cut["error"]["kind"], "interrupted", "item {position}");
+                assert_eq!(last["status"], "succeeded", "item {position}");
+                interrupted += 1;
+            }
+            other => panic!("item {position}: {} attempts: {each:#}", other.len()),
+        }
+    }
+    // Attempts are grouped by item, in item order.
+    let order: Vec<u64> = attempts
+        .iter()
+        .map(|a| a["item"].as_u64().unwrap())
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted, "{each:#}");
+    assert!(
+        interrupted <= 1,
+        "{interrupted} items cut short, one runs at a time"
+    );
+    assert_eq!(once + interrupted, ITEMS);
+}

@@ -10,7 +10,11 @@ mod sqlite;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::record::{RunRecord, RunStatus, StepRecord};
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::record::{AttemptRecord, ErrorRecord, RunRecord, RunStatus, StepRecord};
 
 pub use sqlite::{Durability, SqliteStore};
 
@@ -56,6 +60,35 @@ pub struct UnfinishedRun {
     pub record: RunRecord,
     pub workflow_source: String,
     pub workflow_file: String,
+    /// The stored items of its running `for_each` steps, by (step index,
+    /// item position).
+    pub items: StoredItems,
+}
+
+/// `for_each` items stored while their step runs, by (step index, position).
+pub type StoredItems = BTreeMap<(usize, usize), ItemRecord>;
+
+/// One `for_each` item of a step that has not finished, as stored after each
+/// of its attempts starts and ends: after a restart, an item that had
+/// finished is not run again, and one cut short goes on numbering its
+/// attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemRecord {
+    /// The item as `for_each` gave it: a resumed step reuses the outcome only
+    /// for the same item at the same position.
+    pub item: Value,
+    pub attempts: Vec<AttemptRecord>,
+    /// Once the item finished: its output, or the error that failed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<ItemOutcome>,
+}
+
+/// How a `for_each` item ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemOutcome {
+    Output(Value),
+    Error(ErrorRecord),
 }
 
 /// `GET /v1/runs` filters and paging.
@@ -102,6 +135,18 @@ pub trait Store: Send + Sync + 'static {
         run_id: &str,
         index: usize,
         step: &StepRecord,
+    ) -> Result<(), StoreError>;
+
+    /// A `for_each` item's record at `position` of the step at `index`,
+    /// replacing any earlier one. The items of a step are dropped once the
+    /// step's finished record is saved (succeeded, failed or skipped), and
+    /// all of a run's when it finishes.
+    async fn save_item(
+        &self,
+        run_id: &str,
+        index: usize,
+        position: usize,
+        item: &ItemRecord,
     ) -> Result<(), StoreError>;
 
     /// The run ended: status, output, error, finish time, and every step.

@@ -29,8 +29,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
-use super::{Created, NewRun, RunPage, RunQuery, Store, StoreError, UnfinishedRun};
-use crate::record::{RunRecord, RunStatus, StepRecord};
+use super::{
+    Created, ItemRecord, NewRun, RunPage, RunQuery, Store, StoreError, StoredItems, UnfinishedRun,
+};
+use crate::record::{RunRecord, RunStatus, StepRecord, StepStatus};
 
 /// When a commit is safe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -88,6 +90,16 @@ const MIGRATIONS: &[&str] = &[
         key      TEXT NOT NULL,
         value    BLOB NOT NULL,
         PRIMARY KEY (workflow, key)
+    ) STRICT;
+    ",
+    // 2: the finished items of running `for_each` steps.
+    "
+    CREATE TABLE step_items (
+        run_id   TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        idx      INTEGER NOT NULL,                  -- the step's position in step order
+        position INTEGER NOT NULL,                  -- the item's position in `for_each`
+        record   TEXT NOT NULL,                     -- JSON ItemRecord
+        PRIMARY KEY (run_id, idx, position)
     ) STRICT;
     ",
 ];
@@ -390,8 +402,43 @@ impl Store for SqliteStore {
         let run_id = run_id.to_owned();
         let index = step_index(index)?;
         let record = encode_json(step, || format!("run {run_id}: step {index}"))?;
+        // A finished step's record holds every item's attempts and output.
+        let finished = matches!(
+            step.status,
+            StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped
+        );
         self.write(move |conn| {
             upsert_step(conn, &run_id, index, &record)?;
+            if finished {
+                conn.prepare_cached("DELETE FROM step_items WHERE run_id = ?1 AND idx = ?2")?
+                    .execute((&run_id, index))?;
+            }
+            Ok(Written::Done)
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn save_item(
+        &self,
+        run_id: &str,
+        index: usize,
+        position: usize,
+        item: &ItemRecord,
+    ) -> Result<(), StoreError> {
+        let run_id = run_id.to_owned();
+        let index = step_index(index)?;
+        let position = step_index(position)?;
+        let record = encode_json(item, || {
+            format!("run {run_id}: step {index}: item {position}")
+        })?;
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO step_items (run_id, idx, position, record) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (run_id, idx, position) DO UPDATE SET record = excluded.record",
+            )?
+            .execute((&run_id, index, position, &record))
+            .map_err(|e| no_such_run(e, &run_id))?;
             Ok(Written::Done)
         })
         .await
@@ -446,6 +493,8 @@ impl Store for SqliteStore {
             for (index, step) in &steps {
                 upsert_step(conn, &id, *index, step)?;
             }
+            conn.prepare_cached("DELETE FROM step_items WHERE run_id = ?1")?
+                .execute([&id])?;
             Ok(Written::Done)
         })
         .await
@@ -466,10 +515,12 @@ impl Store for SqliteStore {
             while let Some(row) = rows.next()? {
                 let mut record = run_from_row(row)?;
                 record.steps = load_steps(&tx, &record.id)?;
+                let items = load_items(&tx, &record.id)?;
                 unfinished.push(UnfinishedRun {
                     record,
                     workflow_source: row.get(10)?,
                     workflow_file: row.get(11)?,
+                    items,
                 });
             }
             Ok(unfinished)
@@ -816,6 +867,23 @@ fn load_steps(conn: &Connection, run_id: &str) -> Result<Vec<StepRecord>, StoreE
     Ok(steps)
 }
 
+fn load_items(conn: &Connection, run_id: &str) -> Result<StoredItems, StoreError> {
+    let mut statement =
+        conn.prepare_cached("SELECT idx, position, record FROM step_items WHERE run_id = ?1")?;
+    let mut rows = statement.query([run_id])?;
+    let mut items = StoredItems::new();
+    while let Some(row) = rows.next()? {
+        let (index, position): (i64, i64) = (row.get(0)?, row.get(1)?);
+        let what = || format!("run {run_id}: step {index}: item {position}");
+        let record = decode_json(text(row, 2)?, what)?;
+        let (Ok(index), Ok(position)) = (usize::try_from(index), usize::try_from(position)) else {
+            return Err(StoreError::Corrupt(format!("{}: negative index", what())));
+        };
+        items.insert((index, position), record);
+    }
+    Ok(items)
+}
+
 /// A [`RunRecord`] without steps from the [`RUN_COLUMNS`] of a row.
 fn run_from_row(row: &Row<'_>) -> Result<RunRecord, StoreError> {
     let id: String = row.get(0)?;
@@ -862,7 +930,13 @@ fn upsert_step(
          ON CONFLICT (run_id, idx) DO UPDATE SET record = excluded.record",
     )?
     .execute((run_id, index, record))
-    .map_err(|e| match e.sqlite_error() {
+    .map_err(|e| no_such_run(e, run_id))?;
+    Ok(())
+}
+
+/// A foreign-key failure on `run_id` says the run is not there.
+fn no_such_run(e: rusqlite::Error, run_id: &str) -> StoreError {
+    match e.sqlite_error() {
         Some(error)
             if error.code == ErrorCode::ConstraintViolation
                 && error.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
@@ -870,8 +944,7 @@ fn upsert_step(
             StoreError::Database(format!("there is no run {run_id}"))
         }
         _ => e.into(),
-    })?;
-    Ok(())
+    }
 }
 
 /// Fails unless the run exists.
@@ -952,6 +1025,7 @@ mod tests {
         AttemptRecord, ErrorKind, ErrorRecord, LogLevel, LogLine, LogStream, Progress, RunError,
         StepStatus, new_run_id,
     };
+    use crate::store::ItemOutcome;
 
     const SOURCE: &str = "name = \"orders\"\n[[step]]\nid = \"parse\"\nplugin = \"json\"\n";
 
@@ -1296,6 +1370,113 @@ mod tests {
             matches!(&missing, Err(StoreError::Database(m)) if m.starts_with("there is no run")),
             "{missing:?}"
         );
+    }
+
+    /// The items of a running `for_each` step come back with the unfinished
+    /// run; a newer record of an item replaces the older; the step's
+    /// finished record drops them, and so does the run's end.
+    #[tokio::test]
+    async fn items_are_kept_until_their_step_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let record = queued_run("orders");
+        create(&store, &record).await;
+        store.run_started(&record.id, "t1").await.unwrap();
+        let attempts = finished_step("price").attempts;
+        let cut_short = ItemRecord {
+            item: json!({"sku": "b"}),
+            attempts: vec![AttemptRecord {
+                status: StepStatus::Running,
+                ..attempts[1].clone()
+            }],
+            outcome: None,
+        };
+        let done = ItemRecord {
+            item: json!({"sku": "a"}),
+            attempts: attempts.clone(),
+            outcome: Some(ItemOutcome::Output(json!({"total": 1}))),
+        };
+        let failed = ItemRecord {
+            item: json!("c"),
+            attempts: attempts[..1].to_vec(),
+            outcome: Some(ItemOutcome::Error(attempts[0].error.clone().unwrap())),
+        };
+        store.save_item(&record.id, 1, 0, &cut_short).await.unwrap();
+        store.save_item(&record.id, 1, 0, &done).await.unwrap();
+        store.save_item(&record.id, 1, 7, &failed).await.unwrap();
+        store.save_item(&record.id, 0, 2, &cut_short).await.unwrap();
+
+        let unfinished = store.unfinished_runs().await.unwrap();
+        assert_eq!(unfinished.len(), 1);
+        let items: Vec<_> = unfinished[0].items.iter().collect();
+        assert_eq!(
+            items,
+            vec![(&(0, 2), &cut_short), (&(1, 0), &done), (&(1, 7), &failed)]
+        );
+        // Not part of the record: a step's record is its own.
+        assert_eq!(unfinished[0].record.steps[1], pending_step("price"));
+
+        // Saving step 0 running keeps its items; finished, drops them.
+        let mut running = pending_step("parse");
+        running.status = StepStatus::Running;
+        store.save_step(&record.id, 0, &running).await.unwrap();
+        let kept = store.unfinished_runs().await.unwrap().remove(0).items;
+        assert_eq!(kept.len(), 3);
+        store
+            .save_step(&record.id, 0, &finished_step("parse"))
+            .await
+            .unwrap();
+        let kept = store.unfinished_runs().await.unwrap().remove(0).items;
+        assert_eq!(kept.keys().collect::<Vec<_>>(), vec![&(1, 0), &(1, 7)]);
+
+        let mut finished = record.clone();
+        finished.status = RunStatus::Failed;
+        store.finish_run(&finished).await.unwrap();
+        let conn = Connection::open(dir.path().join("trellis.db")).unwrap();
+        let left: i64 = conn
+            .query_row("SELECT count(*) FROM step_items", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+
+        let missing = store.save_item(&new_run_id(), 0, 0, &done).await;
+        assert!(
+            matches!(&missing, Err(StoreError::Database(m)) if m.starts_with("there is no run")),
+            "{missing:?}"
+        );
+    }
+
+    /// A database an older trellis wrote (schema 1) opens, gains the newer
+    /// tables, and keeps its runs.
+    #[tokio::test]
+    async fn an_older_schema_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trellis.db");
+        let store = open(&dir);
+        let record = queued_run("orders");
+        create(&store, &record).await;
+        drop(store);
+        // Back to what schema 1 had: a run, and no `step_items`.
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("DROP TABLE step_items; PRAGMA user_version = 1;")
+                .unwrap();
+        }
+        let store = open(&dir);
+        assert_eq!(
+            store.get_run(&record.id).await.unwrap(),
+            Some(record.clone())
+        );
+        let item = ItemRecord {
+            item: json!(1),
+            attempts: Vec::new(),
+            outcome: Some(ItemOutcome::Output(json!(2))),
+        };
+        store.save_item(&record.id, 0, 0, &item).await.unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
     }
 
     #[tokio::test]
