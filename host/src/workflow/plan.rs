@@ -206,10 +206,14 @@ pub enum Backoff {
     Exponential,
 }
 
+/// The most attempts a step (each `for_each` item) may have: the run record
+/// keeps every one, with its logs.
+pub const MAX_ATTEMPTS: u32 = 100;
+
 /// How often a step is attempted and how long to wait between attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
-    /// At least 1; 1 means no retry.
+    /// 1 to [`MAX_ATTEMPTS`]; 1 means no retry.
     pub max_attempts: u32,
     pub backoff: Backoff,
     pub initial: Duration,

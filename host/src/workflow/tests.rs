@@ -499,6 +499,14 @@ retry = { initial = "2s", max = "1s" }
 id = "b"
 plugin = "noop"
 retry = { max = "20ms" }
+[[step]]
+id = "c"
+plugin = "noop"
+retry = { max_attempts = 101 }
+[[step]]
+id = "d"
+plugin = "noop"
+retry = { max_attempts = 100 }
 "#
         ),
         [
@@ -510,6 +518,8 @@ retry = { max = "20ms" }
             "w.toml:11:21: `memory` must be more than 0 bytes",
             "w.toml:12:21: retry `initial` (2s) is longer than `max` (1s)",
             "w.toml:16:17: retry `initial` (30s, from [retry]) is longer than `max` (20ms)",
+            "w.toml:20:26: `max_attempts` is 101, more than 100: the run record keeps every \
+             attempt; to retry over a longer time, raise `max`",
         ]
     );
 }

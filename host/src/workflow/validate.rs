@@ -16,7 +16,9 @@ use toml::Spanned;
 use super::PluginCatalog;
 use super::closest;
 use super::diagnostic::Reporter;
-use super::plan::{InputSchema, OnFailure, Plan, PlannedStep, RetryPolicy, error_message};
+use super::plan::{
+    InputSchema, MAX_ATTEMPTS, OnFailure, Plan, PlannedStep, RetryPolicy, error_message,
+};
 use super::schema::{InputTable, LimitsTable, Parsed, RetryTable, StepTable, TomlValue};
 use super::template::{SCOPE_NAMES, TemplateValue, TemplatesBuilder};
 use crate::engine::{LimitOverrides, MAX_MEMORY};
@@ -834,13 +836,22 @@ impl Validator<'_, '_> {
         let Some(table) = table else {
             return *base;
         };
-        if let Some(attempts) = &table.max_attempts
-            && *attempts.get_ref() == 0
-        {
-            self.report.error(
-                &attempts.span(),
-                "`max_attempts` must be at least 1 (1 means no retry)",
-            );
+        if let Some(attempts) = &table.max_attempts {
+            let n = *attempts.get_ref();
+            if n == 0 {
+                self.report.error(
+                    &attempts.span(),
+                    "`max_attempts` must be at least 1 (1 means no retry)",
+                );
+            } else if n > MAX_ATTEMPTS {
+                self.report.error(
+                    &attempts.span(),
+                    format!(
+                        "`max_attempts` is {n}, more than {MAX_ATTEMPTS}: the run record keeps \
+                         every attempt; to retry over a longer time, raise `max`"
+                    ),
+                );
+            }
         }
         let policy = RetryPolicy {
             max_attempts: table
