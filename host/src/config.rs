@@ -15,6 +15,8 @@
 //! header_timeout = "10s"           # TRELLIS_HEADER_TIMEOUT: a request's headers, and an idle keep-alive connection
 //! body_timeout = "60s"             # TRELLIS_BODY_TIMEOUT: the whole request body
 //! max_connections = 1024           # TRELLIS_MAX_CONNECTIONS: more wait in the listen backlog
+//! state_max_keys = 100_000         # TRELLIS_STATE_MAX_KEYS: plugin `state` keys per workflow
+//! state_max_bytes = "1GiB"         # TRELLIS_STATE_MAX_BYTES: their keys and values, per workflow
 //!
 //! [limits]                         # under every workflow's own [limits]
 //! fuel = 1_000_000_000             # TRELLIS_FUEL
@@ -60,6 +62,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use toml::Spanned;
 
 use crate::engine::{LimitOverrides, Limits, MAX_MEMORY};
+pub use crate::store::StateQuota;
 use crate::workflow::schema::{HumanDuration, LimitsTable, Size};
 use crate::workflow::{Diagnostic, Diagnostics};
 
@@ -94,6 +97,8 @@ pub struct Config {
     pub body_timeout: Duration,
     /// Connections served at once; further ones wait to be accepted.
     pub max_connections: usize,
+    /// The most plugin `state` one workflow keeps in the store.
+    pub state_quota: StateQuota,
     /// The limits under every workflow's own `[limits]`.
     pub limits: Limits,
     /// Where each named secret comes from; the values are not read here.
@@ -116,6 +121,7 @@ impl Default for Config {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            state_quota: StateQuota::default(),
             limits: Limits::default(),
             secrets: BTreeMap::new(),
         }
@@ -142,6 +148,7 @@ impl fmt::Debug for Config {
             .field("header_timeout", &self.header_timeout)
             .field("body_timeout", &self.body_timeout)
             .field("max_connections", &self.max_connections)
+            .field("state_quota", &self.state_quota)
             .field("limits", &self.limits)
             .field("secrets", &self.secrets)
             .finish()
@@ -451,6 +458,20 @@ impl Config {
                 check_connections(value).map(|()| self.max_connections = value),
             );
         }
+        if let Some(keys) = file.state_max_keys {
+            let value = *keys.get_ref();
+            check(
+                keys.span(),
+                check_state_keys(value).map(|()| self.state_quota.max_keys = value),
+            );
+        }
+        if let Some(bytes) = file.state_max_bytes {
+            let value = bytes.get_ref().0;
+            check(
+                bytes.span(),
+                check_state_bytes(value).map(|()| self.state_quota.max_bytes = value),
+            );
+        }
         if let Some(limits) = file.limits {
             let mut overrides = LimitOverrides::default();
             if let Some(fuel) = limits.fuel {
@@ -553,6 +574,20 @@ impl Config {
         if let Some(connections) = connections {
             self.max_connections = connections;
         }
+        let keys = env.parse("TRELLIS_STATE_MAX_KEYS", |s| {
+            let keys = parse_count(s)?;
+            check_state_keys(keys).map(|()| keys)
+        })?;
+        if let Some(keys) = keys {
+            self.state_quota.max_keys = keys;
+        }
+        let bytes = env.parse("TRELLIS_STATE_MAX_BYTES", |s| {
+            let bytes = parse_size(s)?;
+            check_state_bytes(bytes).map(|()| bytes)
+        })?;
+        if let Some(bytes) = bytes {
+            self.state_quota.max_bytes = bytes;
+        }
         let fuel = env.parse("TRELLIS_FUEL", |s| {
             let fuel = parse_count(s)?;
             check_fuel(fuel).map(|()| fuel)
@@ -611,6 +646,8 @@ struct ConfigFile {
     header_timeout: Option<Spanned<HumanDuration>>,
     body_timeout: Option<Spanned<HumanDuration>>,
     max_connections: Option<Spanned<usize>>,
+    state_max_keys: Option<Spanned<u64>>,
+    state_max_bytes: Option<Spanned<Size>>,
     limits: Option<LimitsTable>,
     #[serde(default)]
     secrets: BTreeMap<String, SecretSource>,
@@ -685,6 +722,20 @@ fn check_server_timeout(key: &str, timeout: Duration) -> Result<(), String> {
     const MAX: Duration = Duration::from_secs(3600);
     if timeout.is_zero() || timeout > MAX {
         return Err(format!("`{key}` must be longer than 0s and at most 1h"));
+    }
+    Ok(())
+}
+
+fn check_state_keys(keys: u64) -> Result<(), String> {
+    if keys == 0 {
+        return Err("`state_max_keys` must be at least 1".to_owned());
+    }
+    Ok(())
+}
+
+fn check_state_bytes(bytes: u64) -> Result<(), String> {
+    if bytes == 0 {
+        return Err("`state_max_bytes` must be more than 0 bytes".to_owned());
     }
     Ok(())
 }
@@ -789,6 +840,13 @@ mod tests {
         assert_eq!(config.header_timeout, Duration::from_secs(10));
         assert_eq!(config.body_timeout, Duration::from_secs(60));
         assert_eq!(config.max_connections, 1024);
+        assert_eq!(
+            config.state_quota,
+            StateQuota {
+                max_keys: 100_000,
+                max_bytes: 1024 * 1024 * 1024
+            }
+        );
         assert_eq!(config.limits, Limits::default());
         assert!(config.secrets.is_empty());
         assert_eq!(config.plugin_dirs, crate::cli::builtin_plugin_dirs());
@@ -816,6 +874,8 @@ mod tests {
                 header_timeout = "5s"
                 body_timeout = "2m"
                 max_connections = 200
+                state_max_keys = 1_000
+                state_max_bytes = "10MiB"
 
                 [limits]
                 fuel = 1_000
@@ -852,6 +912,13 @@ mod tests {
         assert_eq!(config.header_timeout, Duration::from_secs(5));
         assert_eq!(config.body_timeout, Duration::from_secs(120));
         assert_eq!(config.max_connections, 200);
+        assert_eq!(
+            config.state_quota,
+            StateQuota {
+                max_keys: 1000,
+                max_bytes: 10 * 1024 * 1024
+            }
+        );
         assert_eq!(
             config.limits,
             Limits {
@@ -918,6 +985,8 @@ mod tests {
                 header_timeout = "1s"
                 body_timeout = "1s"
                 max_connections = 1
+                state_max_keys = 1
+                state_max_bytes = 1
                 [limits]
                 fuel = 1
                 memory = 1
@@ -936,6 +1005,8 @@ mod tests {
                 ("TRELLIS_HEADER_TIMEOUT", "3s"),
                 ("TRELLIS_BODY_TIMEOUT", "4s"),
                 ("TRELLIS_MAX_CONNECTIONS", "5"),
+                ("TRELLIS_STATE_MAX_KEYS", "7"),
+                ("TRELLIS_STATE_MAX_BYTES", "1KiB"),
                 ("TRELLIS_FUEL", "1_000"),
                 ("TRELLIS_MEMORY", "1MiB"),
                 ("TRELLIS_TIMEOUT", "1m 30s"),
@@ -960,6 +1031,13 @@ mod tests {
         assert_eq!(config.header_timeout, Duration::from_secs(3));
         assert_eq!(config.body_timeout, Duration::from_secs(4));
         assert_eq!(config.max_connections, 5);
+        assert_eq!(
+            config.state_quota,
+            StateQuota {
+                max_keys: 7,
+                max_bytes: 1024
+            }
+        );
         assert_eq!(config.limits.fuel, 1000);
         assert_eq!(config.limits.memory, 1024 * 1024);
         assert_eq!(config.limits.timeout, Duration::from_secs(90));
@@ -1087,6 +1165,22 @@ mod tests {
         assert_eq!(
             load_err("", &[("TRELLIS_BODY_TIMEOUT", "0s")]),
             "TRELLIS_BODY_TIMEOUT: `body_timeout` must be longer than 0s and at most 1h"
+        );
+    }
+
+    #[test]
+    fn the_state_quota_is_checked() {
+        assert_eq!(
+            load_err("\nstate_max_keys = 0\n", &[]),
+            "DIR/trellis.toml:2:18: `state_max_keys` must be at least 1"
+        );
+        assert_eq!(
+            load_err("state_max_bytes = \"0B\"\n", &[]),
+            "DIR/trellis.toml:1:19: `state_max_bytes` must be more than 0 bytes"
+        );
+        assert_eq!(
+            load_err("", &[("TRELLIS_STATE_MAX_KEYS", "none")]),
+            "TRELLIS_STATE_MAX_KEYS: invalid number \"none\": write a whole number like 64"
         );
     }
 

@@ -274,10 +274,10 @@ impl Service {
             crate::config::Durability::Normal => crate::store::Durability::Normal,
             crate::config::Durability::Fsync => crate::store::Durability::Fsync,
         };
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
-            &config.data_dir.join("trellis.db"),
-            durability,
-        )?);
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&config.data_dir.join("trellis.db"), durability)?
+                .with_state_quota(config.state_quota),
+        );
         let executor = Executor::new(
             registry.clone(),
             config.limits,

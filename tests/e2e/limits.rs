@@ -93,3 +93,69 @@ input = { ms = 10 }
     assert!(timeout["attempts"][0]["duration_ms"].as_f64().unwrap() < 2000.0);
     assert_eq!(step(&record, "default_ok")["status"], "succeeded");
 }
+
+/// Three steps each add a state key; the server keeps at most two per
+/// workflow, so the third fails and says which limit. Another workflow has
+/// its own quota, and an update of a key it holds needs no room.
+#[test]
+fn plugin_state_stops_at_the_workflow_quota() {
+    let server = Serve::new()
+        .config("state_max_keys = 2\n")
+        .workflow(
+            "keys.toml",
+            r#"
+[[step]]
+id = "a"
+plugin = "probe"
+input = { counter = "a" }
+
+[[step]]
+id = "b"
+plugin = "probe"
+needs = ["a"]
+input = { counter = "b" }
+
+[[step]]
+id = "c"
+plugin = "probe"
+needs = ["b"]
+input = { counter = "{{ input.third }}" }
+"#,
+        )
+        .workflow(
+            "other.toml",
+            r#"
+[[step]]
+id = "a"
+plugin = "probe"
+input = { counter = "a" }
+"#,
+        )
+        .start();
+    let run = |workflow: &str, body: &str| {
+        let reply = server.post(&format!("/v1/workflows/{workflow}/runs"), body);
+        assert_eq!(reply.status, 202, "{}", reply.body);
+        server.wait_for_run(reply.json()["id"].as_str().unwrap())
+    };
+
+    let full = run("keys", r#"{"third": "c"}"#);
+    assert_eq!(full["status"], "failed", "{full:#}");
+    assert_eq!(step(&full, "b")["output"]["counter"], 1);
+    let error = &step(&full, "c")["error"];
+    assert_eq!(error["kind"], "trap", "{error:#}");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains(
+            "the state of workflow `keys` holds 2 keys, the most it may (state_max_keys)"
+        ),
+        "{message}"
+    );
+
+    // An existing key: no room needed. Another workflow: its own quota.
+    let again = run("keys", r#"{"third": "a"}"#);
+    assert_eq!(again["status"], "succeeded", "{again:#}");
+    assert_eq!(step(&again, "c")["output"]["counter"], 3);
+    let other = run("other", "{}");
+    assert_eq!(other["status"], "succeeded", "{other:#}");
+    assert_eq!(step(&other, "a")["output"]["counter"], 1);
+}

@@ -29,6 +29,27 @@ pub enum StoreError {
     Closed,
     #[error("the run cursor {0:?} is not valid")]
     BadCursor(String),
+    /// A `state_set` would take a workflow's state past its [`StateQuota`].
+    #[error("{0}")]
+    StateFull(String),
+}
+
+/// The most plugin `state` one workflow may keep: keys, and bytes of keys and
+/// values together. A `set` past either fails (the attempt with it); `delete`
+/// makes room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateQuota {
+    pub max_keys: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for StateQuota {
+    fn default() -> Self {
+        StateQuota {
+            max_keys: 100_000,
+            max_bytes: 1 << 30,
+        }
+    }
 }
 
 /// A run as accepted: its record (status `queued`, every step `pending`), the
@@ -157,6 +178,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Plugin state, scoped to a workflow.
     async fn state_get(&self, workflow: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Fails with [`StoreError::StateFull`] when the workflow's state would
+    /// go past the store's [`StateQuota`].
     async fn state_set(&self, workflow: &str, key: &str, value: &[u8]) -> Result<(), StoreError>;
     async fn state_delete(&self, workflow: &str, key: &str) -> Result<(), StoreError>;
 }

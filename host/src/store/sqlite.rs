@@ -30,7 +30,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::{
-    Created, ItemRecord, NewRun, RunPage, RunQuery, Store, StoreError, StoredItems, UnfinishedRun,
+    Created, ItemRecord, NewRun, RunPage, RunQuery, StateQuota, Store, StoreError, StoredItems,
+    UnfinishedRun,
 };
 use crate::record::{RunRecord, RunStatus, StepRecord, StepStatus};
 
@@ -102,6 +103,32 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (run_id, idx, position)
     ) STRICT;
     ",
+    // 3: how much state each workflow keeps, kept up to date by triggers, so
+    // the quota check costs one row read.
+    "
+    CREATE TABLE state_usage (
+        workflow TEXT PRIMARY KEY NOT NULL,
+        keys     INTEGER NOT NULL,
+        bytes    INTEGER NOT NULL                   -- of keys and values
+    ) STRICT;
+    INSERT INTO state_usage (workflow, keys, bytes)
+        SELECT workflow, count(*), sum(length(CAST(key AS BLOB)) + length(value))
+        FROM state GROUP BY workflow;
+    CREATE TRIGGER state_inserted AFTER INSERT ON state BEGIN
+        INSERT INTO state_usage (workflow, keys, bytes)
+            VALUES (new.workflow, 1, length(CAST(new.key AS BLOB)) + length(new.value))
+            ON CONFLICT (workflow) DO UPDATE SET keys = keys + 1, bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER state_updated AFTER UPDATE OF value ON state BEGIN
+        UPDATE state_usage SET bytes = bytes - length(old.value) + length(new.value)
+            WHERE workflow = new.workflow;
+    END;
+    CREATE TRIGGER state_deleted AFTER DELETE ON state BEGIN
+        UPDATE state_usage
+            SET keys = keys - 1, bytes = bytes - length(CAST(old.key AS BLOB)) - length(old.value)
+            WHERE workflow = old.workflow;
+    END;
+    ",
 ];
 
 /// The most commands one transaction takes: enough to share a commit among
@@ -135,6 +162,7 @@ pub struct SqliteStore {
     /// `None` for an in-memory store, whose only connection is the writer's:
     /// reads then queue behind writes.
     readers: Option<Arc<ReaderPool>>,
+    state_quota: StateQuota,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -189,7 +217,14 @@ impl SqliteStore {
             inbox: Some(inbox),
             writer: Some(writer),
             readers,
+            state_quota: StateQuota::default(),
         })
+    }
+
+    /// The most state a workflow may keep (default: [`StateQuota::default`]).
+    pub fn with_state_quota(mut self, quota: StateQuota) -> SqliteStore {
+        self.state_quota = quota;
+        self
     }
 
     /// Queues a write and waits for the commit that holds it.
@@ -541,7 +576,39 @@ impl Store for SqliteStore {
 
     async fn state_set(&self, workflow: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let (workflow, key, value) = (workflow.to_owned(), key.to_owned(), value.to_owned());
+        let quota = self.state_quota;
         self.write(move |conn| {
+            let (keys, bytes): (i64, i64) = conn
+                .prepare_cached("SELECT keys, bytes FROM state_usage WHERE workflow = ?1")?
+                .query_row([&workflow], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?
+                .unwrap_or((0, 0));
+            let old: Option<i64> = conn
+                .prepare_cached("SELECT length(value) FROM state WHERE workflow = ?1 AND key = ?2")?
+                .query_row((&workflow, &key), |row| row.get(0))
+                .optional()?;
+            let (keys, bytes) = (keys.max(0) as u64, bytes.max(0) as u64);
+            let (after_keys, after_bytes) = match old {
+                Some(old) => (
+                    keys,
+                    bytes - (old.max(0) as u64).min(bytes) + value.len() as u64,
+                ),
+                None => (keys + 1, bytes + (key.len() + value.len()) as u64),
+            };
+            if after_keys > quota.max_keys && after_keys > keys {
+                return Err(StoreError::StateFull(format!(
+                    "the state of workflow `{workflow}` holds {keys} keys, the most it may \
+                     (state_max_keys); delete keys or raise the limit"
+                )));
+            }
+            if after_bytes > quota.max_bytes && after_bytes > bytes {
+                return Err(StoreError::StateFull(format!(
+                    "setting `{key}` would take the state of workflow `{workflow}` to \
+                     {after_bytes} bytes, more than the {} it may keep (state_max_bytes); \
+                     delete keys or raise the limit",
+                    quota.max_bytes
+                )));
+            }
             conn.prepare_cached(
                 "INSERT INTO state (workflow, key, value) VALUES (?1, ?2, ?3)
                  ON CONFLICT (workflow, key) DO UPDATE SET value = excluded.value",
@@ -1458,6 +1525,7 @@ mod tests {
         // Back to what schema 1 had: a run, and no `step_items`.
         {
             let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(UNDO_3).unwrap();
             conn.execute_batch("DROP TABLE step_items; PRAGMA user_version = 1;")
                 .unwrap();
         }
@@ -1606,6 +1674,104 @@ mod tests {
         );
         // Deleting what is not there is not an error.
         store.state_delete("a", "k").await.unwrap();
+    }
+
+    /// Takes a database back to schema 2.
+    const UNDO_3: &str = "DROP TRIGGER state_inserted; DROP TRIGGER state_updated;
+        DROP TRIGGER state_deleted; DROP TABLE state_usage; PRAGMA user_version = 2;";
+
+    fn usage(dir: &tempfile::TempDir, workflow: &str) -> Option<(i64, i64)> {
+        Connection::open(dir.path().join("trellis.db"))
+            .unwrap()
+            .query_row(
+                "SELECT keys, bytes FROM state_usage WHERE workflow = ?1",
+                [workflow],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .unwrap()
+    }
+
+    fn full(result: Result<(), StoreError>) -> String {
+        match result {
+            Err(StoreError::StateFull(message)) => message,
+            other => panic!("expected StateFull, got {other:?}"),
+        }
+    }
+
+    /// A workflow's state stops at its quota of keys and of bytes; updates
+    /// that do not grow it and deletes always go through; other workflows
+    /// have their own quota.
+    #[tokio::test]
+    async fn state_stops_at_its_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).with_state_quota(StateQuota {
+            max_keys: 2,
+            max_bytes: 20,
+        });
+        store.state_set("w", "ab", b"12345").await.unwrap(); // 7 bytes
+        store.state_set("w", "cd", b"12345").await.unwrap(); // 14
+        assert_eq!(usage(&dir, "w"), Some((2, 14)));
+        let message = full(store.state_set("w", "ef", b"").await);
+        assert_eq!(
+            message,
+            "the state of workflow `w` holds 2 keys, the most it may (state_max_keys); \
+             delete keys or raise the limit"
+        );
+        // An update adds no key; this one grows it to 20 bytes, the most.
+        store.state_set("w", "ab", b"12345678901").await.unwrap();
+        assert_eq!(usage(&dir, "w"), Some((2, 20)));
+        let message = full(store.state_set("w", "cd", b"123456").await);
+        assert_eq!(
+            message,
+            "setting `cd` would take the state of workflow `w` to 21 bytes, more than the 20 it \
+             may keep (state_max_bytes); delete keys or raise the limit"
+        );
+        assert_eq!(
+            store.state_get("w", "cd").await.unwrap(),
+            Some(b"12345".to_vec()),
+            "a refused set changes nothing"
+        );
+        store.state_set("other", "x", b"1").await.unwrap();
+        store.state_set("other", "y", b"2").await.unwrap();
+        assert_eq!(usage(&dir, "other"), Some((2, 4)));
+
+        store.state_delete("w", "ab").await.unwrap();
+        assert_eq!(usage(&dir, "w"), Some((1, 7)));
+        store.state_set("w", "ef", b"").await.unwrap();
+        assert_eq!(usage(&dir, "w"), Some((2, 9)));
+
+        // A lower quota after the fact: what shrinks still goes through.
+        drop(store);
+        let store = open(&dir).with_state_quota(StateQuota {
+            max_keys: 1,
+            max_bytes: 4,
+        });
+        store.state_set("w", "cd", b"1").await.unwrap();
+        assert_eq!(usage(&dir, "w"), Some((2, 5)));
+        full(store.state_set("w", "ef", b"123").await);
+        full(store.state_set("w", "gh", b"").await);
+    }
+
+    /// State written before the quota existed (schema 2) is counted when the
+    /// store moves to schema 3, multi-byte keys in bytes.
+    #[tokio::test]
+    async fn existing_state_is_counted_by_the_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store.state_set("w", "ключ", b"123").await.unwrap(); // 8 + 3 bytes
+        store.state_set("w", "k", &[0; 100]).await.unwrap(); // 1 + 100
+        store.state_set("v", "k", b"").await.unwrap(); // 1
+        drop(store);
+        {
+            let conn = Connection::open(dir.path().join("trellis.db")).unwrap();
+            conn.execute_batch(UNDO_3).unwrap();
+        }
+        let store = open(&dir);
+        assert_eq!(usage(&dir, "w"), Some((2, 112)));
+        assert_eq!(usage(&dir, "v"), Some((1, 1)));
+        store.state_set("v", "k", b"abc").await.unwrap();
+        assert_eq!(usage(&dir, "v"), Some((1, 4)));
     }
 
     #[tokio::test]
