@@ -23,7 +23,7 @@ use crate::record::{
     StepRecord, StepStatus, new_run_id, now_rfc3339,
 };
 use crate::secrets::{Granted, Secrets};
-use crate::store::{ItemOutcome, ItemRecord, Store, StoredItems};
+use crate::store::{ItemOutcome, ItemRecord, Queued, Store, StoredItems};
 use crate::telemetry;
 use crate::workflow::{OnFailure, Plan, Scope};
 
@@ -278,14 +278,14 @@ impl Executor {
                 observer.step_finished(&step_record);
             }
             record.steps[index] = step_record;
-            // Stored before any step that needs it starts: after a crash, a
-            // finished step keeps its output and is not run again.
-            if let Some(store) = &options.store
-                && let Err(err) = store
-                    .save_step(&run.run_id, index, &record.steps[index])
-                    .await
-            {
-                tracing::error!(run_id = %run.run_id, step = %step.id, error = %err, "cannot store the finished step");
+            // Queued before any step that needs it starts, and committed at
+            // the latest with the write that records that step's start: after
+            // a crash, a finished step some step went on from keeps its output
+            // and is not run again. Not waited for here, so the two share a
+            // commit.
+            if let Some(store) = &options.store {
+                let saved = store.save_step(&run.run_id, index, &record.steps[index]);
+                detach(saved, &run.run_id, &step.id, "the finished step");
             }
             for &dependent in &dependents[index] {
                 waiting[dependent] -= 1;
@@ -630,15 +630,17 @@ impl RunContext {
     /// The record stored replaces the step's (the item's): it keeps the
     /// attempts of earlier incarnations too, or a second crash would lose
     /// them. An item's record also keeps its `outcome` once it has one.
-    async fn save_progress(
+    ///
+    /// The write is queued at once; the caller awaits it, or [`detach`]es it.
+    fn save_progress(
         &self,
         index: usize,
         item: Option<&(usize, Value)>,
         this_incarnation: &[AttemptRecord],
         started: Option<u32>,
         outcome: Option<&Result<Value, ErrorRecord>>,
-    ) {
-        let Some(store) = &self.store else { return };
+    ) -> Option<Queued> {
+        let store = self.store.as_ref()?;
         let step = &self.plan.steps[index];
         let plugin = &self.plugins[index];
         let position = item.map(|(position, _)| *position);
@@ -675,13 +677,7 @@ impl RunContext {
                     _ => None,
                 },
             };
-            if let Err(err) = store
-                .save_item(&self.run_id, index, *position, &record)
-                .await
-            {
-                tracing::error!(run_id = %self.run_id, step = %step.id, item = position, error = %err, "cannot store the item's attempts");
-            }
-            return;
+            return Some(store.save_item(&self.run_id, index, *position, &record));
         }
         let record = StepRecord {
             plugin_version: Some(plugin.version.to_string()),
@@ -690,8 +686,16 @@ impl RunContext {
             attempts,
             ..StepRecord::pending(&step.id, &step.plugin)
         };
-        if let Err(err) = store.save_step(&self.run_id, index, &record).await {
-            tracing::error!(run_id = %self.run_id, step = %step.id, error = %err, "cannot store the step's attempts");
+        Some(store.save_step(&self.run_id, index, &record))
+    }
+
+    /// Waits for a write of [`Self::save_progress`]; a failure is logged.
+    async fn saved(&self, index: usize, write: Option<Queued>) {
+        if let Some(write) = write
+            && let Err(err) = write.await
+        {
+            let step = &self.plan.steps[index].id;
+            tracing::error!(run_id = %self.run_id, step, error = %err, "cannot store the step's attempts");
         }
     }
 
@@ -755,8 +759,10 @@ impl RunContext {
             if let Some(observer) = &self.observer {
                 observer.step_started(&step.id, attempt, position);
             }
-            self.save_progress(index, item.as_ref(), &attempts, Some(attempt), None)
-                .await;
+            // Committed before the plugin runs: whatever the attempt does, a
+            // restart knows it started.
+            let write = self.save_progress(index, item.as_ref(), &attempts, Some(attempt), None);
+            self.saved(index, write).await;
             let outcome = self.plugins[index]
                 .invoke(Invocation {
                     run_id: self.run_id.clone(),
@@ -789,8 +795,8 @@ impl RunContext {
             attempts.push(attempt_record);
             match result {
                 Err(error) if error.retryable && attempt < last_attempt => {
-                    self.save_progress(index, item.as_ref(), &attempts, None, None)
-                        .await;
+                    let write = self.save_progress(index, item.as_ref(), &attempts, None, None);
+                    self.saved(index, write).await;
                     let delay = step.retry.delay_before(attempt + 1);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -800,16 +806,29 @@ impl RunContext {
                 }
                 result => {
                     // A step's own record is stored when it finishes; an
-                    // item's, with its outcome, now.
-                    if item.is_some() {
-                        self.save_progress(index, item.as_ref(), &attempts, None, Some(&result))
-                            .await;
+                    // item's, with its outcome, now, without waiting: the
+                    // step's record is queued after it.
+                    if item.is_some()
+                        && let Some(write) =
+                            self.save_progress(index, item.as_ref(), &attempts, None, Some(&result))
+                    {
+                        detach(write, &self.run_id, &step.id, "the finished item");
                     }
                     return (result, attempts);
                 }
             }
         }
     }
+}
+
+/// Lets a queued write commit in the background; a failure is logged.
+fn detach(write: Queued, run_id: &str, step: &str, what: &'static str) {
+    let (run_id, step) = (run_id.to_owned(), step.to_owned());
+    tokio::spawn(async move {
+        if let Err(err) = write.await {
+            tracing::error!(run_id, step, error = %err, "cannot store {what}");
+        }
+    });
 }
 
 fn attempt_record(

@@ -11,6 +11,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 
 use serde_json::Value;
 
@@ -132,6 +134,16 @@ pub struct RunPage {
     pub next_cursor: Option<String>,
 }
 
+/// A write the store has queued, resolving once it is committed (or failed).
+///
+/// The write is queued when the method that returns it is called, not when
+/// this is first polled, and writes commit in the order they were queued: the
+/// executor stores a finished step without waiting, starts the steps that need
+/// it, and the write that records their start (which it does wait for)
+/// commits the finished step too, in the same group commit. Dropping it does
+/// not cancel the write.
+pub type Queued = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
 /// Durable storage of runs and state.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -151,24 +163,19 @@ pub trait Store: Send + Sync + 'static {
     /// A step's record at `index` in the workflow's step order, replacing any
     /// earlier one: called when a step starts, after each attempt, and when it
     /// finishes.
-    async fn save_step(
-        &self,
-        run_id: &str,
-        index: usize,
-        step: &StepRecord,
-    ) -> Result<(), StoreError>;
+    ///
+    /// Queued when called (see [`Queued`]): a caller that need not wait for
+    /// this commit may go on, and the next write it waits for commits this
+    /// one too.
+    fn save_step(&self, run_id: &str, index: usize, step: &StepRecord) -> Queued;
 
     /// A `for_each` item's record at `position` of the step at `index`,
     /// replacing any earlier one. The items of a step are dropped once the
     /// step's finished record is saved (succeeded, failed or skipped), and
     /// all of a run's when it finishes.
-    async fn save_item(
-        &self,
-        run_id: &str,
-        index: usize,
-        position: usize,
-        item: &ItemRecord,
-    ) -> Result<(), StoreError>;
+    ///
+    /// Queued when called, like [`Store::save_step`].
+    fn save_item(&self, run_id: &str, index: usize, position: usize, item: &ItemRecord) -> Queued;
 
     /// The run ended: status, output, error, finish time, and every step.
     async fn finish_run(&self, record: &RunRecord) -> Result<(), StoreError>;

@@ -30,8 +30,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::{
-    Created, ItemRecord, NewRun, RunPage, RunQuery, StateQuota, Store, StoreError, StoredItems,
-    UnfinishedRun,
+    Created, ItemRecord, NewRun, Queued, RunPage, RunQuery, StateQuota, Store, StoreError,
+    StoredItems, UnfinishedRun,
 };
 use crate::record::{RunRecord, RunStatus, StepRecord, StepStatus};
 
@@ -232,12 +232,40 @@ impl SqliteStore {
         &self,
         op: impl FnOnce(&Connection) -> Result<Written, StoreError> + Send + 'static,
     ) -> Result<Written, StoreError> {
+        self.queue(op).await
+    }
+
+    /// Queues a write now; the future resolves once its commit is done.
+    fn queue(
+        &self,
+        op: impl FnOnce(&Connection) -> Result<Written, StoreError> + Send + 'static,
+    ) -> impl Future<Output = Result<Written, StoreError>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        self.send(Message::Write(WriteCommand {
+        let sent = self.send(Message::Write(WriteCommand {
             op: Box::new(op),
             reply,
-        }))?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        }));
+        async move {
+            sent?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        }
+    }
+
+    /// [`Self::queue`] as a [`Queued`]; `prepared` failing fails it at once.
+    fn queued(
+        &self,
+        prepared: Result<
+            impl FnOnce(&Connection) -> Result<Written, StoreError> + Send + 'static,
+            StoreError,
+        >,
+    ) -> Queued {
+        match prepared {
+            Ok(op) => {
+                let commit = self.queue(op);
+                Box::pin(async move { commit.await.map(drop) })
+            }
+            Err(err) => Box::pin(std::future::ready(Err(err))),
+        }
     }
 
     /// Runs `read` on a read connection, off the async workers.
@@ -428,56 +456,46 @@ impl Store for SqliteStore {
         .map(drop)
     }
 
-    async fn save_step(
-        &self,
-        run_id: &str,
-        index: usize,
-        step: &StepRecord,
-    ) -> Result<(), StoreError> {
+    fn save_step(&self, run_id: &str, index: usize, step: &StepRecord) -> Queued {
         let run_id = run_id.to_owned();
-        let index = step_index(index)?;
-        let record = encode_json(step, || format!("run {run_id}: step {index}"))?;
         // A finished step's record holds every item's attempts and output.
         let finished = matches!(
             step.status,
             StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped
         );
-        self.write(move |conn| {
-            upsert_step(conn, &run_id, index, &record)?;
-            if finished {
-                conn.prepare_cached("DELETE FROM step_items WHERE run_id = ?1 AND idx = ?2")?
-                    .execute((&run_id, index))?;
-            }
-            Ok(Written::Done)
-        })
-        .await
-        .map(drop)
+        let prepared = step_index(index).and_then(|index| {
+            let record = encode_json(step, || format!("run {run_id}: step {index}"))?;
+            Ok(move |conn: &Connection| {
+                upsert_step(conn, &run_id, index, &record)?;
+                if finished {
+                    conn.prepare_cached("DELETE FROM step_items WHERE run_id = ?1 AND idx = ?2")?
+                        .execute((&run_id, index))?;
+                }
+                Ok(Written::Done)
+            })
+        });
+        self.queued(prepared)
     }
 
-    async fn save_item(
-        &self,
-        run_id: &str,
-        index: usize,
-        position: usize,
-        item: &ItemRecord,
-    ) -> Result<(), StoreError> {
+    fn save_item(&self, run_id: &str, index: usize, position: usize, item: &ItemRecord) -> Queued {
         let run_id = run_id.to_owned();
-        let index = step_index(index)?;
-        let position = step_index(position)?;
-        let record = encode_json(item, || {
-            format!("run {run_id}: step {index}: item {position}")
-        })?;
-        self.write(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO step_items (run_id, idx, position, record) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (run_id, idx, position) DO UPDATE SET record = excluded.record",
-            )?
-            .execute((&run_id, index, position, &record))
-            .map_err(|e| no_such_run(e, &run_id))?;
-            Ok(Written::Done)
-        })
-        .await
-        .map(drop)
+        let prepared = step_index(index).and_then(|index| {
+            let position = step_index(position)?;
+            let record = encode_json(item, || {
+                format!("run {run_id}: step {index}: item {position}")
+            })?;
+            Ok(move |conn: &Connection| {
+                conn.prepare_cached(
+                    "INSERT INTO step_items (run_id, idx, position, record)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (run_id, idx, position) DO UPDATE SET record = excluded.record",
+                )?
+                .execute((&run_id, index, position, &record))
+                .map_err(|e| no_such_run(e, &run_id))?;
+                Ok(Written::Done)
+            })
+        });
+        self.queued(prepared)
     }
 
     async fn finish_run(&self, record: &RunRecord) -> Result<(), StoreError> {
@@ -1436,6 +1454,37 @@ mod tests {
         assert!(
             matches!(&missing, Err(StoreError::Database(m)) if m.starts_with("there is no run")),
             "{missing:?}"
+        );
+    }
+
+    /// A save is queued when it is called: dropped unpolled, it still
+    /// commits, and a write queued after it and waited for commits it too,
+    /// in call order (the later record of a step wins).
+    #[tokio::test]
+    async fn saves_are_queued_when_called_and_commit_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut record = queued_run("orders");
+        create(&store, &record).await;
+        let mut running = pending_step("parse");
+        running.status = StepStatus::Running;
+        let done = finished_step("parse");
+        let first = store.save_step(&record.id, 0, &running);
+        let second = store.save_step(&record.id, 0, &done);
+        drop(first);
+        store.save_step(&record.id, 1, &done).await.unwrap();
+        // `second` was never polled either.
+        let record_id = record.id.clone();
+        record.steps = vec![done.clone(), done];
+        assert_eq!(store.get_run(&record.id).await.unwrap(), Some(record));
+        second.await.unwrap();
+        // A write that cannot even be prepared fails without being queued.
+        let bad = store
+            .save_step(&record_id, usize::MAX, &pending_step("x"))
+            .await;
+        assert!(
+            matches!(&bad, Err(StoreError::Database(m)) if m.contains("is too large")),
+            "{bad:?}"
         );
     }
 
