@@ -128,10 +128,15 @@ impl Executor {
         let input = record.input.clone();
         record.status = RunStatus::Running;
         let started_at = record.started_at.get_or_insert_with(now_rfc3339).clone();
-        if let Some(store) = &options.store
-            && let Err(err) = store.run_started(&run_id, &started_at).await
-        {
-            tracing::error!(run_id, error = %err, "cannot store that the run started");
+        // Not waited for: the first step's start write commits it too.
+        if let Some(store) = &options.store {
+            let saved = store.run_started(&run_id, &started_at);
+            let run_id = run_id.clone();
+            tokio::spawn(async move {
+                if let Err(err) = saved.await {
+                    tracing::error!(run_id, error = %err, "cannot store that the run started");
+                }
+            });
         }
 
         // Which steps are done already (a resumed run) and which will run.

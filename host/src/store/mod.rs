@@ -158,7 +158,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError>;
 
     /// The run moved to `running` (sets `status` and `started_at`).
-    async fn run_started(&self, id: &str, started_at: &str) -> Result<(), StoreError>;
+    /// Queued when called, like [`Store::save_step`].
+    fn run_started(&self, id: &str, started_at: &str) -> Queued;
 
     /// A step's record at `index` in the workflow's step order, replacing any
     /// earlier one: called when a step starts, after each attempt, and when it

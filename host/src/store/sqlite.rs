@@ -436,9 +436,9 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn run_started(&self, id: &str, started_at: &str) -> Result<(), StoreError> {
+    fn run_started(&self, id: &str, started_at: &str) -> Queued {
         let (id, started_at) = (id.to_owned(), started_at.to_owned());
-        self.write(move |conn| {
+        self.queued(Ok(move |conn: &Connection| {
             // A run that already finished (cancelled while it was being
             // started) stays finished: a restart must not resume it.
             let changed = conn
@@ -451,9 +451,7 @@ impl Store for SqliteStore {
                 require_run(conn, &id)?;
             }
             Ok(Written::Done)
-        })
-        .await
-        .map(drop)
+        }))
     }
 
     fn save_step(&self, run_id: &str, index: usize, step: &StepRecord) -> Queued {
