@@ -130,13 +130,7 @@ impl Executor {
         let started_at = record.started_at.get_or_insert_with(now_rfc3339).clone();
         // Not waited for: the first step's start write commits it too.
         if let Some(store) = &options.store {
-            let saved = store.run_started(&run_id, &started_at);
-            let run_id = run_id.clone();
-            tokio::spawn(async move {
-                if let Err(err) = saved.await {
-                    tracing::error!(run_id, error = %err, "cannot store that the run started");
-                }
-            });
+            detach(store.run_started(&run_id, &started_at));
         }
 
         // Which steps are done already (a resumed run) and which will run.
@@ -290,7 +284,7 @@ impl Executor {
             // commit.
             if let Some(store) = &options.store {
                 let saved = store.save_step(&run.run_id, index, &record.steps[index]);
-                detach(saved, &run.run_id, &step.id, "the finished step");
+                detach(saved);
             }
             for &dependent in &dependents[index] {
                 waiting[dependent] -= 1;
@@ -817,7 +811,7 @@ impl RunContext {
                         && let Some(write) =
                             self.save_progress(index, item.as_ref(), &attempts, None, Some(&result))
                     {
-                        detach(write, &self.run_id, &step.id, "the finished item");
+                        detach(write);
                     }
                     return (result, attempts);
                 }
@@ -826,14 +820,11 @@ impl RunContext {
     }
 }
 
-/// Lets a queued write commit in the background; a failure is logged.
-fn detach(write: Queued, run_id: &str, step: &str, what: &'static str) {
-    let (run_id, step) = (run_id.to_owned(), step.to_owned());
-    tokio::spawn(async move {
-        if let Err(err) = write.await {
-            tracing::error!(run_id, step, error = %err, "cannot store {what}");
-        }
-    });
+/// Lets a queued write commit without waiting for it: the store logs it if
+/// it fails. (Waiting in a task of its own would cost a spawn and a wake-up
+/// per write on the writer's critical path.)
+fn detach(write: Queued) {
+    drop(write);
 }
 
 fn attempt_record(

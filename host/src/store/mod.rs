@@ -141,7 +141,7 @@ pub struct RunPage {
 /// executor stores a finished step without waiting, starts the steps that need
 /// it, and the write that records their start (which it does wait for)
 /// commits the finished step too, in the same group commit. Dropping it does
-/// not cancel the write.
+/// not cancel the write; the store then logs its failure, if it fails.
 pub type Queued = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 /// Durable storage of runs and state.

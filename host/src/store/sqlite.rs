@@ -264,7 +264,10 @@ impl SqliteStore {
                 let commit = self.queue(op);
                 Box::pin(async move { commit.await.map(drop) })
             }
-            Err(err) => Box::pin(std::future::ready(Err(err))),
+            Err(err) => {
+                tracing::error!(error = %err, "a store write could not be queued");
+                Box::pin(std::future::ready(Err(err)))
+            }
         }
     }
 
@@ -751,7 +754,11 @@ fn commit_batch(conn: &mut Connection, writes: Vec<WriteCommand>) {
                 ))),
                 (_, result) => result,
             };
-            let _ = reply.send(result);
+            // Nobody waits for a write whose [`Queued`] was dropped (the
+            // executor's writes it goes on from): its failure is logged here.
+            if let Err(Err(err)) = reply.send(result) {
+                tracing::error!(error = %err, "a store write nobody waited for failed");
+            }
         }
     }
 }
