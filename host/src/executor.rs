@@ -30,6 +30,11 @@ use crate::workflow::{OnFailure, Plan, Scope};
 /// Live notifications from a run, for progress bars and event streams.
 pub trait RunObserver: Send + Sync {
     fn step_started(&self, _step: &str, _attempt: u32, _item: Option<usize>) {}
+    /// A `for_each` step rendered its list: it has `count` items.
+    fn step_items(&self, _step: &str, _count: usize) {}
+    /// An attempt ended (of a step, or of one `for_each` item); the step
+    /// may go on (a retry, more items).
+    fn attempt_finished(&self, _step: &str, _attempt: &AttemptRecord) {}
     fn step_log(&self, _step: &str, _line: &LogLine) {}
     fn step_progress(&self, _step: &str, _progress: &Progress) {}
     fn step_finished(&self, _step: &StepRecord) {}
@@ -533,6 +538,9 @@ impl RunContext {
                     Err(err) => return fail(record, template_error(err.to_string())),
                 };
                 record.items = Some(items.len());
+                if let Some(observer) = &self.observer {
+                    observer.step_items(&step.id, items.len());
+                }
                 let mut results: Vec<Option<InstanceResult>> =
                     (0..items.len()).map(|_| None).collect();
                 // One task per item: items run in parallel, bounded by the
@@ -791,6 +799,9 @@ impl RunContext {
                 outcome.fuel_consumed,
             );
             let (result, attempt_record) = attempt_record(attempt, position, outcome);
+            if let Some(observer) = &self.observer {
+                observer.attempt_finished(&step.id, &attempt_record);
+            }
             attempts.push(attempt_record);
             match result {
                 Err(error) if error.retryable && attempt < last_attempt => {

@@ -1047,6 +1047,11 @@ impl ActiveRun {
         }
     }
 
+    /// Changes the snapshot without an event.
+    fn update(&self, update: impl FnOnce(&mut RunRecord)) {
+        update(&mut self.state.lock().unwrap().snapshot);
+    }
+
     fn finish(&self, record: RunRecord) {
         let run = record.clone();
         self.emit(
@@ -1092,6 +1097,24 @@ impl RunObserver for ActiveRun {
             },
             |_| {},
         );
+    }
+
+    fn step_items(&self, step: &str, count: usize) {
+        self.update(|snapshot| {
+            if let Some(record) = snapshot.steps.iter_mut().find(|s| s.id == step) {
+                record.items = Some(count);
+            }
+        });
+    }
+
+    /// Shown by `GET /v1/runs/{id}` while the step goes on: a fan-out's
+    /// finished items, a retried step's failed attempts.
+    fn attempt_finished(&self, step: &str, attempt: &crate::record::AttemptRecord) {
+        self.update(|snapshot| {
+            if let Some(record) = snapshot.steps.iter_mut().find(|s| s.id == step) {
+                record.attempts.push(attempt.clone());
+            }
+        });
     }
 
     fn step_finished(&self, step: &StepRecord) {

@@ -1083,3 +1083,58 @@ fn a_bad_configuration_is_refused_at_start() {
         outcome.stderr
     );
 }
+
+/// While a fan-out runs, `GET /v1/runs/{id}` shows how many items it has and
+/// each item's finished attempts, not only once the whole step has ended.
+#[test]
+fn a_running_fan_out_shows_its_finished_items() {
+    let server = Serve::new()
+        .config("max_concurrent_steps = 1\n")
+        .workflow(
+            "fan.toml",
+            r#"
+[[step]]
+id = "each"
+plugin = "probe"
+for_each = "{{ input.items }}"
+input = { n = "{{ item }}", sleep_ms = 300 }
+"#,
+        )
+        .start();
+    let reply = server.post("/v1/workflows/fan/runs", r#"{"items": [0, 1, 2, 3]}"#);
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let seen = loop {
+        let run = server.get(&format!("/v1/runs/{id}")).json();
+        let done = step(&run, "each")["attempts"].as_array().unwrap().len();
+        if (2..4).contains(&done) {
+            break run;
+        }
+        assert!(done < 2, "the fan-out ended unseen: {run:#}");
+        assert!(Instant::now() < deadline, "{run:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(seen["status"], "running", "{seen:#}");
+    let each = step(&seen, "each");
+    assert_eq!(each["status"], "running", "{each:#}");
+    assert_eq!(each["items"], 4, "{each:#}");
+    let mut items: Vec<u64> = Vec::new();
+    for attempt in each["attempts"].as_array().unwrap() {
+        assert_eq!(attempt["status"], "succeeded", "{attempt:#}");
+        assert_eq!(attempt["attempt"], 1, "{attempt:#}");
+        items.push(attempt["item"].as_u64().unwrap());
+    }
+    items.sort_unstable();
+    items.dedup();
+    assert_eq!(items.len(), each["attempts"].as_array().unwrap().len());
+    assert!(items.iter().all(|&item| item < 4), "{items:?}");
+
+    let run = server.wait_for_run(&id);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let each = step(&run, "each");
+    assert_eq!(each["attempts"].as_array().unwrap().len(), 4, "{each:#}");
+    for n in 0..4 {
+        assert_eq!(each["output"][n]["input"]["n"], n, "{each:#}");
+    }
+}

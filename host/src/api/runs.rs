@@ -184,6 +184,8 @@ fn parse_wait(text: &str) -> Result<Duration, ApiError> {
 }
 
 /// Status, every step and attempt, outputs, errors and metrics of one run.
+/// While a step runs, its finished attempts (a fan-out's finished items, a
+/// retried step's failed attempts) are there already.
 #[utoipa::path(
     get,
     path = "/v1/runs/{id}",
