@@ -141,16 +141,17 @@ impl Executor {
         // Which steps are done already (a resumed run) and which will run.
         let mut done = vec![false; plan.steps.len()];
         let mut earlier_attempts = vec![Vec::new(); plan.steps.len()];
-        let items = std::mem::take(&mut options.items);
+        let mut items = std::mem::take(&mut options.items);
         for (index, step_record) in record.steps.iter_mut().enumerate() {
             match step_record.status {
                 StepStatus::Succeeded | StepStatus::Skipped | StepStatus::Failed => {
                     done[index] = true
                 }
                 StepStatus::Pending | StepStatus::Running | StepStatus::Cancelled => {
-                    // Item by item, in item order, as a finished step has them.
-                    for ((_, _), item) in items.range((index, 0)..=(index, usize::MAX)) {
-                        step_record.attempts.extend(item.attempts.iter().cloned());
+                    // Item by item, in item order, as a finished step has them;
+                    // moved, as the items are kept for their outcomes only.
+                    for (_, item) in items.range_mut((index, 0)..=(index, usize::MAX)) {
+                        step_record.attempts.append(&mut item.attempts);
                     }
                     for attempt in &mut step_record.attempts {
                         if attempt.status == StepStatus::Running {
@@ -484,7 +485,8 @@ struct RunContext {
     /// Per step: the attempts previous incarnations stored (one cut short
     /// by the stop is marked interrupted), `for_each` items' included.
     earlier_attempts: Vec<Vec<AttemptRecord>>,
-    /// The `for_each` items previous incarnations stored.
+    /// The `for_each` items previous incarnations stored, for their item and
+    /// outcome (their attempts are in `earlier_attempts`).
     items: StoredItems,
 }
 
@@ -557,11 +559,7 @@ impl RunContext {
                     }) = stored
                         && *stored_item == item
                     {
-                        let result = match outcome {
-                            ItemOutcome::Output(output) => Ok(output.clone()),
-                            ItemOutcome::Error(error) => Err(error.clone()),
-                        };
-                        results[position] = Some((result, Vec::new()));
+                        results[position] = Some((outcome.to_result(), Vec::new()));
                         continue;
                     }
                     let run = self.clone();
@@ -676,13 +674,7 @@ impl RunContext {
             let record = ItemRecord {
                 item: item.clone(),
                 attempts,
-                outcome: match outcome {
-                    Some(Ok(output)) => Some(ItemOutcome::Output(output.clone())),
-                    Some(Err(error)) if error.kind != ErrorKind::Cancelled => {
-                        Some(ItemOutcome::Error(error.clone()))
-                    }
-                    _ => None,
-                },
+                outcome: outcome.and_then(ItemOutcome::of),
             };
             return Some(store.save_item(&self.run_id, index, *position, &record));
         }

@@ -1074,7 +1074,7 @@ impl RunObserver for ActiveRun {
             },
             |snapshot| {
                 snapshot.status = RunStatus::Running;
-                if let Some(record) = snapshot.steps.iter_mut().find(|s| s.id == step) {
+                if let Some(record) = step_mut(snapshot, step) {
                     record.status = StepStatus::Running;
                     record.started_at.get_or_insert_with(now_rfc3339);
                 }
@@ -1101,7 +1101,7 @@ impl RunObserver for ActiveRun {
 
     fn step_items(&self, step: &str, count: usize) {
         self.update(|snapshot| {
-            if let Some(record) = snapshot.steps.iter_mut().find(|s| s.id == step) {
+            if let Some(record) = step_mut(snapshot, step) {
                 record.items = Some(count);
             }
         });
@@ -1111,7 +1111,7 @@ impl RunObserver for ActiveRun {
     /// finished items, a retried step's failed attempts.
     fn attempt_finished(&self, step: &str, attempt: &crate::record::AttemptRecord) {
         self.update(|snapshot| {
-            if let Some(record) = snapshot.steps.iter_mut().find(|s| s.id == step) {
+            if let Some(record) = step_mut(snapshot, step) {
                 record.attempts.push(attempt.clone());
             }
         });
@@ -1125,12 +1125,17 @@ impl RunObserver for ActiveRun {
                 step: finished,
             },
             |snapshot| {
-                if let Some(record) = snapshot.steps.iter_mut().find(|s| s.id == step.id) {
+                if let Some(record) = step_mut(snapshot, &step.id) {
                     *record = step.clone();
                 }
             },
         );
     }
+}
+
+/// The step `id` of a run's snapshot.
+fn step_mut<'a>(snapshot: &'a mut RunRecord, id: &str) -> Option<&'a mut StepRecord> {
+    snapshot.steps.iter_mut().find(|s| s.id == id)
 }
 
 /// The catalog a resumed run is planned against: the loaded plugins and the

@@ -16,7 +16,7 @@ use std::pin::Pin;
 
 use serde_json::Value;
 
-use crate::record::{AttemptRecord, ErrorRecord, RunRecord, RunStatus, StepRecord};
+use crate::record::{AttemptRecord, ErrorKind, ErrorRecord, RunRecord, RunStatus, StepRecord};
 
 pub use sqlite::{Durability, SqliteStore};
 
@@ -112,6 +112,26 @@ pub struct ItemRecord {
 pub enum ItemOutcome {
     Output(Value),
     Error(ErrorRecord),
+}
+
+impl ItemOutcome {
+    /// How an item's attempts ended, as stored: a cancelled item has not
+    /// finished, so it has no outcome.
+    pub fn of(result: &Result<Value, ErrorRecord>) -> Option<ItemOutcome> {
+        match result {
+            Ok(output) => Some(ItemOutcome::Output(output.clone())),
+            Err(error) if error.kind == ErrorKind::Cancelled => None,
+            Err(error) => Some(ItemOutcome::Error(error.clone())),
+        }
+    }
+
+    /// The item's result, as its attempts gave it.
+    pub fn to_result(&self) -> Result<Value, ErrorRecord> {
+        match self {
+            ItemOutcome::Output(output) => Ok(output.clone()),
+            ItemOutcome::Error(error) => Err(error.clone()),
+        }
+    }
 }
 
 /// `GET /v1/runs` filters and paging.
