@@ -769,8 +769,12 @@ impl Service {
             };
             let record = service.inner.executor.execute(plan, record, options).await;
             crate::telemetry::run_finished(&record.workflow, record.status.as_str());
-            active.finish(record.clone());
+            // Out of `active` before waiters hear of the end, so a client that
+            // got its finished run never sees it counted as in flight. The
+            // store already holds the finished record for anyone who looks in
+            // between.
             service.inner.active.lock().unwrap().remove(&record.id);
+            active.finish(record);
         };
         tokio::spawn(tracing::Instrument::instrument(run, span));
     }
@@ -825,8 +829,8 @@ impl Service {
                         ),
                     });
                     self.inner.store.finish_run(&record).await?;
-                    active.finish(record.clone());
                     self.inner.active.lock().unwrap().remove(&record.id);
+                    active.finish(record);
                 }
             }
         }

@@ -730,9 +730,16 @@ fn bad_requests_get_json_errors_and_hurt_nothing() {
 #[test]
 fn metrics_count_finished_runs() {
     let server = Serve::new().workflow("metered.toml", ECHO).start();
-    for _ in 0..2 {
+    const RUNS: usize = 20;
+    for n in 1..=RUNS {
         let run = server.post("/v1/workflows/metered/runs?wait=30s", "{}");
         assert_eq!(run.json()["status"], "succeeded");
+        // A client that holds its finished run never sees it still in flight.
+        let metrics = server.get("/metrics").body;
+        assert!(
+            metrics.contains("trellis_runs_in_flight 0"),
+            "after run {n}:\n{metrics}"
+        );
     }
     let reply = server.get("/metrics");
     assert_eq!(reply.status, 200);
@@ -751,7 +758,7 @@ fn metrics_count_finished_runs() {
             line.starts_with(r#"trellis_runs_total{workflow="metered",status="succeeded"}"#)
         })
         .unwrap_or_else(|| panic!("no trellis_runs_total:\n{}", reply.body));
-    assert!(line.ends_with(" 2"), "{line}");
+    assert!(line.ends_with(&format!(" {RUNS}")), "{line}");
     assert!(
         reply.body.contains("# TYPE trellis_runs_total counter"),
         "{}",
