@@ -139,37 +139,20 @@ impl Executor {
         }
 
         // Which steps are done already (a resumed run) and which will run.
-        let mut done = vec![false; plan.steps.len()];
-        let mut earlier_attempts = vec![Vec::new(); plan.steps.len()];
         let mut items = std::mem::take(&mut options.items);
-        for (index, step_record) in record.steps.iter_mut().enumerate() {
-            match step_record.status {
-                StepStatus::Succeeded | StepStatus::Skipped | StepStatus::Failed => {
-                    done[index] = true
+        prepare_resume(&mut record, &mut items);
+        let done: Vec<bool> = record.steps.iter().map(|s| s.status.is_done()).collect();
+        let earlier_attempts: Vec<Vec<AttemptRecord>> = record
+            .steps
+            .iter()
+            .map(|s| {
+                if s.status.is_done() {
+                    Vec::new()
+                } else {
+                    s.attempts.clone()
                 }
-                StepStatus::Pending | StepStatus::Running | StepStatus::Cancelled => {
-                    // Item by item, in item order, as a finished step has them;
-                    // moved, as the items are kept for their outcomes only.
-                    for (_, item) in items.range_mut((index, 0)..=(index, usize::MAX)) {
-                        step_record.attempts.append(&mut item.attempts);
-                    }
-                    for attempt in &mut step_record.attempts {
-                        if attempt.status == StepStatus::Running {
-                            attempt.status = StepStatus::Failed;
-                            attempt.error = Some(ErrorRecord {
-                                kind: ErrorKind::Interrupted,
-                                message: "the host stopped during this attempt".into(),
-                                retryable: true,
-                                details: None,
-                            });
-                        }
-                    }
-                    earlier_attempts[index] = step_record.attempts.clone();
-                    step_record.status = StepStatus::Pending;
-                    step_record.error = None;
-                }
-            }
-        }
+            })
+            .collect();
 
         let plugins = match self.pin(&plan, &mut record) {
             Ok(plugins) => plugins,
@@ -432,6 +415,35 @@ impl Executor {
             tracing::error!(run_id = %record.id, error = %err, "cannot store the finished run");
         }
         record
+    }
+}
+
+/// Readies a run as stored when the process stopped to go on: each step that
+/// had not finished gets its stored `for_each` items' attempts (moved out of
+/// `items`, in item order), its attempts that were running are marked
+/// interrupted, and it is pending again. Steps that had finished are left as
+/// they are. Running it twice changes nothing more.
+pub fn prepare_resume(record: &mut RunRecord, items: &mut StoredItems) {
+    for (index, step_record) in record.steps.iter_mut().enumerate() {
+        if step_record.status.is_done() {
+            continue;
+        }
+        for (_, item) in items.range_mut((index, 0)..=(index, usize::MAX)) {
+            step_record.attempts.append(&mut item.attempts);
+        }
+        for attempt in &mut step_record.attempts {
+            if attempt.status == StepStatus::Running {
+                attempt.status = StepStatus::Failed;
+                attempt.error = Some(ErrorRecord {
+                    kind: ErrorKind::Interrupted,
+                    message: "the host stopped during this attempt".into(),
+                    retryable: true,
+                    details: None,
+                });
+            }
+        }
+        step_record.status = StepStatus::Pending;
+        step_record.error = None;
     }
 }
 

@@ -60,6 +60,15 @@ impl StepStatus {
             StepStatus::Cancelled => "cancelled",
         }
     }
+
+    /// Succeeded, failed or skipped: a resumed run keeps the step as it is.
+    /// A cancelled step of a run that was still going is attempted again.
+    pub fn is_done(self) -> bool {
+        matches!(
+            self,
+            StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped
+        )
+    }
 }
 
 impl std::fmt::Display for StepStatus {

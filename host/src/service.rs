@@ -786,7 +786,10 @@ impl Service {
             tracing::info!(runs = unfinished.len(), "resuming unfinished runs");
         }
         self.restore_pinned(&unfinished).await;
-        for run in unfinished {
+        for mut run in unfinished {
+            // Before its live snapshot is made, so `GET /v1/runs/{id}` shows
+            // the attempts the stop cut short as interrupted, not running.
+            crate::executor::prepare_resume(&mut run.record, &mut run.items);
             let name = run.record.workflow.clone();
             let entry = match workflow::parse_str(
                 &run.workflow_source,

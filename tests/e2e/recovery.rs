@@ -50,11 +50,20 @@ fn runs_in_flight_survive_sigkill() {
         assert_eq!(reply.status, 202, "{}", reply.body);
         ids.push(reply.json()["id"].as_str().unwrap().to_string());
     }
-    std::thread::sleep(Duration::from_millis(600));
-    let finished = server.get("/v1/runs?status=succeeded&limit=1000").json()["runs"]
-        .as_array()
-        .unwrap()
-        .len();
+    // Kill as soon as some runs have finished (the first sleep 150 ms, the
+    // last submitted up to 650 ms), not after a fixed time: on a loaded
+    // machine the submissions alone can outlast a fixed wait.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let finished = loop {
+        let finished = server.get("/v1/runs?status=succeeded&limit=1000").json()["runs"]
+            .as_array()
+            .unwrap()
+            .len();
+        if finished >= RUNS / 20 || std::time::Instant::now() > deadline {
+            break finished;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     let dir = server.crash();
     assert!(
         finished < RUNS,
@@ -167,6 +176,16 @@ fn a_step_finished_before_a_kill_is_not_run_again() {
     let dir = server.crash();
 
     let server = Serve::in_dir(dir).start();
+    // While `nap` sleeps again, the run shows its cut attempt as interrupted.
+    let live = server.get(&format!("/v1/runs/{id}")).json();
+    assert_eq!(live["status"], "running", "{live:#}");
+    let nap = step(&live, "nap");
+    assert_eq!(nap["attempts"].as_array().unwrap().len(), 1, "{nap:#}");
+    assert_eq!(nap["attempts"][0]["status"], "failed", "{nap:#}");
+    assert_eq!(
+        nap["attempts"][0]["error"]["kind"], "interrupted",
+        "{nap:#}"
+    );
     let run = server.wait_for_run(&id);
     assert_eq!(run["status"], "succeeded", "{run:#}");
     let first = step(&run, "first");
@@ -234,6 +253,17 @@ fn a_for_each_item_finished_before_a_kill_is_not_run_again() {
     let dir = server.crash();
 
     let server = Serve::in_dir(dir).start();
+    // At once, the resumed step shows the items that had finished and the
+    // attempt the kill cut short, none of them still running.
+    let live = server.get(&format!("/v1/runs/{id}")).json();
+    let shown = step(&live, "each")["attempts"].as_array().unwrap().clone();
+    assert!(shown.len() >= 2, "{live:#}");
+    for attempt in &shown {
+        assert_ne!(attempt["status"], "running", "{live:#}");
+        if attempt["status"] == "failed" {
+            assert_eq!(attempt["error"]["kind"], "interrupted", "{live:#}");
+        }
+    }
     let run = server.wait_for_run(&id);
     assert_eq!(run["status"], "succeeded", "{run:#}");
     let each = step(&run, "each");
