@@ -581,8 +581,14 @@ fn a_step_cut_short_twice_keeps_both_attempts() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let server = Serve::in_dir(server.crash()).start();
-    // The restart resumed `nap` at once: kill it again in its second attempt.
-    std::thread::sleep(Duration::from_millis(500));
+    // Kill it again in its second attempt, once the restart has started it
+    // (polled: a loaded machine can take longer than any fixed wait).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while step(&server.get(&format!("/v1/runs/{id}")).json(), "nap")["status"] != "running" {
+        assert!(Instant::now() < deadline, "`nap` never resumed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
     let server = Serve::in_dir(server.crash()).start();
 
     let run = server.wait_for_run(&id);
@@ -630,7 +636,16 @@ input = { message = "try again", retryable = true, succeed_on_attempt = 2 }
     assert_eq!(reply.status, 202, "{}", reply.body);
     let id = reply.json()["id"].as_str().unwrap().to_owned();
     // Attempt 1 fails at once; the kill comes while it waits to retry.
-    std::thread::sleep(Duration::from_millis(1000));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let run = server.get(&format!("/v1/runs/{id}")).json();
+        if step(&run, "flaky")["attempts"][0]["status"] == "failed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "attempt 1 never failed: {run:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
     let server = Serve::in_dir(server.crash()).start();
 
     let run = server.wait_for_run(&id);
