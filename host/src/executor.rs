@@ -23,7 +23,7 @@ use crate::record::{
     StepRecord, StepStatus, new_run_id, now_rfc3339,
 };
 use crate::secrets::{Granted, Secrets};
-use crate::store::{ItemOutcome, ItemRecord, Queued, Store, StoredItems};
+use crate::store::{Commit, ItemOutcome, ItemRecord, Queued, Store, StoredItems};
 use crate::telemetry;
 use crate::workflow::{OnFailure, Plan, Scope};
 
@@ -272,7 +272,7 @@ impl Executor {
             // and is not run again. Not waited for here, so the two share a
             // commit.
             if let Some(store) = &options.store {
-                let saved = store.save_step(&run.run_id, index, &record.steps[index]);
+                let saved = store.save_step(&run.run_id, index, &record.steps[index], Commit::Soon);
                 detach(saved);
             }
             for &dependent in &dependents[index] {
@@ -656,6 +656,7 @@ impl RunContext {
         this_incarnation: &[AttemptRecord],
         started: Option<u32>,
         outcome: Option<&Result<Value, ErrorRecord>>,
+        commit: Commit,
     ) -> Option<Queued> {
         let store = self.store.as_ref()?;
         let step = &self.plan.steps[index];
@@ -688,7 +689,7 @@ impl RunContext {
                 attempts,
                 outcome: outcome.and_then(ItemOutcome::of),
             };
-            return Some(store.save_item(&self.run_id, index, *position, &record));
+            return Some(store.save_item(&self.run_id, index, *position, &record, commit));
         }
         let record = StepRecord {
             plugin_version: Some(plugin.version.to_string()),
@@ -697,7 +698,7 @@ impl RunContext {
             attempts,
             ..StepRecord::pending(&step.id, &step.plugin)
         };
-        Some(store.save_step(&self.run_id, index, &record))
+        Some(store.save_step(&self.run_id, index, &record, commit))
     }
 
     /// Waits for a write of [`Self::save_progress`]; a failure is logged.
@@ -772,7 +773,14 @@ impl RunContext {
             }
             // Committed before the plugin runs: whatever the attempt does, a
             // restart knows it started.
-            let write = self.save_progress(index, item.as_ref(), &attempts, Some(attempt), None);
+            let write = self.save_progress(
+                index,
+                item.as_ref(),
+                &attempts,
+                Some(attempt),
+                None,
+                Commit::Now,
+            );
             self.saved(index, write).await;
             let outcome = self.plugins[index]
                 .invoke(Invocation {
@@ -809,7 +817,14 @@ impl RunContext {
             attempts.push(attempt_record);
             match result {
                 Err(error) if error.retryable && attempt < last_attempt => {
-                    let write = self.save_progress(index, item.as_ref(), &attempts, None, None);
+                    let write = self.save_progress(
+                        index,
+                        item.as_ref(),
+                        &attempts,
+                        None,
+                        None,
+                        Commit::Now,
+                    );
                     self.saved(index, write).await;
                     let delay = step.retry.delay_before(attempt + 1);
                     tokio::select! {
@@ -823,8 +838,14 @@ impl RunContext {
                     // item's, with its outcome, now, without waiting: the
                     // step's record is queued after it.
                     if item.is_some()
-                        && let Some(write) =
-                            self.save_progress(index, item.as_ref(), &attempts, None, Some(&result))
+                        && let Some(write) = self.save_progress(
+                            index,
+                            item.as_ref(),
+                            &attempts,
+                            None,
+                            Some(&result),
+                            Commit::Soon,
+                        )
                     {
                         detach(write);
                     }

@@ -164,6 +164,22 @@ pub struct RunPage {
 /// not cancel the write; the store then logs its failure, if it fails.
 pub type Queued = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
+/// Whether anyone waits for the commit of a [`Queued`] write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// The caller waits: commit it as soon as the writer gets to it.
+    Now,
+    /// Nobody waits (the caller drops the [`Queued`]): the store may hold it
+    /// back briefly (SQLite: at most [`LINGER`]) so that it shares a commit
+    /// with the write that follows, which on a run's critical path is the
+    /// next step's start.
+    Soon,
+}
+
+/// How long the SQLite writer holds back a batch of [`Commit::Soon`] writes
+/// waiting for company; a [`Commit::Now`] write or a read ends the wait.
+pub const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Durable storage of runs and state.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -178,7 +194,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError>;
 
     /// The run moved to `running` (sets `status` and `started_at`).
-    /// Queued when called, like [`Store::save_step`].
+    /// Queued when called, like [`Store::save_step`], as [`Commit::Soon`].
     fn run_started(&self, id: &str, started_at: &str) -> Queued;
 
     /// A step's record at `index` in the workflow's step order, replacing any
@@ -187,8 +203,8 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// Queued when called (see [`Queued`]): a caller that need not wait for
     /// this commit may go on, and the next write it waits for commits this
-    /// one too.
-    fn save_step(&self, run_id: &str, index: usize, step: &StepRecord) -> Queued;
+    /// one too. `commit` says whether the caller waits for it.
+    fn save_step(&self, run_id: &str, index: usize, step: &StepRecord, commit: Commit) -> Queued;
 
     /// A `for_each` item's record at `position` of the step at `index`,
     /// replacing any earlier one. The items of a step are dropped once the
@@ -196,7 +212,14 @@ pub trait Store: Send + Sync + 'static {
     /// all of a run's when it finishes.
     ///
     /// Queued when called, like [`Store::save_step`].
-    fn save_item(&self, run_id: &str, index: usize, position: usize, item: &ItemRecord) -> Queued;
+    fn save_item(
+        &self,
+        run_id: &str,
+        index: usize,
+        position: usize,
+        item: &ItemRecord,
+        commit: Commit,
+    ) -> Queued;
 
     /// The run ended: status, output, error, finish time, and every step.
     async fn finish_run(&self, record: &RunRecord) -> Result<(), StoreError>;

@@ -30,8 +30,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::{
-    Created, ItemRecord, NewRun, Queued, RunPage, RunQuery, StateQuota, Store, StoreError,
-    StoredItems, UnfinishedRun,
+    Commit, Created, ItemRecord, LINGER, NewRun, Queued, RunPage, RunQuery, StateQuota, Store,
+    StoreError, StoredItems, UnfinishedRun,
 };
 use crate::record::{RunRecord, RunStatus, StepRecord, StepStatus};
 
@@ -210,7 +210,7 @@ impl SqliteStore {
         let (inbox, messages) = mpsc::channel();
         let writer = std::thread::Builder::new()
             .name("trellis-store-writer".into())
-            .spawn(move || writer_loop(conn, messages))
+            .spawn(move || writer_loop(conn, messages, LINGER))
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             path,
@@ -232,18 +232,20 @@ impl SqliteStore {
         &self,
         op: impl FnOnce(&Connection) -> Result<Written, StoreError> + Send + 'static,
     ) -> Result<Written, StoreError> {
-        self.queue(op).await
+        self.queue(op, Commit::Now).await
     }
 
     /// Queues a write now; the future resolves once its commit is done.
     fn queue(
         &self,
         op: impl FnOnce(&Connection) -> Result<Written, StoreError> + Send + 'static,
+        commit: Commit,
     ) -> impl Future<Output = Result<Written, StoreError>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
         let sent = self.send(Message::Write(WriteCommand {
             op: Box::new(op),
             reply,
+            commit,
         }));
         async move {
             sent?;
@@ -258,10 +260,11 @@ impl SqliteStore {
             impl FnOnce(&Connection) -> Result<Written, StoreError> + Send + 'static,
             StoreError,
         >,
+        commit: Commit,
     ) -> Queued {
         match prepared {
             Ok(op) => {
-                let commit = self.queue(op);
+                let commit = self.queue(op, commit);
                 Box::pin(async move { commit.await.map(drop) })
             }
             Err(err) => {
@@ -441,23 +444,26 @@ impl Store for SqliteStore {
 
     fn run_started(&self, id: &str, started_at: &str) -> Queued {
         let (id, started_at) = (id.to_owned(), started_at.to_owned());
-        self.queued(Ok(move |conn: &Connection| {
-            // A run that already finished (cancelled while it was being
-            // started) stays finished: a restart must not resume it.
-            let changed = conn
-                .prepare_cached(
-                    "UPDATE runs SET status = 'running', started_at = ?2
+        self.queued(
+            Ok(move |conn: &Connection| {
+                // A run that already finished (cancelled while it was being
+                // started) stays finished: a restart must not resume it.
+                let changed = conn
+                    .prepare_cached(
+                        "UPDATE runs SET status = 'running', started_at = ?2
                      WHERE id = ?1 AND status IN ('queued', 'running')",
-                )?
-                .execute((&id, &started_at))?;
-            if changed == 0 {
-                require_run(conn, &id)?;
-            }
-            Ok(Written::Done)
-        }))
+                    )?
+                    .execute((&id, &started_at))?;
+                if changed == 0 {
+                    require_run(conn, &id)?;
+                }
+                Ok(Written::Done)
+            }),
+            Commit::Soon,
+        )
     }
 
-    fn save_step(&self, run_id: &str, index: usize, step: &StepRecord) -> Queued {
+    fn save_step(&self, run_id: &str, index: usize, step: &StepRecord, commit: Commit) -> Queued {
         let run_id = run_id.to_owned();
         // A finished step's record holds every item's attempts and output.
         let finished = matches!(
@@ -475,10 +481,17 @@ impl Store for SqliteStore {
                 Ok(Written::Done)
             })
         });
-        self.queued(prepared)
+        self.queued(prepared, commit)
     }
 
-    fn save_item(&self, run_id: &str, index: usize, position: usize, item: &ItemRecord) -> Queued {
+    fn save_item(
+        &self,
+        run_id: &str,
+        index: usize,
+        position: usize,
+        item: &ItemRecord,
+        commit: Commit,
+    ) -> Queued {
         let run_id = run_id.to_owned();
         let prepared = step_index(index).and_then(|index| {
             let position = step_index(position)?;
@@ -496,7 +509,7 @@ impl Store for SqliteStore {
                 Ok(Written::Done)
             })
         });
-        self.queued(prepared)
+        self.queued(prepared, commit)
     }
 
     async fn finish_run(&self, record: &RunRecord) -> Result<(), StoreError> {
@@ -664,8 +677,11 @@ enum Message {
     Write(WriteCommand),
     /// A read of an in-memory store, which has no other connection. It
     /// answers by itself.
-    Read(Box<dyn FnOnce(&mut Connection) + Send>),
+    Read(ReadOp),
 }
+
+/// A read run on the writer's connection.
+type ReadOp = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// The SQL of one write, run on the writer's connection.
 type WriteOp = Box<dyn FnOnce(&Connection) -> Result<Written, StoreError> + Send>;
@@ -675,6 +691,7 @@ struct WriteCommand {
     op: WriteOp,
     /// Answered after the commit (or with the reason there was none).
     reply: oneshot::Sender<Result<Written, StoreError>>,
+    commit: Commit,
 }
 
 /// What a write gives back.
@@ -685,26 +702,79 @@ enum Written {
 
 /// Takes what is queued, commits it as one batch, answers, repeats; ends once
 /// the store is dropped and the queue is empty.
-fn writer_loop(mut conn: Connection, messages: mpsc::Receiver<Message>) {
+///
+/// A batch of [`Commit::Soon`] writes alone (nobody waits for them) waits up
+/// to `linger` ([`LINGER`]) for more: a finished step's write then shares its commit with
+/// the next step's start, which the executor does wait for, instead of
+/// committing just before it and making it wait for two commits in a row. A
+/// [`Commit::Now`] write, a read or a full batch ends the wait at once.
+fn writer_loop(mut conn: Connection, messages: mpsc::Receiver<Message>, linger: Duration) {
     while let Ok(first) = messages.recv() {
-        let mut writes = Vec::new();
-        let mut reads = Vec::new();
-        let mut next = Some(first);
-        while let Some(message) = next {
-            match message {
-                Message::Write(write) => writes.push(write),
-                Message::Read(read) => reads.push(read),
+        let mut batch = Batch::default();
+        batch.push(first);
+        batch.take_queued(&messages);
+        if !batch.urgent && !batch.full() {
+            let deadline = std::time::Instant::now() + linger;
+            while !batch.urgent && !batch.full() {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match messages.recv_timeout(left) {
+                    Ok(message) => {
+                        batch.push(message);
+                        batch.take_queued(&messages);
+                    }
+                    // The deadline passed, or the store is gone: commit what
+                    // there is.
+                    Err(_) => break,
+                }
             }
-            next = if writes.len() + reads.len() < MAX_BATCH {
-                messages.try_recv().ok()
-            } else {
-                None
-            };
         }
-        commit_batch(&mut conn, writes);
+        tracing::trace!(
+            writes = batch.writes.len(),
+            reads = batch.reads.len(),
+            "store batch"
+        );
+        commit_batch(&mut conn, batch.writes);
         // After the commit: a read queued behind a write sees it.
-        for read in reads {
+        for read in batch.reads {
             read(&mut conn);
+        }
+    }
+}
+
+/// What the writer takes off its queue for one commit.
+#[derive(Default)]
+struct Batch {
+    writes: Vec<WriteCommand>,
+    reads: Vec<ReadOp>,
+    /// Someone waits: a [`Commit::Now`] write or a read.
+    urgent: bool,
+}
+
+impl Batch {
+    fn push(&mut self, message: Message) {
+        match message {
+            Message::Write(write) => {
+                self.urgent |= write.commit == Commit::Now;
+                self.writes.push(write);
+            }
+            Message::Read(read) => {
+                self.urgent = true;
+                self.reads.push(read);
+            }
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.writes.len() + self.reads.len() >= MAX_BATCH
+    }
+
+    /// Adds what is already queued, up to a full batch, without waiting.
+    fn take_queued(&mut self, messages: &mpsc::Receiver<Message>) {
+        while !self.full() {
+            match messages.try_recv() {
+                Ok(message) => self.push(message),
+                Err(_) => break,
+            }
         }
     }
 }
@@ -1443,7 +1513,10 @@ mod tests {
         let mut running = pending_step("price");
         running.status = StepStatus::Running;
         running.started_at = Some("2026-01-02T03:04:05.000Z".into());
-        store.save_step(&record.id, 1, &running).await.unwrap();
+        store
+            .save_step(&record.id, 1, &running, Commit::Now)
+            .await
+            .unwrap();
         record.steps[1] = running;
         assert_eq!(
             store.get_run(&record.id).await.unwrap().as_ref(),
@@ -1451,11 +1524,16 @@ mod tests {
         );
 
         let done = finished_step("price");
-        store.save_step(&record.id, 1, &done).await.unwrap();
+        store
+            .save_step(&record.id, 1, &done, Commit::Now)
+            .await
+            .unwrap();
         record.steps[1] = done;
         assert_eq!(store.get_run(&record.id).await.unwrap(), Some(record));
 
-        let missing = store.save_step(&new_run_id(), 0, &pending_step("x")).await;
+        let missing = store
+            .save_step(&new_run_id(), 0, &pending_step("x"), Commit::Now)
+            .await;
         assert!(
             matches!(&missing, Err(StoreError::Database(m)) if m.starts_with("there is no run")),
             "{missing:?}"
@@ -1474,10 +1552,13 @@ mod tests {
         let mut running = pending_step("parse");
         running.status = StepStatus::Running;
         let done = finished_step("parse");
-        let first = store.save_step(&record.id, 0, &running);
-        let second = store.save_step(&record.id, 0, &done);
+        let first = store.save_step(&record.id, 0, &running, Commit::Soon);
+        let second = store.save_step(&record.id, 0, &done, Commit::Soon);
         drop(first);
-        store.save_step(&record.id, 1, &done).await.unwrap();
+        store
+            .save_step(&record.id, 1, &done, Commit::Now)
+            .await
+            .unwrap();
         // `second` was never polled either.
         let record_id = record.id.clone();
         record.steps = vec![done.clone(), done];
@@ -1485,7 +1566,7 @@ mod tests {
         second.await.unwrap();
         // A write that cannot even be prepared fails without being queued.
         let bad = store
-            .save_step(&record_id, usize::MAX, &pending_step("x"))
+            .save_step(&record_id, usize::MAX, &pending_step("x"), Commit::Now)
             .await;
         assert!(
             matches!(&bad, Err(StoreError::Database(m)) if m.contains("is too large")),
@@ -1522,10 +1603,22 @@ mod tests {
             attempts: attempts[..1].to_vec(),
             outcome: Some(ItemOutcome::Error(attempts[0].error.clone().unwrap())),
         };
-        store.save_item(&record.id, 1, 0, &cut_short).await.unwrap();
-        store.save_item(&record.id, 1, 0, &done).await.unwrap();
-        store.save_item(&record.id, 1, 7, &failed).await.unwrap();
-        store.save_item(&record.id, 0, 2, &cut_short).await.unwrap();
+        store
+            .save_item(&record.id, 1, 0, &cut_short, Commit::Now)
+            .await
+            .unwrap();
+        store
+            .save_item(&record.id, 1, 0, &done, Commit::Now)
+            .await
+            .unwrap();
+        store
+            .save_item(&record.id, 1, 7, &failed, Commit::Now)
+            .await
+            .unwrap();
+        store
+            .save_item(&record.id, 0, 2, &cut_short, Commit::Now)
+            .await
+            .unwrap();
 
         let unfinished = store.unfinished_runs().await.unwrap();
         assert_eq!(unfinished.len(), 1);
@@ -1540,11 +1633,14 @@ mod tests {
         // Saving step 0 running keeps its items; finished, drops them.
         let mut running = pending_step("parse");
         running.status = StepStatus::Running;
-        store.save_step(&record.id, 0, &running).await.unwrap();
+        store
+            .save_step(&record.id, 0, &running, Commit::Now)
+            .await
+            .unwrap();
         let kept = store.unfinished_runs().await.unwrap().remove(0).items;
         assert_eq!(kept.len(), 3);
         store
-            .save_step(&record.id, 0, &finished_step("parse"))
+            .save_step(&record.id, 0, &finished_step("parse"), Commit::Now)
             .await
             .unwrap();
         let kept = store.unfinished_runs().await.unwrap().remove(0).items;
@@ -1559,7 +1655,9 @@ mod tests {
             .unwrap();
         assert_eq!(left, 0);
 
-        let missing = store.save_item(&new_run_id(), 0, 0, &done).await;
+        let missing = store
+            .save_item(&new_run_id(), 0, 0, &done, Commit::Now)
+            .await;
         assert!(
             matches!(&missing, Err(StoreError::Database(m)) if m.starts_with("there is no run")),
             "{missing:?}"
@@ -1593,7 +1691,10 @@ mod tests {
             attempts: Vec::new(),
             outcome: Some(ItemOutcome::Output(json!(2))),
         };
-        store.save_item(&record.id, 0, 0, &item).await.unwrap();
+        store
+            .save_item(&record.id, 0, 0, &item, Commit::Now)
+            .await
+            .unwrap();
         let conn = Connection::open(&path).unwrap();
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
@@ -1668,7 +1769,10 @@ mod tests {
         assert!(matches!(created, Created::New));
         store.run_started(&running.id, "t1").await.unwrap();
         let step = finished_step("parse");
-        store.save_step(&running.id, 0, &step).await.unwrap();
+        store
+            .save_step(&running.id, 0, &step, Commit::Now)
+            .await
+            .unwrap();
         let mut done = finished.clone();
         done.status = RunStatus::Cancelled;
         store.finish_run(&done).await.unwrap();
@@ -1939,14 +2043,114 @@ mod tests {
     fn command(
         op: impl FnOnce(&Connection) -> Result<Written, StoreError> + Send + 'static,
     ) -> (WriteCommand, oneshot::Receiver<Result<Written, StoreError>>) {
+        command_to(op, Commit::Now)
+    }
+
+    fn command_to(
+        op: impl FnOnce(&Connection) -> Result<Written, StoreError> + Send + 'static,
+        commit: Commit,
+    ) -> (WriteCommand, oneshot::Receiver<Result<Written, StoreError>>) {
         let (reply, answer) = oneshot::channel();
         (
             WriteCommand {
                 op: Box::new(op),
                 reply,
+                commit,
             },
             answer,
         )
+    }
+
+    /// A writer thread on a fresh database that lingers `linger`, and the
+    /// number of commits it has made so far.
+    fn counted_writer(
+        dir: &tempfile::TempDir,
+        linger: Duration,
+    ) -> (
+        mpsc::Sender<Message>,
+        Arc<std::sync::atomic::AtomicUsize>,
+        JoinHandle<()>,
+    ) {
+        let mut conn = Connection::open(dir.path().join("w.db")).unwrap();
+        migrate(&mut conn, "w.db").unwrap();
+        let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = commits.clone();
+        conn.commit_hook(Some(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            false
+        }))
+        .unwrap();
+        let (send, messages) = mpsc::channel();
+        let thread = std::thread::spawn(move || writer_loop(conn, messages, linger));
+        (send, commits, thread)
+    }
+
+    /// A write nobody waits for is held back until one somebody waits for
+    /// comes (or a read): the two share one commit.
+    #[test]
+    fn a_write_nobody_waits_for_shares_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (send, commits, thread) = counted_writer(&dir, Duration::from_secs(60));
+        let (soon, soon_answer) = command_to(set_state("soon"), Commit::Soon);
+        send.send(Message::Write(soon)).unwrap();
+        // Ample time for the writer to take it and commit, were it to.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(commits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let (now, now_answer) = command(set_state("now"));
+        send.send(Message::Write(now)).unwrap();
+        assert!(matches!(
+            now_answer.blocking_recv().unwrap(),
+            Ok(Written::Done)
+        ));
+        assert!(matches!(
+            soon_answer.blocking_recv().unwrap(),
+            Ok(Written::Done)
+        ));
+        assert_eq!(commits.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        // A read ends the wait too, and sees the write.
+        let (soon, soon_answer) = command_to(set_state("soon-2"), Commit::Soon);
+        send.send(Message::Write(soon)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let (seen, saw) = std::sync::mpsc::channel();
+        send.send(Message::Read(Box::new(move |conn: &mut Connection| {
+            let keys: i64 = conn
+                .query_row("SELECT count(*) FROM state", [], |row| row.get(0))
+                .unwrap();
+            seen.send(keys).unwrap();
+        })))
+        .unwrap();
+        assert_eq!(saw.recv().unwrap(), 3);
+        assert!(soon_answer.blocking_recv().unwrap().is_ok());
+        assert_eq!(commits.load(std::sync::atomic::Ordering::SeqCst), 2);
+        drop(send);
+        thread.join().unwrap();
+    }
+
+    /// With nothing after it, a write nobody waits for still commits once
+    /// the linger is over; when the store goes, at once.
+    #[test]
+    fn a_lone_write_nobody_waits_for_commits_after_the_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let linger = Duration::from_millis(50);
+        let (send, commits, thread) = counted_writer(&dir, linger);
+        let sent = std::time::Instant::now();
+        let (soon, answer) = command_to(set_state("alone"), Commit::Soon);
+        send.send(Message::Write(soon)).unwrap();
+        assert!(answer.blocking_recv().unwrap().is_ok());
+        assert!(sent.elapsed() >= linger, "{:?}", sent.elapsed());
+        assert_eq!(commits.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        let (send_2, commits_2, thread_2) = counted_writer(&dir, Duration::from_secs(60));
+        let (soon, answer) = command_to(set_state("last"), Commit::Soon);
+        send_2.send(Message::Write(soon)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(send_2);
+        assert!(answer.blocking_recv().unwrap().is_ok());
+        thread_2.join().unwrap();
+        assert_eq!(commits_2.load(std::sync::atomic::Ordering::SeqCst), 1);
+        drop(send);
+        thread.join().unwrap();
     }
 
     fn set_state(key: &'static str) -> impl FnOnce(&Connection) -> Result<Written, StoreError> {
@@ -2007,7 +2211,7 @@ mod tests {
                     let record = queued_run(if i % 2 == 0 { "a" } else { "b" });
                     store.create_run(new_run(&record, None)).await.unwrap();
                     store
-                        .save_step(&record.id, 0, &finished_step("parse"))
+                        .save_step(&record.id, 0, &finished_step("parse"), Commit::Now)
                         .await
                         .unwrap();
                     record.id
