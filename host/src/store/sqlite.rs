@@ -33,7 +33,7 @@ use super::{
     Commit, Created, ItemRecord, LINGER, NewRun, Queued, RunPage, RunQuery, StateQuota, Store,
     StoreError, StoredItems, UnfinishedRun,
 };
-use crate::record::{RunRecord, RunStatus, StepRecord, StepStatus};
+use crate::record::{RunRecord, RunStatus, StepRecord};
 
 /// When a commit is safe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -466,10 +466,7 @@ impl Store for SqliteStore {
     fn save_step(&self, run_id: &str, index: usize, step: &StepRecord, commit: Commit) -> Queued {
         let run_id = run_id.to_owned();
         // A finished step's record holds every item's attempts and output.
-        let finished = matches!(
-            step.status,
-            StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped
-        );
+        let finished = step.status.is_done();
         let prepared = step_index(index).and_then(|index| {
             let record = encode_json(step, || format!("run {run_id}: step {index}"))?;
             Ok(move |conn: &Connection| {
