@@ -165,23 +165,26 @@ enum PluginsCommand {
 
 #[derive(Debug, clap::Args)]
 struct PluginDirs {
-    /// A directory of plugin `.wasm` files (repeatable). Default: the example plugins of this build.
+    /// A directory of plugin `.wasm` files (repeatable). Default: the
+    /// configured ones (`plugin_dirs` in trellis.toml, `TRELLIS_PLUGIN_DIRS`),
+    /// else the example plugins of this build.
     #[arg(long = "plugin-dir", value_name = "DIR")]
     dirs: Vec<PathBuf>,
 }
 
 impl PluginDirs {
-    fn resolve(&self) -> Result<Vec<PathBuf>> {
+    /// The dirs given, else those `config` names (which default to the
+    /// example plugins of this build).
+    fn resolve(&self, config: &Config) -> Result<Vec<PathBuf>> {
         if !self.dirs.is_empty() {
             return Ok(self.dirs.clone());
         }
-        let builtin = builtin_plugin_dirs();
-        if builtin.is_empty() {
+        if config.plugin_dirs.is_empty() {
             bail!(
                 "no plugin directory: pass --plugin-dir DIR (the example plugins are built by `cargo build`)"
             );
         }
-        Ok(builtin)
+        Ok(config.plugin_dirs.clone())
     }
 }
 
@@ -220,10 +223,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             config,
         } => {
             let config = Config::load(config.as_deref(), &Overrides::default())?;
+            let dirs = plugins.resolve(&config)?;
             run(
                 &workflow,
                 input.as_deref(),
-                &plugins,
+                &dirs,
                 cache,
                 json,
                 max_concurrent_steps,
@@ -237,16 +241,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             config,
         } => {
             // Secret names are checked only against a configuration that exists.
-            let secrets = if config.is_some() || Path::new(crate::config::DEFAULT_FILE).is_file() {
-                let config = Config::load(config.as_deref(), &Overrides::default())?;
-                Some(Secrets::new(config.secrets))
-            } else {
-                None
-            };
-            validate(&workflows, &plugins, cache, secrets.as_ref()).await
+            let exists = config.is_some() || Path::new(crate::config::DEFAULT_FILE).is_file();
+            let config = Config::load(config.as_deref(), &Overrides::default())?;
+            let dirs = plugins.resolve(&config)?;
+            let secrets = exists.then(|| Secrets::new(config.secrets));
+            validate(&workflows, &dirs, cache, secrets.as_ref()).await
         }
         Command::Plugins(PluginsCommand::List { plugins, json }) => {
-            list(&plugins, cache, json).await
+            let config = Config::load(None, &Overrides::default())?;
+            list(&plugins.resolve(&config)?, cache, json).await
         }
         Command::Plugins(PluginsCommand::Inspect { file }) => inspect(&file).await,
         Command::Serve(args) => serve(args, cli.data_dir).await,
@@ -311,14 +314,13 @@ async fn shutdown_signal() {
 }
 
 /// Loads the plugin directories; warns about unusable files, refuses duplicates.
-async fn load_registry(dirs: &PluginDirs, cache: Option<CodeCache>) -> Result<PluginRegistry> {
-    let dirs = dirs.resolve()?;
+async fn load_registry(dirs: &[PathBuf], cache: Option<CodeCache>) -> Result<PluginRegistry> {
     let engine = Engine::new()?;
     let mut registry = PluginRegistry::new(engine)?;
     if let Some(cache) = cache {
         registry = registry.with_cache(cache);
     }
-    let report = registry.load_dirs(&dirs).await;
+    let report = registry.load_dirs(dirs).await;
     let mut fatal = Vec::new();
     for (path, err) in report.errors {
         match err {
@@ -352,7 +354,7 @@ fn read_input(input: Option<&str>) -> Result<Value> {
 async fn run(
     workflow: &Path,
     input: Option<&str>,
-    dirs: &PluginDirs,
+    dirs: &[PathBuf],
     cache: Option<CodeCache>,
     json: bool,
     max_concurrent_steps: usize,
@@ -368,7 +370,7 @@ async fn run(
     let plan = match crate::workflow::load_file(workflow, &catalog) {
         Ok(plan) => Arc::new(plan),
         Err(diagnostics) => {
-            eprint!("{diagnostics}");
+            eprintln!("{diagnostics}");
             eprintln!("error: {} is not a valid workflow", workflow.display());
             return Ok(ExitCode::from(2));
         }
@@ -443,7 +445,7 @@ fn status_word(status: RunStatus) -> &'static str {
 
 async fn validate(
     workflows: &[PathBuf],
-    dirs: &PluginDirs,
+    dirs: &[PathBuf],
     cache: Option<CodeCache>,
     secrets: Option<&Secrets>,
 ) -> Result<ExitCode> {
@@ -469,7 +471,7 @@ async fn validate(
             ),
             Err(diagnostics) => {
                 ok = false;
-                eprint!("{diagnostics}");
+                eprintln!("{diagnostics}");
             }
         }
     }
@@ -480,7 +482,7 @@ async fn validate(
     })
 }
 
-async fn list(dirs: &PluginDirs, cache: Option<CodeCache>, json: bool) -> Result<ExitCode> {
+async fn list(dirs: &[PathBuf], cache: Option<CodeCache>, json: bool) -> Result<ExitCode> {
     let registry = load_registry(dirs, cache).await?;
     if json {
         let list: Vec<Value> = registry.list().iter().map(|p| plugin_json(p)).collect();

@@ -218,3 +218,94 @@ fn ctrl_c_cancels_the_run_and_still_prints_its_record() {
     assert_eq!(step(&record, "after")["status"], "cancelled");
     assert!(stderr.contains("was cancelled"), "{stderr}");
 }
+
+/// Without `--plugin-dir`, `run`, `validate` and `plugins list` use the
+/// configured plugin dirs: `plugin_dirs` in `./trellis.toml` (relative to the
+/// file), else `TRELLIS_PLUGIN_DIRS`, else the example plugins of the build.
+#[test]
+fn commands_without_plugin_dirs_use_the_configured_ones() {
+    let sandbox = Sandbox::new();
+    let mine = sandbox.dir.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::copy(
+        std::path::Path::new(FIXTURE_PLUGINS).join("probe.wasm"),
+        mine.join("probe.wasm"),
+    )
+    .unwrap();
+    // `probe` is a test fixture, not an example plugin.
+    let flow = sandbox.write(
+        "flow.toml",
+        "[[step]]\nid = \"p\"\nplugin = \"probe\"\ninput = { n = 3 }\n",
+    );
+    let in_sandbox = |args: &[&str], env: Option<&str>| {
+        let mut cmd = trellis();
+        cmd.current_dir(sandbox.dir.path()).args(args);
+        match env {
+            Some(dirs) => cmd.env("TRELLIS_PLUGIN_DIRS", dirs),
+            None => cmd.env_remove("TRELLIS_PLUGIN_DIRS"),
+        };
+        let output = cmd.output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let run = ["run", flow.to_str().unwrap()];
+
+    // Out of the box: the examples, which have no `probe`.
+    let (code, _, stderr) = in_sandbox(&run, None);
+    assert_eq!(code, Some(2), "{stderr}");
+    // Each diagnostic, and the verdict, on a line of its own.
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].ends_with("no plugin named `probe` is loaded")
+            || lines[0].contains("no plugin named `probe` is loaded ("),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with("error: ") && lines[1].ends_with("is not a valid workflow"),
+        "{stderr}"
+    );
+
+    // From the environment.
+    let (code, stdout, stderr) = in_sandbox(&run, Some(mine.to_str().unwrap()));
+    assert_eq!(code, Some(0), "{stderr}");
+    let output: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(output["p"]["input"]["n"], 3, "{output:#}");
+
+    // From ./trellis.toml, relative to it.
+    sandbox.write("trellis.toml", "plugin_dirs = [\"mine\"]\n");
+    let (code, stdout, stderr) = in_sandbox(&run, None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["p"]["input"]["n"],
+        3
+    );
+    let (code, stdout, stderr) = in_sandbox(&["validate", flow.to_str().unwrap()], None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with("ok: "), "{stdout}");
+    let (code, stdout, stderr) = in_sandbox(&["plugins", "list", "--json"], None);
+    assert_eq!(code, Some(0), "{stderr}");
+    let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["probe"]);
+
+    // A flag still wins over the file.
+    let (code, _, stderr) = in_sandbox(
+        &[
+            "run",
+            flow.to_str().unwrap(),
+            "--plugin-dir",
+            EXAMPLE_PLUGINS,
+        ],
+        None,
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+}
