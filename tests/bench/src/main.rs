@@ -64,6 +64,11 @@ impl Options {
     }
 }
 
+/// The allocator `trellis` itself uses (host/src/main.rs), so the in-process
+/// figures are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let options = Options::parse();
     std::fs::create_dir_all(&options.out)?;
