@@ -360,7 +360,11 @@ pub async fn run_events(
         Some(value) => value
             .to_str()
             .ok()
-            .and_then(|text| text.trim().parse::<u64>().ok())
+            // As the OpenAPI pattern says: 1 to 19 digits, no sign, no spaces.
+            .filter(|text| {
+                (1..=19).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_digit())
+            })
+            .and_then(|text| text.parse::<u64>().ok())
             .ok_or_else(|| {
                 ApiError::InvalidRequest(
                     "`Last-Event-ID` must be the `id` of an event of this stream".to_owned(),

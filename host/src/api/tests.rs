@@ -523,7 +523,17 @@ async fn parameter_schemas_agree_with_the_server() {
                     .body(Body::empty())
                     .unwrap()
             }),
-            vec!["0", "7", "9999999999999999999", "-1", "x", "null"],
+            vec![
+                "0",
+                "7",
+                "9999999999999999999",
+                "18446744073709551615",
+                "+5",
+                "1 2",
+                "-1",
+                "x",
+                "null",
+            ],
         ),
         (
             "put",
