@@ -769,12 +769,7 @@ impl Service {
             };
             let record = service.inner.executor.execute(plan, record, options).await;
             crate::telemetry::run_finished(&record.workflow, record.status.as_str());
-            // Out of `active` before waiters hear of the end, so a client that
-            // got its finished run never sees it counted as in flight. The
-            // store already holds the finished record for anyone who looks in
-            // between.
-            service.inner.active.lock().unwrap().remove(&record.id);
-            active.finish(record);
+            service.retire(&active, record);
         };
         tokio::spawn(tracing::Instrument::instrument(run, span));
     }
@@ -832,12 +827,20 @@ impl Service {
                         ),
                     });
                     self.inner.store.finish_run(&record).await?;
-                    self.inner.active.lock().unwrap().remove(&record.id);
-                    active.finish(record);
+                    self.retire(&active, record);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Ends a run this process was running, once the store holds its
+    /// finished `record`. It leaves `active` before its waiters hear of the
+    /// end, so a client that got its finished run never sees it counted as
+    /// in flight; anyone who looks in between reads the store.
+    fn retire(&self, active: &ActiveRun, record: RunRecord) {
+        self.inner.active.lock().unwrap().remove(&record.id);
+        active.finish(record);
     }
 
     fn live(&self, id: &str) -> Option<RunRecord> {
