@@ -20,7 +20,7 @@
 //! holds them as MiniJinja values (reference counted), so extending it per
 //! item or per finished step does not copy what is already there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
@@ -657,12 +657,13 @@ impl TemplatesBuilder {
                 },
                 range: error.range(),
             })?;
-        let mut references: Vec<String> = self
+        let mut references: BTreeSet<String> = self
             .env
             .get_template(&name)
             .map(|template| template.undeclared_variables(true).into_iter().collect())
             .unwrap_or_default();
-        references.sort();
+        references.extend(step_references(text));
+        let references: Vec<String> = references.into_iter().collect();
 
         let mut single = single_expression(text).is_some();
         if let Some(expression) = single_expression(text) {
@@ -705,6 +706,48 @@ impl TemplatesBuilder {
     pub(crate) fn finish(self) -> Templates {
         Templates { env: self.env }
     }
+}
+
+/// Every `steps.<id>...` path written in `text`, found by its tokens.
+///
+/// MiniJinja's `undeclared_variables` does not look inside what a slice is
+/// taken of: for `{{ steps.a.output.digest[:12] }}` it reports nothing (2.24
+/// and 3.1 alike), and a step that reads another only that way would not wait
+/// for it. The tokens do not miss it. They do not see scopes either, so a
+/// template that names its own variable `steps` gets its paths checked too;
+/// `item` and the other names, which loops do bind, are left to MiniJinja.
+fn step_references(text: &str) -> Vec<String> {
+    use minijinja::machinery::{Token, WhitespaceConfig, tokenize};
+    let tokens: Vec<Token<'_>> = tokenize(
+        text,
+        false,
+        minijinja::syntax::SyntaxConfig::default(),
+        WhitespaceConfig::default(),
+    )
+    .map_while(|token| token.ok().map(|(token, _)| token))
+    .collect();
+    let mut paths = Vec::new();
+    for (at, token) in tokens.iter().enumerate() {
+        // `steps` as a variable, not as the attribute in `x.steps`.
+        if !matches!(token, Token::Ident("steps"))
+            || (at > 0 && matches!(tokens[at - 1], Token::Dot))
+        {
+            continue;
+        }
+        let mut path = String::from("steps");
+        let mut next = at + 1;
+        while let (Some(Token::Dot), Some(Token::Ident(name))) =
+            (tokens.get(next), tokens.get(next + 1))
+        {
+            path.push('.');
+            path.push_str(name);
+            next += 2;
+        }
+        if next > at + 1 {
+            paths.push(path);
+        }
+    }
+    paths
 }
 
 /// The expression of a string that is exactly one `{{ expr }}`, or `None`.
@@ -1024,6 +1067,29 @@ mod tests {
         );
         assert!(builder.is_global("range"));
         assert!(!builder.is_global("input"));
+    }
+
+    #[test]
+    fn references_inside_a_slice_are_reported() {
+        let mut builder = TemplatesBuilder::new();
+        let compiled = builder
+            .compile(
+                "{{ steps.batch.output.digest[:12] }}-{{ (steps.a.output ~ 'x')[1:] }}\
+                 {{ x.steps.b }}{% raw %}{{ steps.c.output[:1] }}{% endraw %}\
+                 {{ 'steps.d.output'[:2] }}{{ f(steps=1) }}",
+                "f",
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            compiled.references,
+            [
+                "f",
+                "steps.a.output",
+                "steps.batch.output.digest",
+                "x.steps.b"
+            ]
+        );
     }
 
     #[test]

@@ -243,11 +243,21 @@ if = "{{ steps.load.output }}"
 id = "independent"
 plugin = "noop"
 needs = ["audit", "audit"]
+
+# Read only through a slice, beside an explicit `needs` (workflows/new-hires.toml).
+[[step]]
+id = "digest"
+plugin = "noop"
+needs = ["audit"]
+input.vars = { short = "{{ steps.total.output.digest[:12] }}" }
 "#,
     );
     let ids: Vec<&str> = plan.steps.iter().map(|s| s.id.as_str()).collect();
     // load first (nothing before it), then in file order what became ready.
-    assert_eq!(ids, ["load", "total", "report", "audit", "independent"]);
+    assert_eq!(
+        ids,
+        ["load", "total", "report", "audit", "independent", "digest"]
+    );
     let index = |id: &str| ids.iter().position(|s| *s == id).unwrap();
     assert_eq!(
         plan.steps[index("report")].needs,
@@ -255,6 +265,10 @@ needs = ["audit", "audit"]
     );
     assert_eq!(plan.steps[index("total")].needs, [index("load")]);
     assert_eq!(plan.steps[index("independent")].needs, [index("audit")]);
+    assert_eq!(
+        plan.steps[index("digest")].needs,
+        [index("total"), index("audit")]
+    );
     for (i, step) in plan.steps.iter().enumerate() {
         assert!(
             step.needs.iter().all(|&need| need < i),
@@ -441,6 +455,10 @@ plugin = "noop"
 id = "b"
 plugin = "noop"
 input = { a = "{{ steps.fecth.output }}", b = "x {{ inptu.y }}", c = "{{ run.name }}", d = "{{ steps.fetch.outptu }}", e = "{{ steps.b.output }}" }
+[[step]]
+id = "c"
+plugin = "noop"
+input = "{{ steps.fecth.output[:3] }}"
 "#
         ),
         [
@@ -449,6 +467,7 @@ input = { a = "{{ steps.fecth.output }}", b = "x {{ inptu.y }}", c = "{{ run.nam
             "w.toml:7:74: `run.name` does not exist: `run` has `id` and `workflow`",
             "w.toml:7:96: `steps.fetch.outptu` does not exist: a step has `output` and `status`",
             "w.toml:7:128: step `b` reads its own result (`steps.b`); a template can only read the steps that ran before",
+            "w.toml:11:13: `steps.fecth` refers to an unknown step `fecth`; did you mean `fetch`?",
         ]
     );
 }
