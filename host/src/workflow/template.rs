@@ -718,6 +718,9 @@ impl TemplatesBuilder {
 /// `item` and the other names, which loops do bind, are left to MiniJinja.
 fn step_references(text: &str) -> Vec<String> {
     use minijinja::machinery::{Token, WhitespaceConfig, tokenize};
+    // A unit struct unless some crate turns on `custom_syntax`; `default()`
+    // builds either.
+    #[allow(clippy::default_constructed_unit_structs)]
     let tokens: Vec<Token<'_>> = tokenize(
         text,
         false,
