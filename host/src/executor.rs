@@ -210,7 +210,7 @@ impl Executor {
                      record: &mut StepRecord| {
             record.status = StepStatus::Running;
             let run = run.clone();
-            let scope = scope.clone();
+            let scope = scope.for_step(run.plan.readable_by(index));
             let base = record.clone();
             let span = tracing::info_span!(
                 "step",

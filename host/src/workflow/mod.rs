@@ -50,7 +50,9 @@ mod ui_tests;
 use std::path::Path;
 
 pub use diagnostic::{Diagnostic, Diagnostics};
-pub use plan::{Backoff, InputSchema, OnFailure, Plan, PlannedStep, RetryPolicy, SchemaViolation};
+pub use plan::{
+    Backoff, InputSchema, OnFailure, Plan, PlannedStep, Readable, RetryPolicy, SchemaViolation,
+};
 pub use template::{CompiledTemplate, Scope, TemplateError, TemplateValue, Templates};
 pub use validate::{MAX_WORKFLOW_NAME, check_workflow_name};
 

@@ -4,7 +4,7 @@
 //! Nothing here refers back to the TOML: a [`Plan`] only exists once the file
 //! passed validation (see `validate`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,12 +31,34 @@ pub struct Plan {
     pub output: Option<TemplateValue>,
     /// Renders every [`TemplateValue`] of this plan.
     pub templates: Templates,
+    /// Each step's index by id.
+    pub(crate) index: Arc<HashMap<String, usize>>,
 }
 
 impl Plan {
     /// The step with this id.
     pub fn step(&self, id: &str) -> Option<&PlannedStep> {
         self.steps.iter().find(|step| step.id == id)
+    }
+
+    /// The steps whose results step `index`'s templates may read: the steps
+    /// it needs, and the steps those need, and so on. Validation makes every
+    /// step a template reads one of them; a step that is not stays unreadable
+    /// even when it happens to have finished, so a run never depends on timing.
+    pub fn readable_by(&self, index: usize) -> Readable {
+        let mut bits = vec![0u64; self.steps.len().div_ceil(64)];
+        let mut stack: Vec<usize> = self.steps[index].needs.clone();
+        while let Some(step) = stack.pop() {
+            let (word, bit) = (step / 64, 1u64 << (step % 64));
+            if bits[word] & bit == 0 {
+                bits[word] |= bit;
+                stack.extend_from_slice(&self.steps[step].needs);
+            }
+        }
+        Readable {
+            index: self.index.clone(),
+            bits: bits.into(),
+        }
     }
 
     /// Indices of the steps no other step needs, in plan order.
@@ -48,6 +70,27 @@ impl Plan {
             }
         }
         (0..self.steps.len()).filter(|&i| !needed[i]).collect()
+    }
+}
+
+/// The steps one step may read, from [`Plan::readable_by`]. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Readable {
+    index: Arc<HashMap<String, usize>>,
+    bits: Arc<[u64]>,
+}
+
+impl Readable {
+    /// Whether `id` is a step of the plan that this step may read.
+    pub fn allows(&self, id: &str) -> bool {
+        self.index
+            .get(id)
+            .is_some_and(|&i| self.bits[i / 64] & (1 << (i % 64)) != 0)
+    }
+
+    /// Whether `id` is a step of the plan that this step may not read.
+    pub fn forbids(&self, id: &str) -> bool {
+        self.index.contains_key(id) && !self.allows(id)
     }
 }
 

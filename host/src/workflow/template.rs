@@ -29,6 +29,8 @@ use minijinja::value::{DynObject, Enumerator, Object, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, context};
 use serde_json::Value as Json;
 
+use super::plan::Readable;
+
 /// The variable a single-expression template assigns its value to.
 const RESULT: &str = "__trellis_value";
 
@@ -206,6 +208,9 @@ pub struct Scope {
     input: Value,
     run: Value,
     steps: Arc<BTreeMap<String, Value>>,
+    /// For one step's templates: the steps they may read. `None`: all of them
+    /// (`[output]`, which is rendered once every step is done).
+    readable: Option<Readable>,
     item: Option<(Value, usize)>,
 }
 
@@ -216,6 +221,7 @@ impl Scope {
             input: Value::from_serialize(input),
             run: context! { id => run_id, workflow => workflow },
             steps: Arc::default(),
+            readable: None,
             item: None,
         }
     }
@@ -225,6 +231,16 @@ impl Scope {
     pub fn set_step(&mut self, id: &str, status: &str, output: &Json) {
         let step = context! { status => status, output => Value::from_serialize(output) };
         Arc::make_mut(&mut self.steps).insert(id.to_owned(), step);
+    }
+
+    /// This scope as one step sees it: only the steps in `readable` (those it
+    /// needs, directly or not), whatever else has finished by the time it
+    /// starts.
+    pub fn for_step(&self, readable: Readable) -> Scope {
+        Scope {
+            readable: Some(readable),
+            ..self.clone()
+        }
     }
 
     /// This scope with `item` and `index` for one instance of a `for_each` step.
@@ -239,7 +255,13 @@ impl Scope {
         match name {
             "input" => Some(self.input.clone()),
             "run" => Some(self.run.clone()),
-            "steps" => Some(Value::from_dyn_object(DynObject::new(self.steps.clone()))),
+            "steps" => Some(match &self.readable {
+                None => Value::from_dyn_object(DynObject::new(self.steps.clone())),
+                Some(readable) => Value::from_object(ReadableSteps {
+                    steps: self.steps.clone(),
+                    readable: readable.clone(),
+                }),
+            }),
             "item" => self.item.as_ref().map(|(item, _)| item.clone()),
             "index" => self.item.as_ref().map(|(_, index)| Value::from(*index)),
             _ => None,
@@ -267,6 +289,33 @@ impl Object for Scope {
             &SCOPE_NAMES[..3]
         };
         Enumerator::Str(names)
+    }
+}
+
+/// `steps` as one step's templates see it: the finished steps it may read.
+#[derive(Debug)]
+struct ReadableSteps {
+    steps: Arc<BTreeMap<String, Value>>,
+    readable: Readable,
+}
+
+impl Object for ReadableSteps {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let id = key.as_str()?;
+        if self.readable.allows(id) {
+            self.steps.get(id).cloned()
+        } else {
+            None
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        let ids = self
+            .steps
+            .keys()
+            .filter(|id| self.readable.allows(id))
+            .map(|id| Value::from(id.as_str()));
+        Enumerator::Values(ids.collect())
     }
 }
 
@@ -464,7 +513,15 @@ fn explain_undefined(paths: &[String], context: &Value) -> Option<String> {
                             if more { ", ..." } else { "" }
                         )
                     };
-                    if parent == "steps" {
+                    let forbidden = current
+                        .downcast_object_ref::<ReadableSteps>()
+                        .is_some_and(|steps| steps.readable.forbids(segment));
+                    if forbidden {
+                        format!(
+                            "`{full}` is undefined: this step does not wait for step \
+                             `{segment}`; add it to `needs`"
+                        )
+                    } else if parent == "steps" {
                         format!("`{full}` is undefined: no step `{segment}` has finished yet")
                     } else {
                         format!("`{full}` is undefined; `{parent}` has {keys}")

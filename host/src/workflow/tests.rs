@@ -596,6 +596,67 @@ fn output_refers_to_known_steps() {
 }
 
 #[test]
+fn a_step_reads_only_the_steps_it_waits_for() {
+    // c waits for b, b for a; d runs beside them all.
+    let plan = plan(
+        r#"
+[[step]]
+id = "a"
+plugin = "noop"
+[[step]]
+id = "b"
+plugin = "noop"
+input = "{{ steps.a.output }}"
+[[step]]
+id = "c"
+plugin = "noop"
+input = "{{ steps.b.output }}"
+[[step]]
+id = "d"
+plugin = "noop"
+"#,
+    );
+    let index = |id: &str| plan.steps.iter().position(|s| s.id == id).unwrap();
+    let readable = plan.readable_by(index("c"));
+    assert!(readable.allows("a") && readable.allows("b"));
+    assert!(!readable.allows("c") && !readable.allows("d") && !readable.allows("zz"));
+    assert!(readable.forbids("d") && !readable.forbids("zz"));
+
+    let mut scope = Scope::new("r", "w", &Json::Null);
+    for id in ["a", "b", "d"] {
+        scope.set_step(id, "succeeded", &json!(id));
+    }
+    let render = |text: &str, scope: &Scope| {
+        let mut builder = template::TemplatesBuilder::new();
+        let value = builder.compile(text, "input").unwrap().unwrap().value;
+        builder.finish().render(&value, scope)
+    };
+    let seen_by_c = scope.for_step(readable);
+    // d has finished, but c does not wait for it: whatever the timing, c does
+    // not see it, and is told why.
+    assert_eq!(
+        render("{{ steps | list }}", &seen_by_c).unwrap(),
+        json!(["a", "b"])
+    );
+    assert_eq!(
+        render("{{ steps.a.output ~ steps.b.output }}", &seen_by_c).unwrap(),
+        json!("ab")
+    );
+    assert_eq!(
+        render("{{ steps.d.output }}", &seen_by_c)
+            .unwrap_err()
+            .to_string(),
+        "input: `{{ steps.d.output }}`: `steps.d` is undefined: this step does not wait for \
+         step `d`; add it to `needs`"
+    );
+    // The run's scope, which `[output]` reads, has them all.
+    assert_eq!(
+        render("{{ steps | list }}", &scope).unwrap(),
+        json!(["a", "b", "d"])
+    );
+}
+
+#[test]
 fn if_and_for_each_types() {
     assert_eq!(
         errors("[[step]]\nid = \"a\"\nplugin = \"noop\"\nif = 1\nfor_each = { a = 1 }\n"),

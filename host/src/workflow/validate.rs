@@ -212,7 +212,7 @@ impl Validator<'_, '_> {
         for (planned, &index) in order.iter().enumerate() {
             position[index] = planned;
         }
-        let steps = order
+        let steps: Vec<PlannedStep> = order
             .iter()
             .filter_map(|&index| drafts[index].take())
             .map(|draft| {
@@ -240,7 +240,13 @@ impl Validator<'_, '_> {
             })
             .collect();
 
+        let index = steps
+            .iter()
+            .enumerate()
+            .map(|(i, step)| (step.id.clone(), i))
+            .collect();
         Some(Plan {
+            index: std::sync::Arc::new(index),
             name,
             description: file.description.clone(),
             file: file_name.to_owned(),
