@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
 use crate::engine::{CodeCache, Engine};
@@ -361,7 +362,24 @@ async fn run(
     config: &Config,
 ) -> Result<ExitCode> {
     let input = read_input(input)?;
-    let registry = Arc::new(load_registry(dirs, cache).await?);
+    // Ctrl-C cancels the run: running attempts stop at the next epoch tick and
+    // the record (status `cancelled`) is still printed. Listened for from the
+    // start, so one that comes while plugins load ends the command there.
+    let cancel = CancellationToken::new();
+    let on_ctrl_c = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("cancelling the run (Ctrl-C)");
+            on_ctrl_c.cancel();
+        }
+    });
+    let registry = tokio::select! {
+        registry = load_registry(dirs, cache) => Arc::new(registry?),
+        () = cancel.cancelled() => {
+            eprintln!("error: interrupted while loading plugins; the run did not start");
+            return Ok(ExitCode::from(130));
+        }
+    };
     let secrets = Secrets::new(config.secrets.clone());
     let catalog = WithSecrets {
         plugins: registry.as_ref(),
@@ -387,17 +405,9 @@ async fn run(
         .then(|| Arc::new(ProgressObserver::new(plan.steps.len())));
     let options = RunOptions {
         observer: progress.clone().map(|p| p as Arc<dyn RunObserver>),
+        cancel,
         ..RunOptions::default()
     };
-    // Ctrl-C cancels the run: running attempts stop at the next epoch tick and
-    // the record (status `cancelled`) is still printed.
-    let cancel = options.cancel.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("cancelling the run (Ctrl-C)");
-            cancel.cancel();
-        }
-    });
     let record = executor.run(plan, input, options).await;
     if let Some(progress) = progress {
         progress.bar.finish_and_clear();

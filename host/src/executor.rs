@@ -768,6 +768,7 @@ impl RunContext {
                 return (Err(cancelled_error()), attempts);
             };
             telemetry::steps_in_flight(1);
+            tracing::debug!(attempt, item = position, "attempt started");
             if let Some(observer) = &self.observer {
                 observer.step_started(&step.id, attempt, position);
             }

@@ -193,23 +193,30 @@ fn ctrl_c_cancels_the_run_and_still_prints_its_record() {
         "flow.toml",
         "[[step]]\nid = \"nap\"\nplugin = \"sleep\"\ninput = { ms = 30000 }\n\n[[step]]\nid = \"after\"\nplugin = \"noop\"\nneeds = [\"nap\"]\n",
     );
-    let child = trellis()
+    let mut child = trellis()
         .arg("run")
         .arg(&path)
         .args(["--plugin-dir", FIXTURE_PLUGINS, "--json"])
+        .env("TRELLIS_LOG", "trellis::executor=debug")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Give the process time to load its plugins and start the step.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Once the step has started (its debug line), however long loading took.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("attempt started") {
+        let read = std::io::BufRead::read_line(&mut stderr, &mut seen).unwrap();
+        assert!(read > 0, "the step never started: {seen}");
+    }
     let killed = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
+    std::io::Read::read_to_string(&mut stderr, &mut seen).unwrap();
     let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = seen;
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     let record: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(record["status"], "cancelled");
