@@ -719,7 +719,13 @@ impl TemplatesBuilder {
             .get_template(&name)
             .map(|template| template.undeclared_variables(true).into_iter().collect())
             .unwrap_or_default();
-        references.extend(step_references(text));
+        let written = written_paths(text);
+        references.extend(
+            written
+                .iter()
+                .filter(|path| path.starts_with("steps."))
+                .cloned(),
+        );
         let references: Vec<String> = references.into_iter().collect();
 
         let mut single = single_expression(text).is_some();
@@ -733,7 +739,7 @@ impl TemplatesBuilder {
             }
         }
 
-        let paths = references
+        let mut paths: Vec<String> = references
             .iter()
             .filter(|path| {
                 let root = path.split('.').next().unwrap_or_default();
@@ -741,6 +747,13 @@ impl TemplatesBuilder {
             })
             .cloned()
             .collect();
+        // Last, so what MiniJinja found (which knows the template's own
+        // variables) explains first; these cover what it misses.
+        for path in written {
+            if !paths.contains(&path) {
+                paths.push(path);
+            }
+        }
         let template = CompiledTemplate(Arc::new(TemplateInfo {
             name,
             field: field.to_owned(),
@@ -765,15 +778,18 @@ impl TemplatesBuilder {
     }
 }
 
-/// Every `steps.<id>...` path written in `text`, found by its tokens.
+/// Every path from a scope name (`steps.a.output.x`, `input.n`, `item`...)
+/// written in `text`, found by its tokens.
 ///
 /// MiniJinja's `undeclared_variables` does not look inside what a slice is
 /// taken of: for `{{ steps.a.output.digest[:12] }}` it reports nothing (2.24
-/// and 3.1 alike), and a step that reads another only that way would not wait
-/// for it. The tokens do not miss it. They do not see scopes either, so a
-/// template that names its own variable `steps` gets its paths checked too;
-/// `item` and the other names, which loops do bind, are left to MiniJinja.
-fn step_references(text: &str) -> Vec<String> {
+/// and 3.1 alike), so a step that read another only that way did not wait for
+/// it, and an undefined value there was reported without its path. The tokens
+/// do not miss it. They do not see scopes either (`{% for item in x %}` binds
+/// its own `item`), so they add only `steps.<id>` paths, which no template
+/// binds, to a step's references, and the others only to what explains an
+/// undefined value.
+fn written_paths(text: &str) -> Vec<String> {
     use minijinja::machinery::{Token, WhitespaceConfig, tokenize};
     // A unit struct unless some crate turns on `custom_syntax`; `default()`
     // builds either.
@@ -788,13 +804,12 @@ fn step_references(text: &str) -> Vec<String> {
     .collect();
     let mut paths = Vec::new();
     for (at, token) in tokens.iter().enumerate() {
-        // `steps` as a variable, not as the attribute in `x.steps`.
-        if !matches!(token, Token::Ident("steps"))
-            || (at > 0 && matches!(tokens[at - 1], Token::Dot))
-        {
+        // A scope name as a variable, not as the attribute in `x.steps`.
+        let Token::Ident(root) = token else { continue };
+        if !SCOPE_NAMES.contains(root) || (at > 0 && matches!(tokens[at - 1], Token::Dot)) {
             continue;
         }
-        let mut path = String::from("steps");
+        let mut path = (*root).to_owned();
         let mut next = at + 1;
         while let (Some(Token::Dot), Some(Token::Ident(name))) =
             (tokens.get(next), tokens.get(next + 1))
@@ -803,7 +818,7 @@ fn step_references(text: &str) -> Vec<String> {
             path.push_str(name);
             next += 2;
         }
-        if next > at + 1 {
+        if !paths.contains(&path) {
             paths.push(path);
         }
     }
@@ -998,6 +1013,12 @@ mod tests {
         assert!(
             error.to_string().contains("`input.nope` is undefined"),
             "{error}"
+        );
+        // Inside what a slice is taken of, which MiniJinja does not report.
+        let error = render_with("{{ input.user.nick[:3] }}", &scope).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "test: `{{ input.user.nick[:3] }}`: `input.user.nick` is undefined; `input.user` has keys: name"
         );
         let error = render_with("{{ item }}", &scope).unwrap_err();
         assert!(
