@@ -6,10 +6,14 @@
 //! at every epoch tick.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use futures::FutureExt;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -203,11 +207,14 @@ impl Executor {
                 failure.get_or_insert_with(|| step_failure(step_record));
             }
         }
+        // Steps run as tasks of their own, so the steps of a run that are
+        // ready together run in parallel. A step that is the only one running
+        // runs inside the run's task instead (a chain, mostly): handing it to
+        // another task, and its result back, cost each step two wake-ups
+        // across threads.
         let mut tasks = JoinSet::new();
-        let spawn = |tasks: &mut JoinSet<(usize, StepRecord)>,
-                     index: usize,
-                     scope: &Scope,
-                     record: &mut StepRecord| {
+        let mut inline: Option<StepFuture> = None;
+        let start = |index: usize, scope: &Scope, record: &mut StepRecord| -> StepFuture {
             record.status = StepStatus::Running;
             let run = run.clone();
             let scope = scope.for_step(run.plan.readable_by(index));
@@ -218,28 +225,58 @@ impl Executor {
                 step_id = %run.plan.steps[index].id,
                 plugin = %run.plugins[index].label(),
             );
-            tasks.spawn(
+            Box::pin(
                 async move { (index, run.run_step(index, scope, base).await) }.instrument(span),
-            );
+            )
         };
-        if failure.is_none() {
-            for (index, step_record) in record.steps.iter_mut().enumerate() {
-                if waiting[index] == 0 && !done[index] {
-                    spawn(&mut tasks, index, &scope, step_record);
+        let launch = |ready: Vec<usize>,
+                      scope: &Scope,
+                      steps: &mut [StepRecord],
+                      tasks: &mut JoinSet<(usize, StepRecord)>,
+                      inline: &mut Option<StepFuture>| {
+            let alone = ready.len() == 1 && tasks.is_empty() && inline.is_none();
+            for index in ready {
+                let step = start(index, scope, &mut steps[index]);
+                if alone {
+                    *inline = Some(step);
+                } else {
+                    tasks.spawn(step);
                 }
             }
+        };
+        if failure.is_none() {
+            let ready = (0..n).filter(|&i| waiting[i] == 0 && !done[i]).collect();
+            launch(ready, &scope, &mut record.steps, &mut tasks, &mut inline);
         }
 
-        while let Some(joined) = tasks.join_next().await {
-            let (index, step_record) = match joined {
+        loop {
+            let finished = match inline.take() {
+                Some(step) => {
+                    let finished = AssertUnwindSafe(step)
+                        .catch_unwind()
+                        .await
+                        .map_err(|panic| panic_message(panic.as_ref()));
+                    // A step that never waits (a noop, a store in memory) would
+                    // let a long chain hold its thread: count each step against
+                    // the task's budget, as `join_next` does, so tokio makes
+                    // the run yield now and then.
+                    tokio::task::consume_budget().await;
+                    finished
+                }
+                None => match tasks.join_next().await {
+                    None => break,
+                    Some(joined) => joined.map_err(|join_error| join_error.to_string()),
+                },
+            };
+            let (index, step_record) = match finished {
                 Ok(done) => done,
-                Err(join_error) => {
+                Err(reason) => {
                     // A bug in the host, not the guest: fail the run, keep serving.
-                    tracing::error!(error = %join_error, "step task failed");
+                    tracing::error!(error = %reason, "step task failed");
                     failure.get_or_insert(RunError {
                         step: None,
                         kind: ErrorKind::Trap,
-                        message: format!("internal error: {join_error}"),
+                        message: format!("internal error: {reason}"),
                     });
                     continue;
                 }
@@ -275,6 +312,7 @@ impl Executor {
                 let saved = store.save_step(&run.run_id, index, &record.steps[index], Commit::Soon);
                 detach(saved);
             }
+            let mut ready = Vec::new();
             for &dependent in &dependents[index] {
                 waiting[dependent] -= 1;
                 if waiting[dependent] == 0
@@ -282,9 +320,10 @@ impl Executor {
                     && failure.is_none()
                     && !options.cancel.is_cancelled()
                 {
-                    spawn(&mut tasks, dependent, &scope, &mut record.steps[dependent]);
+                    ready.push(dependent);
                 }
             }
+            launch(ready, &scope, &mut record.steps, &mut tasks, &mut inline);
         }
 
         // Steps that never started: say why.
@@ -857,6 +896,19 @@ impl RunContext {
     }
 }
 
+/// A step's run, boxed: spawned as a task of its own or awaited in the run's.
+type StepFuture = Pin<Box<dyn Future<Output = (usize, StepRecord)> + Send>>;
+
+/// What a panic in a step's run said, as a task's `JoinError` would.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message");
+    format!("step panicked: {message}")
+}
+
 /// Lets a queued write commit without waiting for it: the store logs it if
 /// it fails. (Waiting in a task of its own would cost a spawn and a wake-up
 /// per write on the writer's critical path.)
@@ -931,5 +983,27 @@ impl StepEvents for ForwardEvents {
     }
     fn progress(&self, progress: &Progress) {
         self.observer.step_progress(&self.step, progress);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_a_step_run_is_reported_with_its_message() {
+        let caught = |f: fn()| std::panic::catch_unwind(f).unwrap_err();
+        let literal = caught(|| panic!("index out of bounds"));
+        let formatted = caught(|| panic!("step {} failed", 3));
+        let other = caught(|| std::panic::panic_any(7_u8));
+        assert_eq!(
+            panic_message(literal.as_ref()),
+            "step panicked: index out of bounds"
+        );
+        assert_eq!(
+            panic_message(formatted.as_ref()),
+            "step panicked: step 3 failed"
+        );
+        assert_eq!(panic_message(other.as_ref()), "step panicked: no message");
     }
 }
