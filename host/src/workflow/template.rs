@@ -782,8 +782,9 @@ impl TemplatesBuilder {
 /// written in `text`, found by its tokens.
 ///
 /// MiniJinja's `undeclared_variables` does not look inside what a slice is
-/// taken of: for `{{ steps.a.output.digest[:12] }}` it reports nothing (2.24
-/// and 3.1 alike), so a step that read another only that way did not wait for
+/// taken of, nor at the arguments of a `{% filter %}` block: for
+/// `{{ steps.a.output.digest[:12] }}` it reports nothing (2.24 and 3.1
+/// alike), so a step that read another only that way did not wait for
 /// it, and an undefined value there was reported without its path. The tokens
 /// do not miss it. They do not see scopes either (`{% for item in x %}` binds
 /// its own `item`), so they add only `steps.<id>` paths, which no template
@@ -1150,14 +1151,17 @@ mod tests {
         assert!(!builder.is_global("input"));
     }
 
+    /// Paths MiniJinja does not report: the base of a slice, the arguments of
+    /// a `{% filter %}` block.
     #[test]
-    fn references_inside_a_slice_are_reported() {
+    fn references_minijinja_misses_are_reported() {
         let mut builder = TemplatesBuilder::new();
         let compiled = builder
             .compile(
                 "{{ steps.batch.output.digest[:12] }}-{{ (steps.a.output ~ 'x')[1:] }}\
                  {{ x.steps.b }}{% raw %}{{ steps.c.output[:1] }}{% endraw %}\
-                 {{ 'steps.d.output'[:2] }}{{ f(steps=1) }}",
+                 {{ 'steps.d.output'[:2] }}{{ f(steps=1) }}\
+                 {% filter replace('a', steps.e.output) %}a{% endfilter %}",
                 "f",
             )
             .unwrap()
@@ -1168,6 +1172,7 @@ mod tests {
                 "f",
                 "steps.a.output",
                 "steps.batch.output.digest",
+                "steps.e.output",
                 "x.steps.b"
             ]
         );
