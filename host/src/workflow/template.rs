@@ -648,6 +648,17 @@ fn new_environment() -> Environment<'static> {
     env.set_auto_escape_callback(|_| AutoEscape::None);
     // A multi-line string keeps its last newline.
     env.set_keep_trailing_newline(true);
+    // MiniJinja's `format` pads to whatever width is written:
+    // `'%09999999999d' | format(1)` asks for gigabytes and aborts the process.
+    env.add_filter(
+        "format",
+        |state: &minijinja::State, format: &Value, args: minijinja::value::Rest<Value>| {
+            if let Some(text) = format.as_str() {
+                check_format_widths(text)?;
+            }
+            minijinja::filters::format(state, format, args)
+        },
+    );
     env.set_formatter(|out, state, value| match value.kind() {
         // Output is a `fmt::Write`.
         ValueKind::Bool | ValueKind::None | ValueKind::Seq | ValueKind::Map => {
@@ -660,6 +671,56 @@ fn new_environment() -> Environment<'static> {
         _ => minijinja::escape_formatter(out, state, value),
     });
     env
+}
+
+/// The largest width or precision a `format` string may ask for.
+pub(crate) const MAX_FORMAT_WIDTH: usize = 10_000;
+
+/// Refuses a printf-style `format` string (`%-8s`, `%(name)05.2f`) whose
+/// width or precision is over [`MAX_FORMAT_WIDTH`].
+fn check_format_widths(text: &str) -> Result<(), minijinja::Error> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            i += 1;
+            continue;
+        }
+        i += 1;
+        if bytes.get(i) == Some(&b'%') {
+            i += 1;
+            continue;
+        }
+        if bytes.get(i) == Some(&b'(') {
+            while i < bytes.len() && bytes[i] != b')' {
+                i += 1;
+            }
+            i += 1;
+        }
+        while matches!(bytes.get(i), Some(b'#' | b'0' | b'-' | b' ' | b'+')) {
+            i += 1;
+        }
+        for part in ["width", "precision"] {
+            if part == "precision" {
+                if bytes.get(i) != Some(&b'.') {
+                    break;
+                }
+                i += 1;
+            }
+            let start = i;
+            while bytes.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            let digits = &text[start..i];
+            if !digits.is_empty() && digits.parse().map_or(true, |n: usize| n > MAX_FORMAT_WIDTH) {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("format: a {part} of {digits} is over the limit of {MAX_FORMAT_WIDTH}"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Compiles the templates of one workflow into the [`Templates`] of its plan.
@@ -1026,6 +1087,42 @@ mod tests {
             error
                 .to_string()
                 .contains("only inside a step with `for_each`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn format_widths_are_bounded() {
+        let scope = scope();
+        assert_eq!(
+            render_with(
+                "{{ '%05d|%-4s|%.2f|100%%' | format(42, 'ab', 3.14159) }}",
+                &scope
+            )
+            .unwrap(),
+            json!("00042|ab  |3.14|100%")
+        );
+        // Found by `fuzz/fuzz_targets/template.rs`: an exabyte of padding
+        // aborted the process (fuzz/regressions/template/).
+        let error =
+            render_with("{{ '%s-%07766279631452241918d' | format('a', 1) }}", &scope).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("format: a width of 7766279631452241918 is over the limit of 10000"),
+            "{error}"
+        );
+        let error = render_with("{{ '%.999999999f' | format(1.5) }}", &scope).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("format: a precision of 999999999 is over the limit of 10000"),
+            "{error}"
+        );
+        assert!(render_with("{{ '%10000s' | format('x') }}", &scope).is_ok());
+        let error = render_with("{{ '%(n)020000d' | format({'n': 1}) }}", &scope).unwrap_err();
+        assert!(
+            error.to_string().contains("a width of 20000 is over"),
             "{error}"
         );
     }
