@@ -659,6 +659,22 @@ fn new_environment() -> Environment<'static> {
             minijinja::filters::format(state, format, args)
         },
     );
+    // These take a size and allocate it before looking at their input:
+    // `[1] | batch(10**18)` or `'a' | indent(10**18)` would abort the process.
+    for (name, filter) in [
+        ("slice", Value::from_function(minijinja::filters::slice)),
+        ("batch", Value::from_function(minijinja::filters::batch)),
+        ("indent", Value::from_function(minijinja::filters::indent)),
+        ("tojson", Value::from_function(minijinja::filters::tojson)),
+    ] {
+        env.add_filter(
+            name,
+            move |state: &minijinja::State, args: minijinja::value::Rest<Value>| {
+                check_sizes(name, &args)?;
+                filter.call(state, &args)
+            },
+        );
+    }
     env.set_formatter(|out, state, value| match value.kind() {
         // Output is a `fmt::Write`.
         ValueKind::Bool | ValueKind::None | ValueKind::Seq | ValueKind::Map => {
@@ -673,8 +689,37 @@ fn new_environment() -> Environment<'static> {
     env
 }
 
-/// The largest width or precision a `format` string may ask for.
+/// The largest width or precision a `format` string may ask for, and the
+/// largest size `slice`, `batch`, `indent` and `tojson` take.
 pub(crate) const MAX_FORMAT_WIDTH: usize = 10_000;
+
+/// Refuses a call of filter `name` whose arguments after the first (the
+/// value filtered), keyword arguments included, hold a number over
+/// [`MAX_FORMAT_WIDTH`].
+fn check_sizes(name: &str, args: &[Value]) -> Result<(), minijinja::Error> {
+    let too_big = |value: &Value| {
+        value.kind() == ValueKind::Number
+            && value.as_i64().is_none_or(|n| n > MAX_FORMAT_WIDTH as i64)
+    };
+    for arg in args.iter().skip(1) {
+        let over = if arg.is_kwargs() {
+            arg.try_iter()
+                .into_iter()
+                .flatten()
+                .filter_map(|key| arg.get_item(&key).ok())
+                .find(too_big)
+        } else {
+            Some(arg.clone()).filter(too_big)
+        };
+        if let Some(over) = over {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("{name}: {over} is over the limit of {MAX_FORMAT_WIDTH}"),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// Refuses a printf-style `format` string (`%-8s`, `%(name)05.2f`) whose
 /// width or precision is over [`MAX_FORMAT_WIDTH`].
@@ -1092,7 +1137,7 @@ mod tests {
     }
 
     #[test]
-    fn format_widths_are_bounded() {
+    fn sizes_given_to_filters_are_bounded() {
         let scope = scope();
         assert_eq!(
             render_with(
@@ -1120,6 +1165,37 @@ mod tests {
             "{error}"
         );
         assert!(render_with("{{ '%10000s' | format('x') }}", &scope).is_ok());
+        for (template, message) in [
+            (
+                "{{ [1, 2] | batch(10**18) }}",
+                "batch: 1000000000000000000 is over",
+            ),
+            ("{{ [1, 2] | slice(20000) }}", "slice: 20000 is over"),
+            (
+                "{{ 'a\nb' | indent(99999999999) }}",
+                "indent: 99999999999 is over",
+            ),
+            (
+                "{{ 'a\nb' | indent(width=10**12) }}",
+                "indent: 1000000000000 is over",
+            ),
+            (
+                "{{ [1] | tojson(indent=10**15) }}",
+                "tojson: 1000000000000000 is over",
+            ),
+        ] {
+            let error = render_with(template, &scope).unwrap_err();
+            assert!(error.to_string().contains(message), "{template}: {error}");
+        }
+        assert_eq!(
+            render_with(
+                "{{ [1, 2, 3] | batch(2) | list }} {{ [1, 2, 3] | slice(2) | list }} \
+                 {{ 'a\nb' | indent(2) }} {{ [1] | tojson(indent=1) }}",
+                &scope
+            )
+            .unwrap(),
+            json!("[[1,2],[3]] [[1,2],[3]] a\n  b [\n 1\n]")
+        );
         let error = render_with("{{ '%(n)020000d' | format({'n': 1}) }}", &scope).unwrap_err();
         assert!(
             error.to_string().contains("a width of 20000 is over"),
