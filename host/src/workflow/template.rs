@@ -737,10 +737,11 @@ fn check_format_widths(text: &str) -> Result<(), minijinja::Error> {
             continue;
         }
         if bytes.get(i) == Some(&b'(') {
-            while i < bytes.len() && bytes[i] != b')' {
-                i += 1;
+            match bytes[i..].iter().position(|&b| b == b')') {
+                Some(close) => i += close + 1,
+                // Unclosed: MiniJinja refuses the string itself.
+                None => return Ok(()),
             }
-            i += 1;
         }
         while matches!(bytes.get(i), Some(b'#' | b'0' | b'-' | b' ' | b'+')) {
             i += 1;
@@ -1196,6 +1197,9 @@ mod tests {
             .unwrap(),
             json!("[[1,2],[3]] [[1,2],[3]] a\n  b [\n 1\n]")
         );
+        // Found by the fuzzer in the check itself: an unclosed `%(`.
+        let error = render_with("{{ '* 1000000%(s-%d' | format('a', 3) }}", &scope).unwrap_err();
+        assert!(matches!(error, TemplateError::Failed { .. }), "{error}");
         let error = render_with("{{ '%(n)020000d' | format({'n': 1}) }}", &scope).unwrap_err();
         assert!(
             error.to_string().contains("a width of 20000 is over"),
