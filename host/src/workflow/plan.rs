@@ -38,7 +38,7 @@ pub struct Plan {
 impl Plan {
     /// The step with this id.
     pub fn step(&self, id: &str) -> Option<&PlannedStep> {
-        self.steps.iter().find(|step| step.id == id)
+        self.index.get(id).map(|&index| &self.steps[index])
     }
 
     /// The steps whose results step `index`'s templates may read: the steps

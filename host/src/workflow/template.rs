@@ -648,29 +648,42 @@ fn new_environment() -> Environment<'static> {
     env.set_auto_escape_callback(|_| AutoEscape::None);
     // A multi-line string keeps its last newline.
     env.set_keep_trailing_newline(true);
-    // MiniJinja's `format` pads to whatever width is written:
-    // `'%09999999999d' | format(1)` asks for gigabytes and aborts the process.
-    env.add_filter(
-        "format",
-        |state: &minijinja::State, format: &Value, args: minijinja::value::Rest<Value>| {
-            if let Some(text) = format.as_str() {
-                check_format_widths(text)?;
-            }
-            minijinja::filters::format(state, format, args)
-        },
-    );
-    // These take a size and allocate it before looking at their input:
-    // `[1] | batch(10**18)` or `'a' | indent(10**18)` would abort the process.
-    for (name, filter) in [
-        ("slice", Value::from_function(minijinja::filters::slice)),
-        ("batch", Value::from_function(minijinja::filters::batch)),
-        ("indent", Value::from_function(minijinja::filters::indent)),
-        ("tojson", Value::from_function(minijinja::filters::tojson)),
-    ] {
+    // These allocate a size they are given before looking at their input:
+    // `'%09999999999d' | format(1)`, `[1] | batch(10**18)` or
+    // `'a' | indent(10**18)` would abort the process.
+    type Check = fn(&str, &[Value]) -> Result<(), minijinja::Error>;
+    let capped: [(&str, Value, Check); 5] = [
+        (
+            "format",
+            Value::from_function(minijinja::filters::format),
+            check_format_widths,
+        ),
+        (
+            "slice",
+            Value::from_function(minijinja::filters::slice),
+            check_sizes,
+        ),
+        (
+            "batch",
+            Value::from_function(minijinja::filters::batch),
+            check_sizes,
+        ),
+        (
+            "indent",
+            Value::from_function(minijinja::filters::indent),
+            check_sizes,
+        ),
+        (
+            "tojson",
+            Value::from_function(minijinja::filters::tojson),
+            check_sizes,
+        ),
+    ];
+    for (name, filter, check) in capped {
         env.add_filter(
             name,
             move |state: &minijinja::State, args: minijinja::value::Rest<Value>| {
-                check_sizes(name, &args)?;
+                check(name, &args)?;
                 filter.call(state, &args)
             },
         );
@@ -691,15 +704,15 @@ fn new_environment() -> Environment<'static> {
 
 /// The largest width or precision a `format` string may ask for, and the
 /// largest size `slice`, `batch`, `indent` and `tojson` take.
-pub(crate) const MAX_FORMAT_WIDTH: usize = 10_000;
+const MAX_FILTER_SIZE: usize = 10_000;
 
 /// Refuses a call of filter `name` whose arguments after the first (the
 /// value filtered), keyword arguments included, hold a number over
-/// [`MAX_FORMAT_WIDTH`].
+/// [`MAX_FILTER_SIZE`].
 fn check_sizes(name: &str, args: &[Value]) -> Result<(), minijinja::Error> {
     let too_big = |value: &Value| {
         value.kind() == ValueKind::Number
-            && value.as_i64().is_none_or(|n| n > MAX_FORMAT_WIDTH as i64)
+            && value.as_i64().is_none_or(|n| n > MAX_FILTER_SIZE as i64)
     };
     for arg in args.iter().skip(1) {
         let over = if arg.is_kwargs() {
@@ -714,16 +727,19 @@ fn check_sizes(name: &str, args: &[Value]) -> Result<(), minijinja::Error> {
         if let Some(over) = over {
             return Err(minijinja::Error::new(
                 ErrorKind::InvalidOperation,
-                format!("{name}: {over} is over the limit of {MAX_FORMAT_WIDTH}"),
+                format!("{name}: {over} is over the limit of {MAX_FILTER_SIZE}"),
             ));
         }
     }
     Ok(())
 }
 
-/// Refuses a printf-style `format` string (`%-8s`, `%(name)05.2f`) whose
-/// width or precision is over [`MAX_FORMAT_WIDTH`].
-fn check_format_widths(text: &str) -> Result<(), minijinja::Error> {
+/// Refuses a printf-style `format` string (`%-8s`, `%(name)05.2f`), the
+/// value filtered, whose width or precision is over [`MAX_FILTER_SIZE`].
+fn check_format_widths(_name: &str, args: &[Value]) -> Result<(), minijinja::Error> {
+    let Some(text) = args.first().and_then(Value::as_str) else {
+        return Ok(());
+    };
     let bytes = text.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
@@ -758,10 +774,10 @@ fn check_format_widths(text: &str) -> Result<(), minijinja::Error> {
                 i += 1;
             }
             let digits = &text[start..i];
-            if !digits.is_empty() && digits.parse().map_or(true, |n: usize| n > MAX_FORMAT_WIDTH) {
+            if !digits.is_empty() && digits.parse().map_or(true, |n: usize| n > MAX_FILTER_SIZE) {
                 return Err(minijinja::Error::new(
                     ErrorKind::InvalidOperation,
-                    format!("format: a {part} of {digits} is over the limit of {MAX_FORMAT_WIDTH}"),
+                    format!("format: a {part} of {digits} is over the limit of {MAX_FILTER_SIZE}"),
                 ));
             }
         }
