@@ -29,7 +29,7 @@ use crate::record::{
 use crate::secrets::{Granted, Secrets};
 use crate::store::{Commit, ItemOutcome, ItemRecord, Queued, Store, StoredItems};
 use crate::telemetry;
-use crate::workflow::{OnFailure, Plan, Scope};
+use crate::workflow::{OnFailure, Plan, Scope, TemplateError};
 
 /// Live notifications from a run, for progress bars and event streams.
 pub trait RunObserver: Send + Sync {
@@ -367,11 +367,11 @@ impl Executor {
                     record.output = output;
                     RunStatus::Succeeded
                 }
-                Err(message) => {
+                Err(error) => {
                     record.error = Some(RunError {
                         step: None,
-                        kind: ErrorKind::Template,
-                        message,
+                        kind: template_error_kind(&error),
+                        message: error.to_string(),
                     });
                     RunStatus::Failed
                 }
@@ -413,12 +413,14 @@ impl Executor {
     }
 
     /// `[output]`, or `{ sink id: output }` for the steps no other step needs.
-    fn output(&self, plan: &Plan, scope: &Scope, record: &RunRecord) -> Result<Value, String> {
+    fn output(
+        &self,
+        plan: &Plan,
+        scope: &Scope,
+        record: &RunRecord,
+    ) -> Result<Value, TemplateError> {
         if let Some(output) = &plan.output {
-            return plan
-                .templates
-                .render(output, scope)
-                .map_err(|e| e.to_string());
+            return plan.templates.render(output, scope);
         }
         let mut needed = vec![false; plan.steps.len()];
         for step in &plan.steps {
@@ -566,7 +568,7 @@ impl RunContext {
                     record.duration_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
                     return record;
                 }
-                Err(err) => return fail(record, template_error(err.to_string())),
+                Err(err) => return fail(record, template_error(&err)),
             }
         }
 
@@ -588,7 +590,7 @@ impl RunContext {
             Some(for_each) => {
                 let items = match templates.render_list(for_each, &scope) {
                     Ok(items) => items,
-                    Err(err) => return fail(record, template_error(err.to_string())),
+                    Err(err) => return fail(record, template_error(&err)),
                 };
                 record.items = Some(items.len());
                 if let Some(observer) = &self.observer {
@@ -763,7 +765,7 @@ impl RunContext {
         let templates = &self.plan.templates;
         let input = match templates.render(&step.input, &scope) {
             Ok(input) => input,
-            Err(err) => return (Err(template_error(err.to_string())), Vec::new()),
+            Err(err) => return (Err(template_error(&err)), Vec::new()),
         };
         let input = serde_json::to_string(&input).expect("a JSON value serialises");
         let mut config = BTreeMap::new();
@@ -771,7 +773,7 @@ impl RunContext {
             match templates.render(value, &scope) {
                 Ok(Value::String(text)) => config.insert(key.clone(), text),
                 Ok(other) => config.insert(key.clone(), other.to_string()),
-                Err(err) => return (Err(template_error(err.to_string())), Vec::new()),
+                Err(err) => return (Err(template_error(&err)), Vec::new()),
             };
         }
         let limits = step.limits.apply(self.executor.inner.defaults);
@@ -944,10 +946,19 @@ fn attempt_record(
     (outcome.result, record)
 }
 
-fn template_error(message: String) -> ErrorRecord {
+/// `template_limit` for a template over a bound on time or memory, else
+/// `template`.
+fn template_error_kind(error: &TemplateError) -> ErrorKind {
+    match error {
+        TemplateError::Limit { .. } => ErrorKind::TemplateLimit,
+        _ => ErrorKind::Template,
+    }
+}
+
+fn template_error(error: &TemplateError) -> ErrorRecord {
     ErrorRecord {
-        kind: ErrorKind::Template,
-        message,
+        kind: template_error_kind(error),
+        message: error.to_string(),
         retryable: false,
         details: None,
     }

@@ -107,6 +107,9 @@ pub enum ErrorKind {
     LogFlood,
     /// A template of the step (`input`, `config`, `if`, `for_each`) or of `[output]` failed.
     Template,
+    /// A template went over a bound on the time or memory one evaluation may
+    /// take (its message names the bound).
+    TemplateLimit,
     /// The plugin could not be instantiated or is not loaded.
     Plugin,
     /// A secret the step names could not be read (not configured, its
@@ -136,6 +139,7 @@ impl ErrorKind {
             ErrorKind::InvalidOutput => "output is not valid JSON",
             ErrorKind::LogFlood => "log flood",
             ErrorKind::Template => "template error",
+            ErrorKind::TemplateLimit => "template over its limit",
             ErrorKind::Plugin => "plugin unavailable",
             ErrorKind::Secret => "secret unavailable",
             ErrorKind::Cancelled => "cancelled",

@@ -141,3 +141,116 @@ input = { counter = "visits" }
     assert!(attempt["fuel_consumed"].as_u64().unwrap() > 0);
     assert!(attempt["peak_memory"].as_u64().unwrap() >= 65536);
 }
+
+/// The fuzzer's hang: a lazy list of 10^17 empty lists, which printing walked
+/// one by one without spending fuel.
+const HANG: &str = "{{ 677729 * [] * input.big * 77 * 81 }}";
+
+/// A template whose value doubles per instruction (it grew `trellis run`
+/// past 8 GiB in 40 seconds).
+const DOUBLING: &str = "{% set ns = namespace(l=[input.big]) %}{% for i in range(200) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l }}";
+
+#[test]
+fn a_template_over_its_bounds_fails_the_step_and_the_run_with_template_limit() {
+    let sandbox = Sandbox::new();
+    let (outcome, record) = sandbox.run_json(
+        &format!(
+            r#"
+[[step]]
+id = "echo"
+plugin = "noop"
+input = {{ x = "{HANG}" }}
+"#
+        ),
+        Some(r#"{"big": 81511111729}"#),
+    );
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    let echo = step(&record, "echo");
+    assert_eq!(echo["error"]["kind"], "template_limit", "{echo:#}");
+    assert!(
+        echo["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the bound on one value (64 MiB)"),
+        "{echo:#}"
+    );
+
+    let (outcome, record) = sandbox.run_json(
+        &format!(
+            r#"
+[[step]]
+id = "echo"
+plugin = "noop"
+input = {{ x = 1 }}
+
+[output]
+all = "{DOUBLING}"
+"#
+        ),
+        Some(r#"{"big": 1}"#),
+    );
+    assert_eq!(outcome.code, 1, "{}", outcome.stderr);
+    assert_eq!(record["status"], "failed");
+    assert_eq!(record["error"]["kind"], "template_limit", "{record:#}");
+}
+
+#[test]
+fn validate_refuses_a_constant_template_over_its_bounds_at_its_place() {
+    let sandbox = Sandbox::new();
+    let path = sandbox.write(
+        "flow.toml",
+        r#"[[step]]
+id = "echo"
+plugin = "noop"
+input = { x = "{{ 677729 * [] * 81511111729 * 77 * 81 }}" }
+"#,
+    );
+    let outcome = exec(&[
+        "validate",
+        path.to_str().unwrap(),
+        "--plugin-dir",
+        EXAMPLE_PLUGINS,
+        "--plugin-dir",
+        FIXTURE_PLUGINS,
+    ]);
+    assert_eq!(outcome.code, 2, "{}", outcome.stderr);
+    let prefix = format!("{}:4:19: template_limit: ", path.display());
+    assert!(
+        outcome
+            .stderr
+            .lines()
+            .any(|line| line.starts_with(&prefix) && line.contains("the bound on one value")),
+        "no `{prefix}` in:\n{}",
+        outcome.stderr
+    );
+}
+
+#[test]
+fn serve_keeps_serving_while_templates_go_over_their_bounds() {
+    let workflow = format!(
+        r#"
+[[step]]
+id = "echo"
+plugin = "noop"
+input = {{ x = "{{{{ input.big }}}}" }}
+
+[output]
+hang = "{HANG}"
+"#
+    );
+    let server = Serve::new().workflow("hostile.toml", &workflow).start();
+    let ids: Vec<String> = (0..4)
+        .map(|_| {
+            let reply = server.post("/v1/workflows/hostile/runs", r#"{"big": 81511111729}"#);
+            assert_eq!(reply.status, 202, "{}", reply.body);
+            reply.json()["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(server.get("/healthz").status, 200);
+    for id in ids {
+        let run = server.wait_for_run(&id);
+        assert_eq!(run["status"], "failed", "{run:#}");
+        assert_eq!(run["error"]["kind"], "template_limit", "{run:#}");
+        assert_eq!(server.get("/healthz").status, 200);
+    }
+}

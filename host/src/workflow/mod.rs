@@ -36,6 +36,7 @@
 //! assert_eq!(input, serde_json::json!({ "text": "ada!" }));
 //! ```
 
+mod bounds;
 mod diagnostic;
 mod plan;
 pub mod schema;
@@ -49,6 +50,7 @@ mod ui_tests;
 
 use std::path::Path;
 
+pub use bounds::Bound;
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use plan::{
     Backoff, InputSchema, OnFailure, Plan, PlannedStep, Readable, RetryPolicy, SchemaViolation,

@@ -29,6 +29,7 @@ use minijinja::value::{DynObject, Enumerator, Object, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, context};
 use serde_json::Value as Json;
 
+use super::bounds::{self, Bound};
 use super::plan::Readable;
 
 /// The variable a single-expression template assigns its value to.
@@ -192,6 +193,15 @@ pub enum TemplateError {
         field: String,
         template: String,
         reason: String,
+    },
+    /// Evaluation went over one of the bounds on time and memory that every
+    /// template evaluation has (kind `template_limit`; see [`super::bounds`]).
+    #[error("{field}: `{template}`: {reason}")]
+    Limit {
+        field: String,
+        template: String,
+        reason: String,
+        bound: Bound,
     },
     /// `for_each` rendered to something other than a list.
     #[error("{field}: `{template}` must give a list, but gave {got}")]
@@ -386,17 +396,18 @@ impl Templates {
         template: &CompiledTemplate,
         context: &Value,
     ) -> Result<Value, TemplateError> {
-        let compiled = self
-            .env
-            .get_template(&template.0.name)
-            .map_err(|error| self.render_error(template, context, error))?;
-        let captured = compiled
-            .render_captured(context)
-            .map_err(|error| self.render_error(template, context, error))?;
-        let value = captured.state().lookup(RESULT).unwrap_or_default();
+        let mut ignored = String::new();
+        let value = self
+            .run(template, context, &mut ignored)
+            .map_err(|(error, bound)| self.render_error(template, context, error, bound))?;
         if value.is_undefined() {
             return Err(self.undefined(template, context));
         }
+        // What is turned into JSON is weighed first: it may be a lazy value.
+        let (weighed, bound) = bounds::evaluate(|| {
+            bounds::weigh(&value, bounds::MAX_VALUE, "the value of the template")
+        });
+        weighed.map_err(|error| self.limit(template, &error, bound.unwrap_or(Bound::Value)))?;
         Ok(value)
     }
 
@@ -405,10 +416,19 @@ impl Templates {
         template: &CompiledTemplate,
         context: &Value,
     ) -> Result<String, TemplateError> {
-        self.env
-            .get_template(&template.0.name)
-            .and_then(|compiled| compiled.render(context))
-            .map_err(|error| self.render_error(template, context, error))
+        let mut text = String::new();
+        self.run(template, context, &mut text)
+            .map_err(|(error, bound)| self.render_error(template, context, error, bound))?;
+        Ok(text)
+    }
+
+    fn run(
+        &self,
+        template: &CompiledTemplate,
+        context: &Value,
+        text: &mut String,
+    ) -> Result<Value, (minijinja::Error, Option<Bound>)> {
+        run_template(&self.env, &template.0.name, context, text)
     }
 
     fn render_error(
@@ -416,7 +436,11 @@ impl Templates {
         template: &CompiledTemplate,
         context: &Value,
         error: minijinja::Error,
+        bound: Option<Bound>,
     ) -> TemplateError {
+        if let Some(bound) = bound {
+            return self.limit(template, &error, bound);
+        }
         // `{{ input.x + 1 }}` with `x` missing fails as an invalid operation
         // on undefined, not as an undefined error: explain both the same way.
         let undefined_involved = error.kind() == ErrorKind::UndefinedError
@@ -449,6 +473,27 @@ impl Templates {
         }
     }
 
+    fn limit(
+        &self,
+        template: &CompiledTemplate,
+        error: &minijinja::Error,
+        bound: Bound,
+    ) -> TemplateError {
+        // MiniJinja's own errors (fuel, a range) do not name the bound.
+        let named = bound.to_string();
+        let detail = match error.detail() {
+            Some(detail) if detail.contains(&named) => detail.to_owned(),
+            Some(detail) => format!("{detail}: over {named}"),
+            None => format!("over {named}"),
+        };
+        TemplateError::Limit {
+            field: template.field().to_owned(),
+            template: template.source().to_owned(),
+            reason: format!("template_limit: {detail}"),
+            bound,
+        }
+    }
+
     fn conversion_error(
         &self,
         template: &CompiledTemplate,
@@ -473,6 +518,59 @@ impl Templates {
                 .unwrap_or_else(|| "a value it reads is undefined".to_owned()),
         }
     }
+}
+
+/// Runs template `name` of `env` within the bounds of one evaluation (see
+/// [`super::bounds`]): what it prints goes to `text`; the value of a
+/// single-expression template is returned. On an error, the bound it went
+/// over, if that is why.
+fn run_template(
+    env: &Environment<'static>,
+    name: &str,
+    context: &Value,
+    text: &mut String,
+) -> Result<Value, (minijinja::Error, Option<Bound>)> {
+    use minijinja::machinery::{Vm, get_compiled_template, make_string_output};
+    let compiled = env.get_template(name).map_err(|error| (error, None))?;
+    let rewritten = bounds::rewrite(&get_compiled_template(&compiled).instructions);
+    let blocks = bounds::no_blocks();
+    let (result, bound) = bounds::evaluate(|| {
+        let mut out = make_string_output(text);
+        Vm::new(env)
+            .eval(
+                &rewritten,
+                context.clone(),
+                &blocks,
+                &mut out,
+                AutoEscape::None,
+            )
+            .map(|(_, state)| state.lookup(RESULT).unwrap_or_default())
+    });
+    result.map_err(|error| {
+        let bound = bound.or_else(|| bounds::bound_of(&error));
+        (error, bound)
+    })
+}
+
+/// The range of the first name in `text` that starts with
+/// [`bounds::RESERVED_PREFIX`], which a template could otherwise use to
+/// replace an operator.
+fn reserved_name(text: &str) -> Option<Range<usize>> {
+    use minijinja::machinery::{Token, WhitespaceConfig, tokenize};
+    #[allow(clippy::default_constructed_unit_structs)]
+    tokenize(
+        text,
+        false,
+        minijinja::syntax::SyntaxConfig::default(),
+        WhitespaceConfig::default(),
+    )
+    .map_while(Result::ok)
+    .find_map(|(token, span)| match token {
+        Token::Ident(name) if name.starts_with(bounds::RESERVED_PREFIX) => {
+            Some(span.start_offset as usize..span.end_offset as usize)
+        }
+        _ => None,
+    })
 }
 
 /// Says which of `paths` (dotted, as the template reads them) is undefined in
@@ -633,156 +731,44 @@ fn describe_json(value: &Json) -> String {
     format!("{kind} {text}")
 }
 
-/// Instructions one template evaluation may run: plenty for data shaping.
-const TEMPLATE_FUEL: u64 = 5_000_000;
-
 fn new_environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
-    // Templates run on the executor's threads, outside any sandbox: bound the
-    // work one evaluation may do (a nested loop over `range(100000)` would
-    // otherwise hold a worker for minutes).
-    env.set_fuel(Some(TEMPLATE_FUEL));
     // Ranges of errors, so a syntax error points at its column.
     env.set_debug(true);
     env.set_auto_escape_callback(|_| AutoEscape::None);
     // A multi-line string keeps its last newline.
     env.set_keep_trailing_newline(true);
-    // These allocate a size they are given before looking at their input:
-    // `'%09999999999d' | format(1)`, `[1] | batch(10**18)` or
-    // `'a' | indent(10**18)` would abort the process.
-    type Check = fn(&str, &[Value]) -> Result<(), minijinja::Error>;
-    let capped: [(&str, Value, Check); 5] = [
-        (
-            "format",
-            Value::from_function(minijinja::filters::format),
-            check_format_widths,
-        ),
-        (
-            "slice",
-            Value::from_function(minijinja::filters::slice),
-            check_sizes,
-        ),
-        (
-            "batch",
-            Value::from_function(minijinja::filters::batch),
-            check_sizes,
-        ),
-        (
-            "indent",
-            Value::from_function(minijinja::filters::indent),
-            check_sizes,
-        ),
-        (
-            "tojson",
-            Value::from_function(minijinja::filters::tojson),
-            check_sizes,
-        ),
-    ];
-    for (name, filter, check) in capped {
-        env.add_filter(
-            name,
-            move |state: &minijinja::State, args: minijinja::value::Rest<Value>| {
-                check(name, &args)?;
-                filter.call(state, &args)
-            },
-        );
-    }
-    env.set_formatter(|out, state, value| match value.kind() {
-        // Output is a `fmt::Write`.
-        ValueKind::Bool | ValueKind::None | ValueKind::Seq | ValueKind::Map => {
-            match to_json(value) {
-                Ok(json) => std::fmt::Write::write_fmt(out, format_args!("{json}"))
-                    .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "cannot write")),
-                Err(_) => minijinja::escape_formatter(out, state, value),
+    // Templates run on the executor's threads, outside any sandbox: every
+    // evaluation is bounded in time and memory (fuel, and every filter, test
+    // and function weighing what it is given).
+    bounds::install(&mut env);
+    env.set_formatter(|out, state, value| {
+        // Everything printed is weighed and counted.
+        let text = match value.kind() {
+            ValueKind::String => {
+                bounds::charge_output(value.as_str().map_or(0, str::len))?;
+                return minijinja::escape_formatter(out, state, value);
             }
-        }
-        _ => minijinja::escape_formatter(out, state, value),
+            ValueKind::Bool | ValueKind::None | ValueKind::Seq | ValueKind::Map => {
+                bounds::weigh(value, bounds::MAX_VALUE, "a value printed")?;
+                match to_json(value) {
+                    Ok(json) => json.to_string(),
+                    Err(_) => value.to_string(),
+                }
+            }
+            ValueKind::Iterable => {
+                bounds::weigh(value, bounds::MAX_VALUE, "a value printed")?;
+                value.to_string()
+            }
+            // Numbers, undefined (an error in strict mode), objects: short.
+            _ => return minijinja::escape_formatter(out, state, value),
+        };
+        bounds::charge_output(text.len())?;
+        out.write_str(&text)
+            .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "cannot write"))
     });
     env
-}
-
-/// The largest width or precision a `format` string may ask for, and the
-/// largest size `slice`, `batch`, `indent` and `tojson` take.
-const MAX_FILTER_SIZE: usize = 10_000;
-
-/// Refuses a call of filter `name` whose arguments after the first (the
-/// value filtered), keyword arguments included, hold a number over
-/// [`MAX_FILTER_SIZE`].
-fn check_sizes(name: &str, args: &[Value]) -> Result<(), minijinja::Error> {
-    let too_big = |value: &Value| {
-        value.kind() == ValueKind::Number
-            && value.as_i64().is_none_or(|n| n > MAX_FILTER_SIZE as i64)
-    };
-    for arg in args.iter().skip(1) {
-        let over = if arg.is_kwargs() {
-            arg.try_iter()
-                .into_iter()
-                .flatten()
-                .filter_map(|key| arg.get_item(&key).ok())
-                .find(too_big)
-        } else {
-            Some(arg.clone()).filter(too_big)
-        };
-        if let Some(over) = over {
-            return Err(minijinja::Error::new(
-                ErrorKind::InvalidOperation,
-                format!("{name}: {over} is over the limit of {MAX_FILTER_SIZE}"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Refuses a printf-style `format` string (`%-8s`, `%(name)05.2f`), the
-/// value filtered, whose width or precision is over [`MAX_FILTER_SIZE`].
-fn check_format_widths(_name: &str, args: &[Value]) -> Result<(), minijinja::Error> {
-    let Some(text) = args.first().and_then(Value::as_str) else {
-        return Ok(());
-    };
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] != b'%' {
-            i += 1;
-            continue;
-        }
-        i += 1;
-        if bytes.get(i) == Some(&b'%') {
-            i += 1;
-            continue;
-        }
-        if bytes.get(i) == Some(&b'(') {
-            match bytes[i..].iter().position(|&b| b == b')') {
-                Some(close) => i += close + 1,
-                // Unclosed: MiniJinja refuses the string itself.
-                None => return Ok(()),
-            }
-        }
-        while matches!(bytes.get(i), Some(b'#' | b'0' | b'-' | b' ' | b'+')) {
-            i += 1;
-        }
-        for part in ["width", "precision"] {
-            if part == "precision" {
-                if bytes.get(i) != Some(&b'.') {
-                    break;
-                }
-                i += 1;
-            }
-            let start = i;
-            while bytes.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-            let digits = &text[start..i];
-            if !digits.is_empty() && digits.parse().map_or(true, |n: usize| n > MAX_FILTER_SIZE) {
-                return Err(minijinja::Error::new(
-                    ErrorKind::InvalidOperation,
-                    format!("format: a {part} of {digits} is over the limit of {MAX_FILTER_SIZE}"),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Compiles the templates of one workflow into the [`Templates`] of its plan.
@@ -800,12 +786,35 @@ pub(crate) struct CompiledString {
     pub references: Vec<String>,
 }
 
-/// A template that does not parse.
+/// A template that does not parse, or that is refused before it runs.
 #[derive(Debug)]
 pub(crate) struct TemplateSyntaxError {
+    pub kind: CompileErrorKind,
     pub message: String,
     /// Byte range in the template's source.
     pub range: Option<Range<usize>>,
+}
+
+/// Why [`TemplatesBuilder::compile`] refused a template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CompileErrorKind {
+    /// It does not parse.
+    Syntax,
+    /// It uses what workflow templates do not support (see [`super::bounds`]).
+    Unsupported,
+    /// It reads nothing from the scope, and evaluating it goes over a bound.
+    Limit,
+}
+
+impl CompileErrorKind {
+    /// How a diagnostic names it.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            CompileErrorKind::Syntax => "template syntax error",
+            CompileErrorKind::Unsupported => "template error",
+            CompileErrorKind::Limit => "template_limit",
+        }
+    }
 }
 
 impl TemplatesBuilder {
@@ -826,17 +835,49 @@ impl TemplatesBuilder {
         if !(text.contains("{{") || text.contains("{%") || text.contains("{#")) {
             return Ok(None);
         }
+        // MiniJinja folds constant expressions while it compiles: weigh them
+        // before it does.
+        if let Err(refused) = bounds::check_constants(text) {
+            return Err(TemplateSyntaxError {
+                kind: CompileErrorKind::Limit,
+                message: refused.message,
+                range: refused.range,
+            });
+        }
         let name = format!("t{}", self.count);
         self.count += 1;
         self.env
             .add_template_owned(name.clone(), text.to_owned())
             .map_err(|error| TemplateSyntaxError {
+                kind: CompileErrorKind::Syntax,
                 message: match error.detail() {
                     Some(detail) => detail.to_owned(),
                     None => error.kind().to_string(),
                 },
                 range: error.range(),
             })?;
+        if let Some(range) = reserved_name(text) {
+            self.env.remove_template(&name);
+            return Err(TemplateSyntaxError {
+                kind: CompileErrorKind::Unsupported,
+                message: format!(
+                    "names starting with `{}` are reserved",
+                    bounds::RESERVED_PREFIX
+                ),
+                range: Some(range),
+            });
+        }
+        if let Ok(template) = self.env.get_template(&name) {
+            let instructions = &minijinja::machinery::get_compiled_template(&template).instructions;
+            if let Err(refused) = bounds::check(instructions) {
+                self.env.remove_template(&name);
+                return Err(TemplateSyntaxError {
+                    kind: CompileErrorKind::Unsupported,
+                    message: refused.message,
+                    range: refused.range,
+                });
+            }
+        }
         let mut references: BTreeSet<String> = self
             .env
             .get_template(&name)
@@ -875,6 +916,27 @@ impl TemplatesBuilder {
         for path in written {
             if !paths.contains(&path) {
                 paths.push(path);
+            }
+        }
+        // A template that reads nothing from the scope gives the same result
+        // every run: one over a bound is refused now, not in every run.
+        if references
+            .iter()
+            .all(|path| !SCOPE_NAMES.contains(&path.split('.').next().unwrap_or_default()))
+        {
+            let mut ignored = String::new();
+            let empty = Value::from_object(Scope::new("", "", &Json::Null));
+            if let Err((error, Some(bound))) = run_template(&self.env, &name, &empty, &mut ignored)
+            {
+                self.env.remove_template(&name);
+                return Err(TemplateSyntaxError {
+                    kind: CompileErrorKind::Limit,
+                    message: error
+                        .detail()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| format!("over {bound}")),
+                    range: None,
+                });
             }
         }
         let template = CompiledTemplate(Arc::new(TemplateInfo {
@@ -1003,8 +1065,32 @@ mod tests {
 
     fn render_with(text: &str, scope: &Scope) -> Result<Json, TemplateError> {
         let mut builder = TemplatesBuilder::new();
-        let value = compile(&mut builder, text);
+        // A template that reads nothing and goes over a bound is refused
+        // when it is compiled: report that as the limit it is.
+        let value = match builder.compile(text, "test") {
+            Ok(Some(compiled)) => compiled.value,
+            Ok(None) => TemplateValue::Literal(Json::String(text.to_owned())),
+            Err(error) if error.kind == CompileErrorKind::Limit => {
+                return Err(TemplateError::Limit {
+                    field: "test".to_owned(),
+                    template: text.to_owned(),
+                    reason: error.message,
+                    bound: Bound::Value,
+                });
+            }
+            Err(error) => panic!("{text}: does not compile: {error:?}"),
+        };
         builder.finish().render(&value, scope)
+    }
+
+    /// The bound `text` went over when rendered with `scope`, and its message.
+    fn limit_of(text: &str, scope: &Scope) -> (Bound, String) {
+        let mut builder = TemplatesBuilder::new();
+        let value = compile(&mut builder, text);
+        match builder.finish().render(&value, scope) {
+            Err(TemplateError::Limit { bound, reason, .. }) => (bound, reason),
+            other => panic!("{text}: expected a template_limit error, got {other:?}"),
+        }
     }
 
     fn scope() -> Scope {
@@ -1386,5 +1472,137 @@ mod tests {
         check::<Scope>();
         fn check_templates<T: Send + Sync>() {}
         check_templates::<Templates>();
+    }
+
+    /// Every way the fuzzer or a reading of MiniJinja found to make one
+    /// instruction do unbounded work ends in `template_limit`, naming its
+    /// bound, with values from the scope (so nothing is known before the run).
+    #[test]
+    fn templates_are_bounded_in_time_and_memory() {
+        let scope = Scope::new(
+            "run-1",
+            "wf",
+            &json!({"big": 81511111729u64, "n": 100000, "s": "ab", "one": 1}),
+        );
+        for (template, bound) in [
+            // The fuzzer's hang: a lazy list of 10^17 empty lists.
+            ("{{ 677729 * [] * input.big * 77 * 81 }}", Bound::Value),
+            ("{{ ([input.one] * input.big) | list }}", Bound::Value),
+            ("{{ input.s * input.big }}", Bound::Value),
+            // A string doubled per instruction.
+            (
+                "{% set ns = namespace(s=input.s) %}{% for i in range(100) %}\
+                 {% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
+                Bound::Value,
+            ),
+            // A list doubled per instruction, lazily.
+            (
+                "{% set ns = namespace(l=[input.one]) %}{% for i in range(100) %}\
+                 {% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | length }}",
+                Bound::Value,
+            ),
+            // A value of 2^64 leaves built from shared halves.
+            (
+                "{% set ns = namespace(v=[input.one]) %}{% for i in range(64) %}\
+                 {% set ns.v = [ns.v, ns.v] %}{% endfor %}{{ ns.v == ns.v }}",
+                Bound::Value,
+            ),
+            (
+                "{{ range(input.n * input.n) | list | length }}",
+                Bound::Range,
+            ),
+            // Nested loops: MiniJinja's fuel.
+            (
+                "{% for i in range(input.n) %}{% for j in range(input.n) %}\
+                 {% endfor %}{% endfor %}",
+                Bound::Instructions,
+            ),
+            // Text printed, by expressions and by the template's own text.
+            (
+                "{% for i in range(input.n) %}{{ input.s * 1000 }}{% endfor %}",
+                Bound::Output,
+            ),
+            (
+                &format!(
+                    "{{% for i in range(input.n) %}}{}{{% endfor %}}",
+                    "x".repeat(1000)
+                ),
+                Bound::Output,
+            ),
+            // Each comparison weighs 80 MB: fine once, not a hundred times.
+            (
+                "{% set s = input.s * 20000000 %}{% for i in range(100) %}\
+                 {% if s == s %}{% endif %}{% endfor %}",
+                Bound::Work,
+            ),
+            // Filters that make more than they are given.
+            (
+                "{{ range(input.n) | join(input.s * 100000) }}",
+                Bound::Value,
+            ),
+            (
+                "{{ (input.s * 10) | replace('a', input.s * 10000000) }}",
+                Bound::Value,
+            ),
+            ("{{ ('a\n' * input.n) | indent(10000) }}", Bound::Value),
+            ("{{ [input.one] | batch(10**18) }}", Bound::FilterSize),
+        ] {
+            let (found, reason) = limit_of(template, &scope);
+            assert_eq!(found, bound, "{template}: {reason}");
+            assert!(
+                reason.starts_with("template_limit: ") && reason.contains(&bound.to_string()),
+                "{template}: {reason}"
+            );
+        }
+        // Within the bounds, the same constructs work.
+        assert_eq!(
+            render_with(
+                "{{ [input.one] * 3 }} {{ input.s * 2 }} {{ [1] + [2] }} {{ 'a' ~ 1 }} \
+                 {{ [1, [2]] == [1, [2]] }} {{ 2 in [1, 2] }} {{ 'b' in input.s }} \
+                 {{ [1, 2, 3][1:] }} {{ {'k': input.one}['k'] }} {{ range(3) | join(',') }}",
+                &scope
+            )
+            .unwrap(),
+            json!("[1, 1, 1] abab [1, 2] a1 true true true [2, 3] 1 0,1,2")
+        );
+    }
+
+    #[test]
+    fn constant_templates_over_a_bound_are_refused_when_compiled() {
+        let mut builder = TemplatesBuilder::new();
+        let error = builder
+            .compile("x {{ 677729 * [] * 81511111729 * 77 * 81 }}", "f")
+            .err()
+            .unwrap();
+        assert_eq!(error.kind, CompileErrorKind::Limit);
+        assert!(
+            error.message.contains("the bound on one value"),
+            "{}",
+            error.message
+        );
+        // A template that reads the scope is only known at run time.
+        assert!(builder.compile("{{ input.n * [] }}", "f").is_ok());
+    }
+
+    #[test]
+    fn what_cannot_be_bounded_is_refused_with_its_place() {
+        let mut builder = TemplatesBuilder::new();
+        for (template, message, range) in [
+            ("{{ 1 < input.n < 3 }}", "chained comparisons", Some(0..18)),
+            ("{% include 't0' %}", "`include`", Some(3..15)),
+            ("{{ __trellis_add(1, 2) }}", "reserved", Some(3..16)),
+            ("{{ f(*input.items) }}", "unpacking", None),
+        ] {
+            let error = builder.compile(template, "f").err().unwrap();
+            assert_eq!(error.kind, CompileErrorKind::Unsupported, "{template}");
+            assert!(
+                error.message.contains(message),
+                "{template}: {}",
+                error.message
+            );
+            if range.is_some() {
+                assert_eq!(error.range, range, "{template}");
+            }
+        }
     }
 }

@@ -513,8 +513,10 @@ impl Validator<'_, '_> {
                     .range
                     .and_then(|range| self.offset_in(text, &span, range.start))
                     .unwrap_or(span.start);
-                self.report
-                    .error_at(offset, format!("template syntax error: {}", error.message));
+                self.report.error_at(
+                    offset,
+                    format!("{}: {}", error.kind.describe(), error.message),
+                );
                 TemplateValue::default()
             }
         }
