@@ -20,11 +20,12 @@
 //! holds them as MiniJinja values (reference counted), so extending it per
 //! item or per finished step does not copy what is already there.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
+use minijinja::machinery::Instructions;
 use minijinja::value::{DynObject, Enumerator, Object, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, context};
 use serde_json::Value as Json;
@@ -39,15 +40,43 @@ const RESULT: &str = "__trellis_value";
 /// function such as `range`).
 pub(crate) const SCOPE_NAMES: [&str; 5] = ["input", "steps", "run", "item", "index"];
 
-/// Every template of one workflow, compiled. `Send + Sync`.
+/// Every template of one workflow, compiled, and its code rewritten once
+/// to run within the bounds of [`super::bounds`]. `Send + Sync`.
 pub struct Templates {
-    env: Environment<'static>,
+    compiled: Bounded,
+}
+
+/// Template name -> its rewritten code, borrowing from the environment.
+struct Rewritten<'env>(HashMap<String, Instructions<'env>>);
+
+self_cell::self_cell!(
+    struct Bounded {
+        owner: Environment<'static>,
+        #[covariant]
+        dependent: Rewritten,
+    }
+);
+
+impl Bounded {
+    fn rewrite(env: Environment<'static>) -> Bounded {
+        Bounded::new(env, |env| {
+            Rewritten(
+                env.templates()
+                    .map(|(name, template)| {
+                        let code =
+                            &minijinja::machinery::get_compiled_template(&template).instructions;
+                        (name.to_owned(), bounds::rewrite(code))
+                    })
+                    .collect(),
+            )
+        })
+    }
 }
 
 impl fmt::Debug for Templates {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Templates")
-            .field("count", &self.env.templates().count())
+            .field("count", &self.compiled.borrow_dependent().0.len())
             .finish()
     }
 }
@@ -56,7 +85,7 @@ impl Default for Templates {
     /// No templates: renders only literal values.
     fn default() -> Self {
         Templates {
-            env: new_environment(),
+            compiled: Bounded::rewrite(new_environment()),
         }
     }
 }
@@ -428,7 +457,14 @@ impl Templates {
         context: &Value,
         text: &mut String,
     ) -> Result<Value, (minijinja::Error, Option<Bound>)> {
-        run_template(&self.env, &template.0.name, context, text)
+        let env = self.compiled.borrow_owner();
+        match self.compiled.borrow_dependent().0.get(&template.0.name) {
+            Some(code) => run_code(env, code, context, text),
+            None => Err((
+                minijinja::Error::new(ErrorKind::TemplateNotFound, template.0.name.clone()),
+                None,
+            )),
+        }
     }
 
     fn render_error(
@@ -530,20 +566,25 @@ fn run_template(
     context: &Value,
     text: &mut String,
 ) -> Result<Value, (minijinja::Error, Option<Bound>)> {
-    use minijinja::machinery::{Vm, get_compiled_template, make_string_output};
     let compiled = env.get_template(name).map_err(|error| (error, None))?;
-    let rewritten = bounds::rewrite(&get_compiled_template(&compiled).instructions);
+    let code =
+        bounds::rewrite(&minijinja::machinery::get_compiled_template(&compiled).instructions);
+    run_code(env, &code, context, text)
+}
+
+/// Runs `code`, rewritten by [`bounds::rewrite`], as [`run_template`] does.
+fn run_code(
+    env: &Environment<'static>,
+    code: &Instructions<'_>,
+    context: &Value,
+    text: &mut String,
+) -> Result<Value, (minijinja::Error, Option<Bound>)> {
+    use minijinja::machinery::{Vm, make_string_output};
     let blocks = bounds::no_blocks();
     let (result, bound) = bounds::evaluate(|| {
         let mut out = make_string_output(text);
         Vm::new(env)
-            .eval(
-                &rewritten,
-                context.clone(),
-                &blocks,
-                &mut out,
-                AutoEscape::None,
-            )
+            .eval(code, context.clone(), &blocks, &mut out, AutoEscape::None)
             .map(|(_, state)| state.lookup(RESULT).unwrap_or_default())
     });
     result.map_err(|error| {
@@ -959,7 +1000,9 @@ impl TemplatesBuilder {
     }
 
     pub(crate) fn finish(self) -> Templates {
-        Templates { env: self.env }
+        Templates {
+            compiled: Bounded::rewrite(self.env),
+        }
     }
 }
 
