@@ -442,6 +442,12 @@ const LT: &str = "__trellis_lt";
 const LTE: &str = "__trellis_lte";
 const GT: &str = "__trellis_gt";
 const GTE: &str = "__trellis_gte";
+/// `loop.changed(x)` compares `x` with what it was given last time, and
+/// `loop.cycle(...)` hands one back: both go through [`call_method`].
+const METHODS: [(&str, &str); 2] = [
+    ("changed", "__trellis_method_changed"),
+    ("cycle", "__trellis_method_cycle"),
+];
 
 /// The prefix of the names this module gives its functions; templates may
 /// not use it.
@@ -526,6 +532,10 @@ pub(crate) fn rewrite<'s>(instructions: &Instructions<'s>) -> Instructions<'s> {
             Instruction::Gte => vec![call(GTE, 2)],
             Instruction::BuildList(Some(n)) => vec![call(LIST, *n)],
             Instruction::BuildMap(n) => vec![call(MAP, n * 2)],
+            Instruction::CallMethod(name, count) => match METHODS.iter().find(|m| m.0 == *name) {
+                Some((_, function)) => vec![Instruction::CallFunction(function, *count)],
+                None => vec![instruction.clone()],
+            },
             // Printed through the formatter, which counts what is printed.
             Instruction::EmitRaw(text) => {
                 vec![
@@ -588,6 +598,15 @@ pub(crate) fn install(env: &mut Environment<'static>) {
     env.add_function(LTE, |a, b| compare(a, b, |a, b| a <= b));
     env.add_function(GT, |a, b| compare(a, b, |a, b| a > b));
     env.add_function(GTE, |a, b| compare(a, b, |a, b| a >= b));
+    for (method, function) in METHODS {
+        env.add_function(function, move |state: &State, args: Rest<Value>| {
+            weigh_all(&args[1.min(args.len())..], "a value passed to a method")?;
+            match args.split_first() {
+                Some((object, rest)) => object.call_method(state, method, rest),
+                None => Err(Error::from(ErrorKind::MissingArgument)),
+            }
+        });
+    }
 
     use minijinja::filters as f;
     type Check = fn(&str, &[Value]) -> Result<(), Error>;

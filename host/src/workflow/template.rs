@@ -1578,6 +1578,12 @@ mod tests {
                  {% if s == s %}{% endif %}{% endfor %}",
                 Bound::Work,
             ),
+            // `loop.changed` compares what it is given, every iteration.
+            (
+                "{% set s = input.s * 20000000 %}{% for i in range(100) %}\
+                 {% if loop.changed(s) %}{% endif %}{% endfor %}",
+                Bound::Work,
+            ),
             // Filters that make more than they are given.
             (
                 "{{ range(input.n) | join(input.s * 100000) }}",
@@ -1602,11 +1608,12 @@ mod tests {
             render_with(
                 "{{ [input.one] * 3 }} {{ input.s * 2 }} {{ [1] + [2] }} {{ 'a' ~ 1 }} \
                  {{ [1, [2]] == [1, [2]] }} {{ 2 in [1, 2] }} {{ 'b' in input.s }} \
-                 {{ [1, 2, 3][1:] }} {{ {'k': input.one}['k'] }} {{ range(3) | join(',') }}",
+                 {{ [1, 2, 3][1:] }} {{ {'k': input.one}['k'] }} {{ range(3) | join(',') }} \
+                 {% for i in [1, 1, 2] %}{{ loop.changed(i) }}{{ loop.cycle('a', 'b') }}{% endfor %}",
                 &scope
             )
             .unwrap(),
-            json!("[1, 1, 1] abab [1, 2] a1 true true true [2, 3] 1 0,1,2")
+            json!("[1, 1, 1] abab [1, 2] a1 true true true [2, 3] 1 0,1,2 trueafalsebtruea")
         );
     }
 
