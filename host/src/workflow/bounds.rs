@@ -670,7 +670,7 @@ pub(crate) fn install(env: &mut Environment<'static>) {
         (
             "dictsort",
             Value::from_function(f::dictsort),
-            no_check,
+            check_sorting,
             Walk::Deep,
         ),
         (
@@ -753,9 +753,24 @@ pub(crate) fn install(env: &mut Environment<'static>) {
             no_check,
             Walk::Shallow,
         ),
-        ("min", Value::from_function(f::min), no_check, Walk::Deep),
-        ("max", Value::from_function(f::max), no_check, Walk::Deep),
-        ("sort", Value::from_function(f::sort), no_check, Walk::Deep),
+        (
+            "min",
+            Value::from_function(f::min),
+            check_sorting,
+            Walk::Deep,
+        ),
+        (
+            "max",
+            Value::from_function(f::max),
+            check_sorting,
+            Walk::Deep,
+        ),
+        (
+            "sort",
+            Value::from_function(f::sort),
+            check_sorting,
+            Walk::Deep,
+        ),
         (
             "list",
             Value::from_function(f::list),
@@ -821,13 +836,13 @@ pub(crate) fn install(env: &mut Environment<'static>) {
         (
             "groupby",
             Value::from_function(f::groupby),
-            no_check,
+            check_sorting,
             Walk::Deep,
         ),
         (
             "unique",
             Value::from_function(f::unique),
-            no_check,
+            check_sorting,
             Walk::Deep,
         ),
         (
@@ -974,6 +989,20 @@ enum Walk {
 fn grows_6x(name: &str, args: &[Value]) -> Result<(), Error> {
     let weight = args.first().map_or(0, flat_weight).saturating_mul(6);
     at_most(weight, &format!("the text `{name}` makes"))
+}
+
+/// Sorting compares each item with about log2(n) others, each comparison
+/// walking both: charged as 16 more walks of the value.
+fn check_sorting(name: &str, args: &[Value]) -> Result<(), Error> {
+    let weight = weigh(
+        args.first().unwrap_or(&Value::UNDEFINED),
+        MAX_VALUE,
+        "a value sorted",
+    )?;
+    charge_work(
+        weight.saturating_mul(16),
+        &format!("what `{name}` compares"),
+    )
 }
 
 fn check_replace(_name: &str, args: &[Value]) -> Result<(), Error> {
