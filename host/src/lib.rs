@@ -7,8 +7,10 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod diagnostic;
 pub mod engine;
 pub mod executor;
+pub mod limits;
 pub mod plugin;
 pub mod record;
 pub mod secrets;

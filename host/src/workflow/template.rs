@@ -29,7 +29,7 @@ use minijinja::value::{DynObject, Enumerator, Object, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, context};
 use serde_json::Value as Json;
 
-use super::plan::Readable;
+use super::readable::Readable;
 
 /// The variable a single-expression template assigns its value to.
 const RESULT: &str = "__trellis_value";
