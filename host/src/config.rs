@@ -255,7 +255,7 @@ impl FromStr for Durability {
 /// Every key of the configuration, each optional: what one source sets.
 /// Declared once for all three sources, each layered over the one before:
 /// the file deserializes into it (values whose check needs a location keep
-/// their span), [`Settings::from_env`] fills it from `TRELLIS_*` variables,
+/// their span), `Settings::from_env` fills it from `TRELLIS_*` variables,
 /// and the command line fills it from its flags (no span: [`Settings::given`]).
 /// `Config::apply` is the one validation of every value, whatever its source.
 #[derive(Debug, Default, Deserialize)]

@@ -2,7 +2,7 @@
 //! file, line and column.
 //!
 //! Validation never stops at the first problem: every stage reports into a
-//! [`Reporter`], and the caller gets all of them at once as [`Diagnostics`].
+//! `Reporter`, and the caller gets all of them at once as [`Diagnostics`].
 
 use std::fmt;
 use std::ops::Range;

@@ -7,7 +7,7 @@ use crate::secrets::Secrets;
 
 /// The plugins a workflow may use; the plugin registry implements it.
 pub trait PluginCatalog {
-    /// Ok if `reference` ("name", "name@1.2.0", "name@sha256:<hex>") names a
+    /// Ok if `reference` (`name`, `name@1.2.0`, `name@sha256:<hex>`) names a
     /// loaded plugin; Err(a full sentence for the user, e.g. "no plugin named
     /// `x` (loaded: a, b)").
     fn check(&self, reference: &PluginRef) -> Result<(), String>;
