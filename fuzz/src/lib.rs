@@ -5,6 +5,7 @@
 //! Nothing here may panic on any input: a panic is what the fuzzer reports.
 
 use serde_json::Value as Json;
+use trellis::plugin::PluginRef;
 use trellis::workflow::{Plan, PluginCatalog, Scope, TemplateError};
 
 /// Knows every plugin but those whose name starts with `x` (so the "unknown
@@ -13,8 +14,8 @@ use trellis::workflow::{Plan, PluginCatalog, Scope, TemplateError};
 pub struct Catalog;
 
 impl PluginCatalog for Catalog {
-    fn check(&self, reference: &str) -> Result<(), String> {
-        if reference.starts_with('x') {
+    fn check(&self, reference: &PluginRef) -> Result<(), String> {
+        if reference.name.starts_with('x') {
             Err(format!("no plugin named `{reference}` (loaded: noop)"))
         } else {
             Ok(())

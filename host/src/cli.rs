@@ -5,7 +5,7 @@
 //! Exit status: 0 succeeded, 1 the run failed, 2 usage or validation error.
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,32 +17,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, Settings};
 use crate::engine::{CodeCache, Engine};
 use crate::executor::{Executor, RunObserver, RunOptions};
 use crate::plugin::{MemoryStateStore, PluginError, PluginRegistry};
 use crate::record::{RunRecord, RunStatus, StepRecord, StepStatus};
-use crate::secrets::{Secrets, WithSecrets};
+use crate::secrets::Secrets;
 use crate::service::Service;
 use crate::telemetry::{LogFormat, Metrics};
-
-/// Where the build put the example plugins (`target/plugins`), used when no
-/// `--plugin-dir` is given.
-pub const BUILTIN_PLUGIN_DIR: Option<&str> = option_env!("TRELLIS_BUILTIN_PLUGIN_DIR");
-/// Where `plugins/build.sh` puts the Python, JavaScript and C example plugins
-/// (`target/plugins-polyglot`), also used when no `--plugin-dir` is given.
-pub const POLYGLOT_PLUGIN_DIR: Option<&str> = option_env!("TRELLIS_POLYGLOT_PLUGIN_DIR");
-
-/// The default plugin dirs: those of [`BUILTIN_PLUGIN_DIR`] and
-/// [`POLYGLOT_PLUGIN_DIR`] that exist.
-pub fn builtin_plugin_dirs() -> Vec<PathBuf> {
-    [BUILTIN_PLUGIN_DIR, POLYGLOT_PLUGIN_DIR]
-        .into_iter()
-        .flatten()
-        .filter(|dir| Path::new(dir).is_dir())
-        .map(PathBuf::from)
-        .collect()
-}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -83,25 +65,7 @@ impl Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a workflow in this process and print its output.
-    Run {
-        /// The workflow file (TOML).
-        workflow: PathBuf,
-        /// The run's input: JSON text, `@FILE` to read it from a file, or `@-` for stdin.
-        #[arg(long, short, value_name = "JSON|@FILE")]
-        input: Option<String>,
-        #[command(flatten)]
-        plugins: PluginDirs,
-        /// Print the whole run record (steps, attempts, logs, metrics) instead of the output.
-        #[arg(long)]
-        json: bool,
-        /// Steps that may run at once.
-        #[arg(long, default_value_t = 64, value_name = "N")]
-        max_concurrent_steps: usize,
-        /// The configuration whose `[limits]` and `[secrets]` the run uses.
-        /// Default: `./trellis.toml` if it exists.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-    },
+    Run(RunArgs),
     /// Check workflow files: syntax, fields, plugins, dependencies, templates.
     Validate {
         #[arg(required = true)]
@@ -124,13 +88,46 @@ enum Command {
 }
 
 #[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The workflow file (TOML).
+    workflow: PathBuf,
+    /// The run's input: JSON text, `@FILE` to read it from a file, or `@-` for stdin.
+    #[arg(long, short, value_name = "JSON|@FILE")]
+    input: Option<String>,
+    #[command(flatten)]
+    plugins: PluginDirs,
+    /// Print the whole run record (steps, attempts, logs, metrics) instead of the output.
+    #[arg(long)]
+    json: bool,
+    /// Steps that may run at once. Default: the configuration's
+    /// `max_concurrent_steps` (64 when it sets none).
+    #[arg(long, value_name = "N")]
+    max_concurrent_steps: Option<NonZeroUsize>,
+    /// The configuration whose `[limits]`, `[secrets]` and
+    /// `max_concurrent_steps` the run uses. Default: `./trellis.toml` if it exists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The configuration (file, then environment), with the flags over it.
+    fn config(&self) -> Result<Config> {
+        let flags = Settings {
+            max_concurrent_steps: self.max_concurrent_steps.map(|n| Settings::given(n.get())),
+            ..Settings::default()
+        };
+        Ok(Config::load(self.config.as_deref(), flags)?)
+    }
+}
+
+#[derive(Debug, clap::Args)]
 struct ServeArgs {
     /// The configuration file. Default: `./trellis.toml` if it exists.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// The address to listen on (port 0: any free port). Default: 127.0.0.1:8080.
     #[arg(long, value_name = "ADDR")]
-    bind: Option<SocketAddr>,
+    bind: Option<String>,
     /// A directory of plugin `.wasm` files (repeatable). Default: the
     /// configured ones, else the example plugins of this build.
     #[arg(long = "plugin-dir", value_name = "DIR")]
@@ -215,23 +212,15 @@ pub fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let cache = cli.code_cache();
     match cli.command {
-        Command::Run {
-            workflow,
-            input,
-            plugins,
-            json,
-            max_concurrent_steps,
-            config,
-        } => {
-            let config = Config::load(config.as_deref(), &Overrides::default())?;
-            let dirs = plugins.resolve(&config)?;
+        Command::Run(args) => {
+            let config = args.config()?;
+            let dirs = args.plugins.resolve(&config)?;
             run(
-                &workflow,
-                input.as_deref(),
+                &args.workflow,
+                args.input.as_deref(),
                 &dirs,
                 cache,
-                json,
-                max_concurrent_steps,
+                args.json,
                 &config,
             )
             .await
@@ -243,13 +232,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => {
             // Secret names are checked only against a configuration that exists.
             let exists = config.is_some() || Path::new(crate::config::DEFAULT_FILE).is_file();
-            let config = Config::load(config.as_deref(), &Overrides::default())?;
+            let config = Config::load(config.as_deref(), Settings::default())?;
             let dirs = plugins.resolve(&config)?;
             let secrets = exists.then(|| Secrets::new(config.secrets));
             validate(&workflows, &dirs, cache, secrets.as_ref()).await
         }
         Command::Plugins(PluginsCommand::List { plugins, json }) => {
-            let config = Config::load(None, &Overrides::default())?;
+            let config = Config::load(None, Settings::default())?;
             list(&plugins.resolve(&config)?, cache, json).await
         }
         Command::Plugins(PluginsCommand::Inspect { file }) => inspect(&file).await,
@@ -260,13 +249,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
 /// `trellis serve`: a configuration problem (or an open bind without a
 /// token) exits 2 before anything starts; a failure to start or serve exits 1.
 async fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<ExitCode> {
-    let overrides = Overrides {
-        bind: args.bind,
+    let flags = Settings {
+        bind: args.bind.map(Settings::given),
         data_dir: data_dir.filter(|dir| !dir.as_os_str().is_empty()),
-        plugin_dirs: args.plugin_dirs,
-        workflow_dirs: args.workflow_dirs,
+        plugin_dirs: Some(args.plugin_dirs).filter(|dirs| !dirs.is_empty()),
+        workflow_dirs: Some(args.workflow_dirs).filter(|dirs| !dirs.is_empty()),
+        ..Settings::default()
     };
-    let config = Config::load(args.config.as_deref(), &overrides)?;
+    let config = Config::load(args.config.as_deref(), flags)?;
     config.check_bind()?;
     tracing::info!(?config, "starting");
     Metrics::install();
@@ -358,7 +348,6 @@ async fn run(
     dirs: &[PathBuf],
     cache: Option<CodeCache>,
     json: bool,
-    max_concurrent_steps: usize,
     config: &Config,
 ) -> Result<ExitCode> {
     let input = read_input(input)?;
@@ -381,7 +370,7 @@ async fn run(
         }
     };
     let secrets = Secrets::new(config.secrets.clone());
-    let catalog = WithSecrets {
+    let catalog = crate::workflow::WithSecrets {
         plugins: registry.as_ref(),
         secrets: &secrets,
     };
@@ -396,7 +385,7 @@ async fn run(
     let executor = Executor::new(
         registry,
         config.limits,
-        max_concurrent_steps,
+        config.max_concurrent_steps,
         Arc::new(MemoryStateStore::default()),
     )
     .with_secrets(secrets);
@@ -465,7 +454,7 @@ async fn validate(
         let loaded = match secrets {
             Some(secrets) => crate::workflow::load_file(
                 path,
-                &WithSecrets {
+                &crate::workflow::WithSecrets {
                     plugins: &registry,
                     secrets,
                 },
@@ -606,5 +595,46 @@ impl RunObserver for ProgressObserver {
         if step.status == StepStatus::Failed {
             self.bar.println(format!("✗ {} failed", step.id));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `trellis run`'s configuration, as `dispatch` loads it for `args`.
+    fn run_config(args: &[&str]) -> Config {
+        let cli = Cli::try_parse_from(["trellis", "run", "w.toml"].iter().chain(args)).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not a run command")
+        };
+        run.config().unwrap()
+    }
+
+    #[test]
+    fn run_honours_max_concurrent_steps_from_the_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("trellis.toml");
+        std::fs::write(&file, "max_concurrent_steps = 3\n").unwrap();
+        let file = file.to_str().unwrap();
+        assert_eq!(run_config(&["--config", file]).max_concurrent_steps, 3);
+        // The flag wins over the file.
+        let flagged = run_config(&["--config", file, "--max-concurrent-steps", "5"]);
+        assert_eq!(flagged.max_concurrent_steps, 5);
+        // No configuration: the default.
+        let empty = dir.path().join("empty.toml");
+        std::fs::write(&empty, "").unwrap();
+        let config = run_config(&["--config", empty.to_str().unwrap()]);
+        assert_eq!(
+            config.max_concurrent_steps,
+            Config::default().max_concurrent_steps
+        );
+    }
+
+    #[test]
+    fn run_refuses_zero_concurrent_steps() {
+        let parsed =
+            Cli::try_parse_from(["trellis", "run", "w.toml", "--max-concurrent-steps", "0"]);
+        assert!(parsed.is_err());
     }
 }

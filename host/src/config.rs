@@ -57,17 +57,33 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde::de::value::{Error as ValueError, StrDeserializer};
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use toml::Spanned;
 
-use crate::engine::{LimitOverrides, Limits, MAX_MEMORY};
+use crate::diagnostic::{Diagnostics, Reporter};
+use crate::limits::{HumanDuration, Limits, LimitsTable, Size};
+pub use crate::secrets::SecretSource;
 pub use crate::store::StateQuota;
-use crate::workflow::schema::{HumanDuration, LimitsTable, Size};
-use crate::workflow::{Diagnostic, Diagnostics};
 
 /// The file read when no `--config` is given, if it exists.
 pub const DEFAULT_FILE: &str = "trellis.toml";
+
+/// Where the build put the example plugins (`target/plugins`), used when no
+/// `--plugin-dir` is given.
+pub const BUILTIN_PLUGIN_DIR: Option<&str> = option_env!("TRELLIS_BUILTIN_PLUGIN_DIR");
+/// Where `plugins/build.sh` puts the Python, JavaScript and C example plugins
+/// (`target/plugins-polyglot`), also used when no `--plugin-dir` is given.
+pub const POLYGLOT_PLUGIN_DIR: Option<&str> = option_env!("TRELLIS_POLYGLOT_PLUGIN_DIR");
+
+/// The default plugin dirs: those of [`BUILTIN_PLUGIN_DIR`] and
+/// [`POLYGLOT_PLUGIN_DIR`] that exist.
+pub fn builtin_plugin_dirs() -> Vec<PathBuf> {
+    [BUILTIN_PLUGIN_DIR, POLYGLOT_PLUGIN_DIR]
+        .into_iter()
+        .flatten()
+        .filter(|dir| Path::new(dir).is_dir())
+        .map(PathBuf::from)
+        .collect()
+}
 
 /// The resolved configuration: every layer applied, every value checked.
 #[derive(Clone, PartialEq, Eq)]
@@ -80,7 +96,7 @@ pub struct Config {
     /// What a commit survives (DESIGN.md, "Storage").
     pub durability: Durability,
     /// Where plugins are loaded from. Default: the example plugins the build
-    /// put in [`crate::cli::builtin_plugin_dirs`], those that exist.
+    /// put in [`builtin_plugin_dirs`], those that exist.
     pub plugin_dirs: Vec<PathBuf>,
     /// Where workflow files are loaded from.
     pub workflow_dirs: Vec<PathBuf>,
@@ -107,7 +123,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        let plugin_dirs = crate::cli::builtin_plugin_dirs();
+        let plugin_dirs = builtin_plugin_dirs();
         Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("trellis-data"),
@@ -236,68 +252,104 @@ impl FromStr for Durability {
     }
 }
 
-/// Where a secret's value comes from: `{ env = "VAR" }` or `{ file = "/path" }`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SecretSource {
-    /// An environment variable of the server process.
-    Env(String),
-    /// A file (e.g. a mounted Docker or Kubernetes secret), read whole; a
-    /// relative path in `trellis.toml` is relative to that file's directory.
-    File(PathBuf),
-}
-
-/// A `[secrets]` entry as written; exactly one key must be set.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SecretTable {
-    env: Option<String>,
-    file: Option<PathBuf>,
-}
-
-const SECRET_SOURCE: &str = "write { env = \"VAR\" } or { file = \"/path\" }";
-
-impl<'de> Deserialize<'de> for SecretSource {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct SecretVisitor;
-
-        impl<'de> Visitor<'de> for SecretVisitor {
-            type Value = SecretSource;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "a secret source: {SECRET_SOURCE}")
-            }
-
-            // Never echo the string: it may be the secret itself.
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<SecretSource, E> {
-                Err(E::custom(format!(
-                    "a secret's value does not belong in the configuration file: {SECRET_SOURCE}"
-                )))
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<SecretSource, A::Error> {
-                let table = SecretTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                match (table.env, table.file) {
-                    (Some(var), None) => Ok(SecretSource::Env(var)),
-                    (None, Some(path)) => Ok(SecretSource::File(path)),
-                    _ => Err(de::Error::custom(format!(
-                        "a secret comes from exactly one place: {SECRET_SOURCE}"
-                    ))),
-                }
-            }
-        }
-
-        deserializer.deserialize_any(SecretVisitor)
-    }
-}
-
-/// What the command line gave; each given value overrides the file and the
-/// environment. An empty list means the flag was not given.
-#[derive(Debug, Clone, Default)]
-pub struct Overrides {
-    pub bind: Option<SocketAddr>,
+/// Every key of the configuration, each optional: what one source sets.
+/// Declared once for all three sources, each layered over the one before:
+/// the file deserializes into it (values whose check needs a location keep
+/// their span), `Settings::from_env` fills it from `TRELLIS_*` variables,
+/// and the command line fills it from its flags (no span: [`Settings::given`]).
+/// `Config::apply` is the one validation of every value, whatever its source.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table of settings")]
+pub struct Settings {
+    pub bind: Option<Spanned<String>>,
     pub data_dir: Option<PathBuf>,
-    pub plugin_dirs: Vec<PathBuf>,
-    pub workflow_dirs: Vec<PathBuf>,
+    pub store: Option<Spanned<String>>,
+    pub durability: Option<Spanned<String>>,
+    pub plugin_dirs: Option<Vec<PathBuf>>,
+    pub workflow_dirs: Option<Vec<PathBuf>>,
+    pub auth_token: Option<String>,
+    pub max_concurrent_steps: Option<Spanned<usize>>,
+    pub max_body: Option<Spanned<Size>>,
+    pub header_timeout: Option<Spanned<HumanDuration>>,
+    pub body_timeout: Option<Spanned<HumanDuration>>,
+    pub max_connections: Option<Spanned<usize>>,
+    pub state_max_keys: Option<Spanned<u64>>,
+    pub state_max_bytes: Option<Spanned<Size>>,
+    pub limits: Option<LimitsTable>,
+    /// Only the file names secrets.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretSource>,
+}
+
+/// The environment variable of each key that has one (`[limits]` keys by
+/// their own name). The one place a key's variable is named.
+const ENV_VARS: &[(&str, &str)] = &[
+    ("bind", "TRELLIS_BIND"),
+    ("data_dir", "TRELLIS_DATA_DIR"),
+    ("store", "TRELLIS_STORE"),
+    ("durability", "TRELLIS_DURABILITY"),
+    ("plugin_dirs", "TRELLIS_PLUGIN_DIRS"),
+    ("workflow_dirs", "TRELLIS_WORKFLOW_DIRS"),
+    ("auth_token", "TRELLIS_AUTH_TOKEN"),
+    ("max_concurrent_steps", "TRELLIS_MAX_CONCURRENT_STEPS"),
+    ("max_body", "TRELLIS_MAX_BODY"),
+    ("header_timeout", "TRELLIS_HEADER_TIMEOUT"),
+    ("body_timeout", "TRELLIS_BODY_TIMEOUT"),
+    ("max_connections", "TRELLIS_MAX_CONNECTIONS"),
+    ("state_max_keys", "TRELLIS_STATE_MAX_KEYS"),
+    ("state_max_bytes", "TRELLIS_STATE_MAX_BYTES"),
+    ("fuel", "TRELLIS_FUEL"),
+    ("memory", "TRELLIS_MEMORY"),
+    ("timeout", "TRELLIS_TIMEOUT"),
+];
+
+impl Settings {
+    /// A value from a source without positions (the environment, a flag).
+    pub fn given<T>(value: T) -> Spanned<T> {
+        Spanned::new(0..0, value)
+    }
+
+    /// The `TRELLIS_*` variables that are set (an empty one counts as unset),
+    /// parsed; a value that does not parse is an error naming its variable.
+    fn from_env(env: &Env<'_>) -> Result<Settings, ConfigError> {
+        let mut settings = Settings {
+            bind: env.get("bind").map(Settings::given),
+            data_dir: env.get("data_dir").map(PathBuf::from),
+            store: env.get("store").map(Settings::given),
+            durability: env.get("durability").map(Settings::given),
+            plugin_dirs: env.get("plugin_dirs").map(|dirs| split_paths(&dirs)),
+            workflow_dirs: env.get("workflow_dirs").map(|dirs| split_paths(&dirs)),
+            auth_token: env.get("auth_token"),
+            ..Settings::default()
+        };
+        settings.max_concurrent_steps = env
+            .parse("max_concurrent_steps", parse_count)?
+            .map(Settings::given);
+        settings.max_body = env.parse("max_body", str::parse)?.map(Settings::given);
+        settings.header_timeout = env
+            .parse("header_timeout", str::parse)?
+            .map(Settings::given);
+        settings.body_timeout = env.parse("body_timeout", str::parse)?.map(Settings::given);
+        settings.max_connections = env
+            .parse("max_connections", parse_count)?
+            .map(Settings::given);
+        settings.state_max_keys = env
+            .parse("state_max_keys", parse_count)?
+            .map(Settings::given);
+        settings.state_max_bytes = env
+            .parse("state_max_bytes", str::parse)?
+            .map(Settings::given);
+        let limits = LimitsTable {
+            fuel: env.parse("fuel", parse_count)?.map(Settings::given),
+            memory: env.parse("memory", str::parse)?.map(Settings::given),
+            timeout: env.parse("timeout", str::parse)?.map(Settings::given),
+            ..LimitsTable::default()
+        };
+        let any_limit =
+            limits.fuel.is_some() || limits.memory.is_some() || limits.timeout.is_some();
+        settings.limits = any_limit.then_some(limits);
+        Ok(settings)
+    }
 }
 
 /// Why the configuration cannot be used.
@@ -316,6 +368,9 @@ pub enum ConfigError {
     /// An environment variable's value does not parse or is out of range.
     #[error("{var}: {message}")]
     Env { var: &'static str, message: String },
+    /// A flag's value is out of range.
+    #[error("--{flag}: {message}")]
+    Flag { flag: String, message: String },
     /// A bind address other machines can reach, and no auth token.
     #[error(
         "refusing to listen on {bind} without an auth token: set auth_token in trellis.toml or TRELLIS_AUTH_TOKEN, or bind 127.0.0.1"
@@ -326,15 +381,15 @@ pub enum ConfigError {
 impl Config {
     /// The configuration from `file` (the `--config` path, which must exist;
     /// `None`: `./trellis.toml` if it exists, else only defaults), the process
-    /// environment and `overrides`.
-    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
-        Config::load_with_env(file, overrides, &|name| std::env::var(name).ok())
+    /// environment and `flags`.
+    pub fn load(file: Option<&Path>, flags: Settings) -> Result<Config, ConfigError> {
+        Config::load_with_env(file, flags, &|name| std::env::var(name).ok())
     }
 
     /// [`Config::load`] with the environment given as a lookup function.
     pub fn load_with_env(
         file: Option<&Path>,
-        overrides: &Overrides,
+        flags: Settings,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let mut config = Config::default();
@@ -349,9 +404,28 @@ impl Config {
             })?;
             config.apply_file(&path, &source)?;
         }
-        config.apply_env(&Env(env))?;
-        config.apply_overrides(overrides);
-        Ok(config)
+
+        let mut first = None;
+        let env = Env(env);
+        config.apply(
+            Settings::from_env(&env)?,
+            Path::new(""),
+            &mut |key, _, message| {
+                let var = env_var(key);
+                first.get_or_insert(ConfigError::Env { var, message });
+            },
+        );
+        if let Some(error) = first {
+            return Err(error);
+        }
+        config.apply(flags, Path::new(""), &mut |key, _, message| {
+            let flag = key.replace('_', "-");
+            first.get_or_insert(ConfigError::Flag { flag, message });
+        });
+        match first {
+            Some(error) => Err(error),
+            None => Ok(config),
+        }
     }
 
     /// Refuses a bind address other machines can reach (anything but
@@ -366,308 +440,146 @@ impl Config {
     }
 
     /// The file's values over `self`; `path` names the file in messages and
-    /// anchors its relative paths.
+    /// anchors its relative paths. Every problem is reported, in file order.
     fn apply_file(&mut self, path: &Path, source: &str) -> Result<(), ConfigError> {
-        let problems = |found: Vec<(usize, String)>| {
-            ConfigError::File(Diagnostics(
-                found
-                    .into_iter()
-                    .map(|(offset, message)| {
-                        let (line, column) = position(source, offset);
-                        Diagnostic {
-                            file: path.display().to_string(),
-                            line,
-                            column,
-                            message,
-                        }
-                    })
-                    .collect(),
-            ))
-        };
-        let file: ConfigFile = toml::from_str(source).map_err(|error| {
-            let offset = error.span().map_or(0, |span| span.start);
-            problems(vec![(offset, error.message().trim_end().to_owned())])
-        })?;
-
-        let base = path.parent().unwrap_or(Path::new(""));
-        let mut found = Vec::new();
-        let mut check = |span: Range<usize>, result: Result<(), String>| {
-            if let Err(message) = result {
-                found.push((span.start, message));
+        let file_name = path.display().to_string();
+        let mut report = Reporter::new(&file_name, source);
+        let settings: Settings = match toml::from_str(source) {
+            Ok(settings) => settings,
+            Err(error) => {
+                let offset = error.span().map_or(0, |span| span.start);
+                report.error_at(offset, error.message().trim_end());
+                return report.finish(None).map_err(ConfigError::File);
             }
         };
-        if let Some(bind) = file.bind {
-            check(
-                bind.span(),
-                parse_bind(bind.get_ref()).map(|v| self.bind = v),
-            );
+        let base = path.parent().unwrap_or(Path::new(""));
+        self.apply(settings, base, &mut |_, span, message| {
+            report.error(&span, message);
+        });
+        report.finish(Some(())).map_err(ConfigError::File)
+    }
+
+    /// `settings` over `self`, each value checked: the one validation of every
+    /// key. A value out of range is passed to `problem` with its key and span,
+    /// and leaves `self` as it was; relative paths are taken from `base`.
+    fn apply(
+        &mut self,
+        settings: Settings,
+        base: &Path,
+        problem: &mut dyn FnMut(&'static str, Range<usize>, String),
+    ) {
+        let mut check = |key: &'static str, span: Range<usize>, result: Result<(), String>| {
+            if let Err(message) = result {
+                problem(key, span, message);
+            }
+        };
+        if let Some(bind) = settings.bind {
+            let parsed = parse_bind(bind.get_ref()).map(|v| self.bind = v);
+            check("bind", bind.span(), parsed);
         }
-        if let Some(data_dir) = file.data_dir {
+        if let Some(data_dir) = settings.data_dir {
             self.data_dir = base.join(data_dir);
         }
-        if let Some(store) = file.store {
-            check(
-                store.span(),
-                store.get_ref().parse().map(|v| self.store = v),
-            );
+        if let Some(store) = settings.store {
+            let parsed = store.get_ref().parse().map(|v| self.store = v);
+            check("store", store.span(), parsed);
         }
-        if let Some(durability) = file.durability {
-            let parsed = durability.get_ref().parse();
-            check(durability.span(), parsed.map(|v| self.durability = v));
+        if let Some(durability) = settings.durability {
+            let parsed = durability.get_ref().parse().map(|v| self.durability = v);
+            check("durability", durability.span(), parsed);
         }
-        if let Some(dirs) = file.plugin_dirs {
+        if let Some(dirs) = settings.plugin_dirs {
             self.plugin_dirs = dirs.into_iter().map(|dir| base.join(dir)).collect();
         }
-        if let Some(dirs) = file.workflow_dirs {
+        if let Some(dirs) = settings.workflow_dirs {
             self.workflow_dirs = dirs.into_iter().map(|dir| base.join(dir)).collect();
         }
-        if let Some(token) = file.auth_token {
+        if let Some(token) = settings.auth_token {
             self.auth_token = Some(token).filter(|token| !token.is_empty());
         }
-        if let Some(steps) = file.max_concurrent_steps {
+        if let Some(steps) = settings.max_concurrent_steps {
             let value = *steps.get_ref();
-            check(
-                steps.span(),
-                check_concurrency(value).map(|()| self.max_concurrent_steps = value),
-            );
+            let checked = check_concurrency(value).map(|()| self.max_concurrent_steps = value);
+            check("max_concurrent_steps", steps.span(), checked);
         }
-        if let Some(max_body) = file.max_body {
-            self.max_body = max_body.0;
+        if let Some(max_body) = settings.max_body {
+            self.max_body = max_body.into_inner().0;
         }
         for (key, value, slot) in [
             (
                 "header_timeout",
-                file.header_timeout,
+                settings.header_timeout,
                 &mut self.header_timeout,
             ),
-            ("body_timeout", file.body_timeout, &mut self.body_timeout),
+            (
+                "body_timeout",
+                settings.body_timeout,
+                &mut self.body_timeout,
+            ),
         ] {
             if let Some(value) = value {
                 let span = value.span();
                 let duration = value.into_inner().0;
-                check(
-                    span,
-                    check_server_timeout(key, duration).map(|()| *slot = duration),
-                );
+                let checked = check_server_timeout(key, duration).map(|()| *slot = duration);
+                check(key, span, checked);
             }
         }
-        if let Some(connections) = file.max_connections {
+        if let Some(connections) = settings.max_connections {
             let value = *connections.get_ref();
-            check(
-                connections.span(),
-                check_connections(value).map(|()| self.max_connections = value),
-            );
+            let checked = check_connections(value).map(|()| self.max_connections = value);
+            check("max_connections", connections.span(), checked);
         }
-        if let Some(keys) = file.state_max_keys {
+        if let Some(keys) = settings.state_max_keys {
             let value = *keys.get_ref();
-            check(
-                keys.span(),
-                check_state_keys(value).map(|()| self.state_quota.max_keys = value),
-            );
+            let checked = check_state_keys(value).map(|()| self.state_quota.max_keys = value);
+            check("state_max_keys", keys.span(), checked);
         }
-        if let Some(bytes) = file.state_max_bytes {
+        if let Some(bytes) = settings.state_max_bytes {
             let value = bytes.get_ref().0;
-            check(
-                bytes.span(),
-                check_state_bytes(value).map(|()| self.state_quota.max_bytes = value),
-            );
+            let checked = check_state_bytes(value).map(|()| self.state_quota.max_bytes = value);
+            check("state_max_bytes", bytes.span(), checked);
         }
-        if let Some(limits) = file.limits {
-            let mut overrides = LimitOverrides::default();
-            if let Some(fuel) = limits.fuel {
-                let value = *fuel.get_ref();
-                check(
-                    fuel.span(),
-                    check_fuel(value).map(|()| overrides.fuel = Some(value)),
-                );
-            }
-            if let Some(memory) = limits.memory {
-                let value = memory.get_ref().0;
-                let checked = check_memory(value).map(|()| overrides.memory = Some(value));
-                check(memory.span(), checked);
-            }
-            if let Some(timeout) = limits.timeout {
-                let value = timeout.get_ref().0;
-                let checked = check_timeout(value).map(|()| overrides.timeout = Some(value));
-                check(timeout.span(), checked);
-            }
-            overrides.max_output = limits.max_output.map(|size| size.into_inner().0);
-            overrides.max_log = limits.max_log.map(|size| size.into_inner().0);
-            overrides.http_requests = limits.http_requests.map(|n| n.into_inner());
-            overrides.http_request_body = limits.http_request_body.map(|size| size.into_inner().0);
-            overrides.http_response_body =
-                limits.http_response_body.map(|size| size.into_inner().0);
+        if let Some(limits) = settings.limits {
+            let overrides =
+                limits.overrides(&mut |key, span, message| check(key, span, Err(message)));
             self.limits = overrides.apply(self.limits);
         }
-        for (name, secret) in file.secrets {
+        for (name, secret) in settings.secrets {
             let secret = match secret {
                 SecretSource::File(file) => SecretSource::File(base.join(file)),
                 env => env,
             };
             self.secrets.insert(name, secret);
         }
-        if found.is_empty() {
-            Ok(())
-        } else {
-            found.sort_by_key(|(offset, _)| *offset);
-            Err(problems(found))
-        }
-    }
-
-    /// The `TRELLIS_*` variables over `self`.
-    fn apply_env(&mut self, env: &Env<'_>) -> Result<(), ConfigError> {
-        if let Some(bind) = env.parse("TRELLIS_BIND", parse_bind)? {
-            self.bind = bind;
-        }
-        if let Some(dir) = env.get("TRELLIS_DATA_DIR") {
-            self.data_dir = PathBuf::from(dir);
-        }
-        if let Some(store) = env.parse("TRELLIS_STORE", str::parse)? {
-            self.store = store;
-        }
-        if let Some(durability) = env.parse("TRELLIS_DURABILITY", str::parse)? {
-            self.durability = durability;
-        }
-        if let Some(dirs) = env.get("TRELLIS_PLUGIN_DIRS") {
-            self.plugin_dirs = split_paths(&dirs);
-        }
-        if let Some(dirs) = env.get("TRELLIS_WORKFLOW_DIRS") {
-            self.workflow_dirs = split_paths(&dirs);
-        }
-        if let Some(token) = env.get("TRELLIS_AUTH_TOKEN") {
-            self.auth_token = Some(token);
-        }
-        let steps = env.parse("TRELLIS_MAX_CONCURRENT_STEPS", |s| {
-            let steps = parse_count(s)?;
-            check_concurrency(steps).map(|()| steps)
-        })?;
-        if let Some(steps) = steps {
-            self.max_concurrent_steps = steps;
-        }
-        if let Some(max_body) = env.parse("TRELLIS_MAX_BODY", parse_size)? {
-            self.max_body = max_body;
-        }
-        for (var, key, slot) in [
-            (
-                "TRELLIS_HEADER_TIMEOUT",
-                "header_timeout",
-                &mut self.header_timeout,
-            ),
-            (
-                "TRELLIS_BODY_TIMEOUT",
-                "body_timeout",
-                &mut self.body_timeout,
-            ),
-        ] {
-            let timeout = env.parse(var, |s| {
-                let timeout = parse_duration(s)?;
-                check_server_timeout(key, timeout).map(|()| timeout)
-            })?;
-            if let Some(timeout) = timeout {
-                *slot = timeout;
-            }
-        }
-        let connections = env.parse("TRELLIS_MAX_CONNECTIONS", |s| {
-            let connections = parse_count(s)?;
-            check_connections(connections).map(|()| connections)
-        })?;
-        if let Some(connections) = connections {
-            self.max_connections = connections;
-        }
-        let keys = env.parse("TRELLIS_STATE_MAX_KEYS", |s| {
-            let keys = parse_count(s)?;
-            check_state_keys(keys).map(|()| keys)
-        })?;
-        if let Some(keys) = keys {
-            self.state_quota.max_keys = keys;
-        }
-        let bytes = env.parse("TRELLIS_STATE_MAX_BYTES", |s| {
-            let bytes = parse_size(s)?;
-            check_state_bytes(bytes).map(|()| bytes)
-        })?;
-        if let Some(bytes) = bytes {
-            self.state_quota.max_bytes = bytes;
-        }
-        let fuel = env.parse("TRELLIS_FUEL", |s| {
-            let fuel = parse_count(s)?;
-            check_fuel(fuel).map(|()| fuel)
-        })?;
-        if let Some(fuel) = fuel {
-            self.limits.fuel = fuel;
-        }
-        let memory = env.parse("TRELLIS_MEMORY", |s| {
-            let memory = parse_size(s)?;
-            check_memory(memory).map(|()| memory)
-        })?;
-        if let Some(memory) = memory {
-            self.limits.memory = memory;
-        }
-        let timeout = env.parse("TRELLIS_TIMEOUT", |s| {
-            let timeout = parse_duration(s)?;
-            check_timeout(timeout).map(|()| timeout)
-        })?;
-        if let Some(timeout) = timeout {
-            self.limits.timeout = timeout;
-        }
-        Ok(())
-    }
-
-    /// The flags over `self`.
-    fn apply_overrides(&mut self, overrides: &Overrides) {
-        if let Some(bind) = overrides.bind {
-            self.bind = bind;
-        }
-        if let Some(dir) = &overrides.data_dir {
-            self.data_dir = dir.clone();
-        }
-        if !overrides.plugin_dirs.is_empty() {
-            self.plugin_dirs = overrides.plugin_dirs.clone();
-        }
-        if !overrides.workflow_dirs.is_empty() {
-            self.workflow_dirs = overrides.workflow_dirs.clone();
-        }
     }
 }
 
-/// `trellis.toml` as written. Values whose checks need a location keep their
-/// span; sizes and durations parse as in workflow files.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a table of settings")]
-struct ConfigFile {
-    bind: Option<Spanned<String>>,
-    data_dir: Option<PathBuf>,
-    store: Option<Spanned<String>>,
-    durability: Option<Spanned<String>>,
-    plugin_dirs: Option<Vec<PathBuf>>,
-    workflow_dirs: Option<Vec<PathBuf>>,
-    auth_token: Option<String>,
-    max_concurrent_steps: Option<Spanned<usize>>,
-    max_body: Option<Size>,
-    header_timeout: Option<Spanned<HumanDuration>>,
-    body_timeout: Option<Spanned<HumanDuration>>,
-    max_connections: Option<Spanned<usize>>,
-    state_max_keys: Option<Spanned<u64>>,
-    state_max_bytes: Option<Spanned<Size>>,
-    limits: Option<LimitsTable>,
-    #[serde(default)]
-    secrets: BTreeMap<String, SecretSource>,
+/// The variable that sets `key`.
+fn env_var(key: &str) -> &'static str {
+    ENV_VARS
+        .iter()
+        .find(|(name, _)| *name == key)
+        .map(|(_, var)| *var)
+        .expect("every key checked from the environment has a variable")
 }
 
 /// The environment, where an empty value counts as unset.
 struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
 
 impl Env<'_> {
-    fn get(&self, var: &str) -> Option<String> {
-        (self.0)(var).filter(|value| !value.is_empty())
+    /// The value of `key`'s variable.
+    fn get(&self, key: &str) -> Option<String> {
+        (self.0)(env_var(key)).filter(|value| !value.is_empty())
     }
 
-    /// `var`'s value through `parse`; an error names the variable.
+    /// `key`'s variable's value through `parse`; an error names the variable.
     fn parse<T>(
         &self,
-        var: &'static str,
+        key: &str,
         parse: impl FnOnce(&str) -> Result<T, String>,
     ) -> Result<Option<T>, ConfigError> {
-        self.get(var)
+        let var = env_var(key);
+        self.get(key)
             .map(|value| parse(&value).map_err(|message| ConfigError::Env { var, message }))
             .transpose()
     }
@@ -693,20 +605,6 @@ fn parse_count<T: FromStr>(s: &str) -> Result<T, String> {
         .replace('_', "")
         .parse()
         .map_err(|_| format!("invalid number \"{s}\": write a whole number like 64"))
-}
-
-/// A size as in a workflow's `[limits]`: `"64MiB"` or a number of bytes.
-fn parse_size(s: &str) -> Result<u64, String> {
-    Size::deserialize(StrDeserializer::<ValueError>::new(s))
-        .map(|size| size.0)
-        .map_err(|error| error.to_string())
-}
-
-/// A duration as in a workflow's `[limits]`: `"10s"`, `"1m 30s"`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    HumanDuration::deserialize(StrDeserializer::<ValueError>::new(s))
-        .map(|duration| duration.0)
-        .map_err(|error| error.to_string())
 }
 
 fn check_concurrency(steps: usize) -> Result<(), String> {
@@ -747,48 +645,6 @@ fn check_connections(connections: usize) -> Result<(), String> {
     Ok(())
 }
 
-// The same bounds as a workflow's `[limits]` (workflow::validate).
-fn check_fuel(fuel: u64) -> Result<(), String> {
-    if fuel == 0 {
-        return Err("`fuel` must be at least 1".to_owned());
-    }
-    Ok(())
-}
-
-fn check_memory(bytes: u64) -> Result<(), String> {
-    if bytes == 0 {
-        return Err("`memory` must be more than 0 bytes".to_owned());
-    }
-    if bytes > MAX_MEMORY {
-        return Err(format!(
-            "`memory` is {}, but a wasm32 instance cannot use more than {}",
-            bytesize::ByteSize(bytes).display().iec(),
-            bytesize::ByteSize(MAX_MEMORY).display().iec(),
-        ));
-    }
-    Ok(())
-}
-
-fn check_timeout(timeout: Duration) -> Result<(), String> {
-    if timeout.is_zero() {
-        return Err("`timeout` must be longer than 0s".to_owned());
-    }
-    Ok(())
-}
-
-/// 1-based line and column (in characters) of byte `offset` of `source`.
-fn position(source: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(source.len());
-    while !source.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &source[..offset];
-    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
-    let line = before.matches('\n').count() + 1;
-    let column = before[line_start..].chars().count() + 1;
-    (line, column)
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -800,7 +656,7 @@ mod tests {
     fn load(
         toml: &str,
         env: &[(&str, &str)],
-        overrides: &Overrides,
+        flags: Settings,
     ) -> (tempfile::TempDir, Result<Config, ConfigError>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("trellis.toml");
@@ -809,25 +665,25 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let config = Config::load_with_env(Some(&path), overrides, &|name| env.get(name).cloned());
+        let config = Config::load_with_env(Some(&path), flags, &|name| env.get(name).cloned());
         (dir, config)
     }
 
-    fn load_ok(toml: &str, env: &[(&str, &str)], overrides: &Overrides) -> Config {
-        let (_dir, config) = load(toml, env, overrides);
+    fn load_ok(toml: &str, env: &[(&str, &str)], flags: Settings) -> Config {
+        let (_dir, config) = load(toml, env, flags);
         config.unwrap()
     }
 
     /// The message, with the temp dir's path replaced by `DIR`.
     fn load_err(toml: &str, env: &[(&str, &str)]) -> String {
-        let (dir, config) = load(toml, env, &Overrides::default());
+        let (dir, config) = load(toml, env, Settings::default());
         let message = config.unwrap_err().to_string();
         message.replace(&dir.path().display().to_string(), "DIR")
     }
 
     #[test]
     fn defaults_without_file_or_environment() {
-        let config = Config::load_with_env(None, &Overrides::default(), &|_| None).unwrap();
+        let config = Config::load_with_env(None, Settings::default(), &|_| None).unwrap();
         assert_eq!(config, Config::default());
         assert_eq!(config.bind, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.data_dir, PathBuf::from("trellis-data"));
@@ -849,13 +705,13 @@ mod tests {
         );
         assert_eq!(config.limits, Limits::default());
         assert!(config.secrets.is_empty());
-        assert_eq!(config.plugin_dirs, crate::cli::builtin_plugin_dirs());
+        assert_eq!(config.plugin_dirs, builtin_plugin_dirs());
         assert!(config.check_bind().is_ok());
     }
 
     #[test]
     fn an_empty_file_gives_the_defaults() {
-        assert_eq!(load_ok("", &[], &Overrides::default()), Config::default());
+        assert_eq!(load_ok("", &[], Settings::default()), Config::default());
     }
 
     #[test]
@@ -893,7 +749,7 @@ mod tests {
                 tls_key = { file = "/run/secrets/key" }
             "#,
             &[],
-            &Overrides::default(),
+            Settings::default(),
         );
         let config = config.unwrap();
         let dir = dir.path();
@@ -953,7 +809,7 @@ mod tests {
 
     #[test]
     fn limits_the_file_leaves_out_keep_their_defaults() {
-        let config = load_ok("[limits]\nfuel = 5\n", &[], &Overrides::default());
+        let config = load_ok("[limits]\nfuel = 5\n", &[], Settings::default());
         assert_eq!(
             config.limits,
             Limits {
@@ -965,7 +821,7 @@ mod tests {
 
     #[test]
     fn an_empty_auth_token_means_no_auth() {
-        let config = load_ok("auth_token = \"\"\n", &[], &Overrides::default());
+        let config = load_ok("auth_token = \"\"\n", &[], Settings::default());
         assert_eq!(config.auth_token, None);
     }
 
@@ -1011,7 +867,7 @@ mod tests {
                 ("TRELLIS_MEMORY", "1MiB"),
                 ("TRELLIS_TIMEOUT", "1m 30s"),
             ],
-            &Overrides::default(),
+            Settings::default(),
         );
         assert_eq!(config.bind, "[::1]:9090".parse().unwrap());
         assert_eq!(config.data_dir, PathBuf::from("env-data"));
@@ -1048,7 +904,7 @@ mod tests {
         let config = load_ok(
             "auth_token = \"file-token\"\ndata_dir = \"/data\"\n",
             &[("TRELLIS_AUTH_TOKEN", ""), ("TRELLIS_DATA_DIR", "")],
-            &Overrides::default(),
+            Settings::default(),
         );
         assert_eq!(config.auth_token.as_deref(), Some("file-token"));
         assert_eq!(config.data_dir, PathBuf::from("/data"));
@@ -1056,11 +912,12 @@ mod tests {
 
     #[test]
     fn flags_override_the_environment() {
-        let overrides = Overrides {
-            bind: Some("127.0.0.2:7000".parse().unwrap()),
+        let flags = Settings {
+            bind: Some(Settings::given("127.0.0.2:7000".to_owned())),
             data_dir: Some(PathBuf::from("flag-data")),
-            plugin_dirs: vec![PathBuf::from("flag-plugins")],
-            workflow_dirs: vec![PathBuf::from("flag-flows"), PathBuf::from("more")],
+            plugin_dirs: Some(vec![PathBuf::from("flag-plugins")]),
+            workflow_dirs: Some(vec![PathBuf::from("flag-flows"), PathBuf::from("more")]),
+            ..Settings::default()
         };
         let config = load_ok(
             "bind = \"127.0.0.1:1\"\n",
@@ -1070,7 +927,7 @@ mod tests {
                 ("TRELLIS_PLUGIN_DIRS", "env-plugins"),
                 ("TRELLIS_WORKFLOW_DIRS", "env-flows"),
             ],
-            &overrides,
+            flags,
         );
         assert_eq!(config.bind, "127.0.0.2:7000".parse().unwrap());
         assert_eq!(config.data_dir, PathBuf::from("flag-data"));
@@ -1082,11 +939,25 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_flag_is_named() {
+        let flags = Settings {
+            bind: Some(Settings::given("localhost".to_owned())),
+            ..Settings::default()
+        };
+        let (_dir, config) = load("", &[], flags);
+        let message = config.unwrap_err().to_string();
+        assert!(
+            message.starts_with("--bind: invalid bind address \"localhost\""),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn flags_not_given_leave_the_environment_alone() {
         let config = load_ok(
             "",
             &[("TRELLIS_PLUGIN_DIRS", "env-plugins")],
-            &Overrides::default(),
+            Settings::default(),
         );
         assert_eq!(config.plugin_dirs, vec![PathBuf::from("env-plugins")]);
     }
@@ -1096,7 +967,7 @@ mod tests {
         let config = load_ok(
             "store = \"postgresql://trellis:pw@db:5432/trellis\"\n",
             &[],
-            &Overrides::default(),
+            Settings::default(),
         );
         assert_eq!(
             config.store,
@@ -1257,7 +1128,7 @@ timeout = "0s"
     fn a_missing_config_file_is_an_error() {
         let error = Config::load_with_env(
             Some(Path::new("/nonexistent/trellis.toml")),
-            &Overrides::default(),
+            Settings::default(),
             &|_| None,
         )
         .unwrap_err();
@@ -1311,11 +1182,7 @@ timeout = "0s"
 
     #[test]
     fn a_non_loopback_bind_needs_a_token() {
-        let config = load_ok(
-            "",
-            &[("TRELLIS_BIND", "0.0.0.0:8080")],
-            &Overrides::default(),
-        );
+        let config = load_ok("", &[("TRELLIS_BIND", "0.0.0.0:8080")], Settings::default());
         let error = config.check_bind().unwrap_err();
         assert_eq!(
             error.to_string(),
@@ -1335,7 +1202,7 @@ timeout = "0s"
         let config = load_ok(
             "bind = \"0.0.0.0:8080\"\n",
             &[("TRELLIS_AUTH_TOKEN", "t")],
-            &Overrides::default(),
+            Settings::default(),
         );
         assert!(config.check_bind().is_ok());
     }
@@ -1354,13 +1221,5 @@ timeout = "0s"
             };
             assert!(config.check_bind().is_ok(), "{bind}");
         }
-    }
-
-    #[test]
-    fn positions_count_lines_and_characters() {
-        assert_eq!(position("a = 1\nbé = 2\n", 0), (1, 1));
-        assert_eq!(position("a = 1\nbé = 2\n", 6), (2, 1));
-        assert_eq!(position("a = 1\nbé = 2\n", 9), (2, 3));
-        assert_eq!(position("a", 100), (1, 2));
     }
 }

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::engine::Limits;
-use crate::plugin::{AttemptOutcome, Invocation, Plugin, PluginRegistry, StateStore, StepEvents};
+use crate::plugin::{
+    AttemptOutcome, Invocation, Plugin, PluginRef, PluginRegistry, StateStore, StepEvents,
+};
 use crate::record::{
     AttemptRecord, ErrorKind, ErrorRecord, LogLine, Progress, RunError, RunRecord, RunStatus,
     StepRecord, StepStatus, new_run_id, now_rfc3339,
@@ -139,7 +141,7 @@ impl Executor {
         let started_at = record.started_at.get_or_insert_with(now_rfc3339).clone();
         // Not waited for: the first step's start write commits it too.
         if let Some(store) = &options.store {
-            detach(store.run_started(&run_id, &started_at));
+            store.run_started(&run_id, &started_at).detach();
         }
 
         // Which steps are done already (a resumed run) and which will run.
@@ -309,8 +311,9 @@ impl Executor {
             // and is not run again. Not waited for here, so the two share a
             // commit.
             if let Some(store) = &options.store {
-                let saved = store.save_step(&run.run_id, index, &record.steps[index], Commit::Soon);
-                detach(saved);
+                store
+                    .save_step(&run.run_id, index, &record.steps[index], Commit::Soon)
+                    .detach();
             }
             let mut ready = Vec::new();
             for &dependent in &dependents[index] {
@@ -390,10 +393,7 @@ impl Executor {
         let mut plugins = Vec::with_capacity(plan.steps.len());
         for (step, step_record) in plan.steps.iter().zip(&mut record.steps) {
             let reference = match &step_record.plugin_digest {
-                Some(digest) => {
-                    let name = step.plugin.split('@').next().unwrap_or(&step.plugin);
-                    format!("{name}@{digest}")
-                }
+                Some(digest) => PluginRef::digest(step.plugin.name.as_str(), digest),
                 None => step.plugin.clone(),
             };
             let plugin = self
@@ -504,7 +504,7 @@ pub fn queued_record(plan: &Plan, run_id: String, input: Value) -> RunRecord {
         steps: plan
             .steps
             .iter()
-            .map(|step| StepRecord::pending(&step.id, &step.plugin))
+            .map(|step| StepRecord::pending(&step.id, step.plugin.to_string()))
             .collect(),
     }
 }
@@ -737,7 +737,7 @@ impl RunContext {
             plugin_digest: Some(format!("sha256:{}", plugin.digest)),
             status: StepStatus::Running,
             attempts,
-            ..StepRecord::pending(&step.id, &step.plugin)
+            ..StepRecord::pending(&step.id, step.plugin.to_string())
         };
         Some(store.save_step(&self.run_id, index, &record, commit))
     }
@@ -889,7 +889,7 @@ impl RunContext {
                             Commit::Soon,
                         )
                     {
-                        detach(write);
+                        write.detach();
                     }
                     return (result, attempts);
                 }
@@ -909,13 +909,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("no message");
     format!("step panicked: {message}")
-}
-
-/// Lets a queued write commit without waiting for it: the store logs it if
-/// it fails. (Waiting in a task of its own would cost a spawn and a wake-up
-/// per write on the writer's critical path.)
-fn detach(write: Queued) {
-    drop(write);
 }
 
 fn attempt_record(

@@ -35,6 +35,38 @@ impl RunStatus {
             RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled
         )
     }
+
+    /// Every status, in the order a run goes through them.
+    pub const ALL: [RunStatus; 5] = [
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ];
+}
+
+/// A text that names no [`RunStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown run status \"{0}\": write queued, running, succeeded, failed or cancelled")]
+pub struct UnknownRunStatus(pub String);
+
+/// The status's name as [`RunStatus::as_str`] writes it (the JSON name), exactly.
+impl std::str::FromStr for RunStatus {
+    type Err = UnknownRunStatus;
+
+    fn from_str(text: &str) -> Result<Self, UnknownRunStatus> {
+        RunStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == text)
+            .ok_or_else(|| UnknownRunStatus(text.to_owned()))
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The state of one step of a run.
@@ -332,4 +364,24 @@ pub fn now_rfc3339() -> String {
 /// A new run id: a UUIDv7, so ids sort by creation time.
 pub fn new_run_id() -> String {
     uuid::Uuid::now_v7().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_statuses_parse_as_they_serialize() {
+        for status in RunStatus::ALL {
+            assert_eq!(status.as_str().parse::<RunStatus>(), Ok(status));
+            assert_eq!(
+                serde_json::to_value(status).unwrap(),
+                Value::String(status.to_string())
+            );
+        }
+        assert_eq!(
+            "Cancelled".parse::<RunStatus>().unwrap_err().to_string(),
+            "unknown run status \"Cancelled\": write queued, running, succeeded, failed or cancelled"
+        );
+    }
 }

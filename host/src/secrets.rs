@@ -11,14 +11,14 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use aho_corasick::AhoCorasick;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
-
-use crate::config::SecretSource;
-use crate::workflow::PluginCatalog;
 
 /// What a secret's value is replaced with.
 pub const REDACTED: &str = "[REDACTED]";
@@ -30,6 +30,60 @@ pub fn is_name(text: &str) -> bool {
         && text
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Where a secret's value comes from: `{ env = "VAR" }` or `{ file = "/path" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// An environment variable of the server process.
+    Env(String),
+    /// A file (e.g. a mounted Docker or Kubernetes secret), read whole; a
+    /// relative path in `trellis.toml` is relative to that file's directory.
+    File(PathBuf),
+}
+
+/// A `[secrets]` entry as written; exactly one key must be set.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretTable {
+    env: Option<String>,
+    file: Option<PathBuf>,
+}
+
+const SECRET_SOURCE: &str = "write { env = \"VAR\" } or { file = \"/path\" }";
+
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SecretVisitor;
+
+        impl<'de> Visitor<'de> for SecretVisitor {
+            type Value = SecretSource;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a secret source: {SECRET_SOURCE}")
+            }
+
+            // Never echo the string: it may be the secret itself.
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<SecretSource, E> {
+                Err(E::custom(format!(
+                    "a secret's value does not belong in the configuration file: {SECRET_SOURCE}"
+                )))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<SecretSource, A::Error> {
+                let table = SecretTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                match (table.env, table.file) {
+                    (Some(var), None) => Ok(SecretSource::Env(var)),
+                    (None, Some(path)) => Ok(SecretSource::File(path)),
+                    _ => Err(de::Error::custom(format!(
+                        "a secret comes from exactly one place: {SECRET_SOURCE}"
+                    ))),
+                }
+            }
+        }
+
+        deserializer.deserialize_any(SecretVisitor)
+    }
 }
 
 /// Where each configured secret comes from.
@@ -58,6 +112,11 @@ pub enum SecretError {
 impl Secrets {
     pub fn new(sources: BTreeMap<String, SecretSource>) -> Secrets {
         Secrets { sources }
+    }
+
+    /// The configured names, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.sources.keys().map(String::as_str)
     }
 
     /// Whether `name` is configured.
@@ -133,37 +192,6 @@ impl Granted {
     /// Masks the granted values; `None` when nothing was granted.
     pub fn redactor(&self) -> Option<&Arc<Redactor>> {
         self.redactor.as_ref()
-    }
-}
-
-/// A catalog that also knows which secrets are configured: workflows are
-/// validated against it where a configuration exists (`serve`, `run`).
-pub struct WithSecrets<'a> {
-    pub plugins: &'a dyn PluginCatalog,
-    pub secrets: &'a Secrets,
-}
-
-impl PluginCatalog for WithSecrets<'_> {
-    fn check(&self, reference: &str) -> Result<(), String> {
-        self.plugins.check(reference)
-    }
-
-    fn check_secret(&self, name: &str) -> Result<(), String> {
-        if self.secrets.contains(name) {
-            return Ok(());
-        }
-        let configured: Vec<&str> = self.secrets.sources.keys().map(String::as_str).collect();
-        Err(if configured.is_empty() {
-            format!(
-                "secret \"{name}\" is not configured: trellis.toml has no [secrets] \
-                 (add `{name} = {{ env = \"VAR\" }}` or `{{ file = \"PATH\" }}`)"
-            )
-        } else {
-            format!(
-                "secret \"{name}\" is not configured in [secrets] of trellis.toml (configured: {})",
-                configured.join(", ")
-            )
-        })
     }
 }
 

@@ -16,7 +16,29 @@ use utoipa::ToSchema;
 
 use crate::record::RunStatus;
 use crate::store::StoreError;
-use crate::workflow::{Diagnostics, SchemaViolation};
+use crate::workflow::{Diagnostic, Diagnostics, SchemaViolation};
+
+/// One problem in a workflow file.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowError {
+    pub file: String,
+    /// 1-based.
+    pub line: usize,
+    /// 1-based, in characters.
+    pub column: usize,
+    pub message: String,
+}
+
+impl From<&Diagnostic> for WorkflowError {
+    fn from(diagnostic: &Diagnostic) -> Self {
+        WorkflowError {
+            file: diagnostic.file.clone(),
+            line: diagnostic.line,
+            column: diagnostic.column,
+            message: diagnostic.message.clone(),
+        }
+    }
+}
 
 /// Why a request was not served.
 #[derive(Debug, thiserror::Error)]
@@ -130,10 +152,7 @@ impl ApiError {
             Value::Array(
                 diagnostics
                     .iter()
-                    .map(|d| {
-                        serde_json::to_value(super::workflows::WorkflowError::from(d))
-                            .unwrap_or_default()
-                    })
+                    .map(|d| serde_json::to_value(WorkflowError::from(d)).unwrap_or_default())
                     .collect(),
             )
         };

@@ -47,13 +47,11 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-pub use error::{ApiError, ErrorBody, ErrorInfo};
+pub use error::{ApiError, ErrorBody, ErrorInfo, WorkflowError};
 pub use extract::parse_json_body;
 pub use openapi::ApiDoc;
 pub use runs::{MAX_WAIT, RunList};
-pub use workflows::{
-    PluginList, PluginSummary, WorkflowDetail, WorkflowError, WorkflowList, WorkflowSummary,
-};
+pub use workflows::{PluginList, PluginSummary, WorkflowDetail, WorkflowList, WorkflowSummary};
 
 use crate::config::Config;
 use crate::service::Service;
@@ -178,7 +176,7 @@ fn build(service: Service, config: ApiConfig, stop: CancellationToken) -> Router
         )
         .route(OPEN_ROUTE, get(system::healthz))
         .route("/metrics", get(system::metrics))
-        .route("/v1/openapi.json", get(system::openapi))
+        .route("/v1/openapi.json", get(openapi::openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

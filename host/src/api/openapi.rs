@@ -1,6 +1,7 @@
 //! The OpenAPI document, generated from the handlers' `#[utoipa::path]`
-//! attributes and the types' `ToSchema` derives.
+//! attributes and the types' `ToSchema` derives, and the handler that serves it.
 
+use axum::Json;
 use utoipa::Modify;
 use utoipa::OpenApi;
 use utoipa::openapi::extensions::Extensions;
@@ -30,7 +31,7 @@ use super::{runs, system, workflows};
         workflows::delete_plugin,
         system::healthz,
         system::metrics,
-        system::openapi,
+        openapi,
     ),
     modifiers(&BearerToken, &Unauthorized, &Links),
     security(("bearer" = [])),
@@ -42,6 +43,17 @@ use super::{runs, system, workflows};
     ),
 )]
 pub struct ApiDoc;
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "system",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json", body = Object)),
+)]
+pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
 
 /// The `bearer` scheme: `Authorization: Bearer <auth_token>` when the server
 /// has a token.

@@ -292,7 +292,7 @@ pub async fn list_runs(
 }
 
 fn parse_status(text: &str) -> Result<RunStatus, ApiError> {
-    serde_json::from_value(Value::String(text.to_owned())).map_err(|_| {
+    text.parse().map_err(|_| {
         ApiError::InvalidRequest(format!(
             "`status` is \"{text}\": write queued, running, succeeded, failed or cancelled"
         ))

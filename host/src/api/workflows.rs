@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
 
+use super::error::WorkflowError;
 use super::extract::{ApiPath, ApiQuery, TomlBody, WasmBody};
 use super::{ApiError, AppState};
 use crate::service::{PutPluginError, PutWorkflowError, WorkflowEntry};
@@ -48,28 +49,6 @@ pub struct WorkflowDetail {
     pub source: String,
     /// `[input] schema` (a JSON Schema) or `null` (any input).
     pub input_schema: Option<Value>,
-}
-
-/// One problem in a workflow file.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct WorkflowError {
-    pub file: String,
-    /// 1-based.
-    pub line: usize,
-    /// 1-based, in characters.
-    pub column: usize,
-    pub message: String,
-}
-
-impl From<&Diagnostic> for WorkflowError {
-    fn from(diagnostic: &Diagnostic) -> Self {
-        WorkflowError {
-            file: diagnostic.file.clone(),
-            line: diagnostic.line,
-            column: diagnostic.column,
-            message: diagnostic.message.clone(),
-        }
-    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]

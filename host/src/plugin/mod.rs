@@ -4,11 +4,14 @@
 
 pub mod bindings;
 mod http;
+mod log;
+mod reference;
 mod registry;
 mod sandbox;
 
-pub use http::{HostPattern, PatternError};
+pub use log::StepEvents;
+pub use reference::{PluginPin, PluginRef, PluginRefError};
 pub use registry::{
     LoadReport, Plugin, PluginError, PluginRegistry, ResolveError, check_plugin_name,
 };
-pub use sandbox::{AttemptOutcome, Invocation, MemoryStateStore, StateStore, StepEvents};
+pub use sandbox::{AttemptOutcome, Invocation, MemoryStateStore, StateStore};

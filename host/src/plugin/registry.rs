@@ -11,6 +11,7 @@ use wasmtime::Trap;
 use wasmtime::component::{Component, Linker};
 
 use super::bindings::{Task, TaskPre};
+use super::reference::{PluginPin, PluginRef};
 use super::sandbox::{self, AttemptOutcome, Invocation, StepState};
 use crate::engine::{
     CodeCache, Engine, Limits, MAX_MEMORIES_PER_COMPONENT, MAX_TABLES_PER_COMPONENT,
@@ -83,10 +84,6 @@ pub enum ResolveError {
     },
     #[error("plugin `{name}` has no build with digest sha256:{digest}")]
     NoDigest { name: String, digest: String },
-    #[error(
-        "`{reference}` is not a plugin reference: use `name`, `name@1.2.0` or `name@sha256:<hex>`"
-    )]
-    BadReference { reference: String },
 }
 
 fn known_list(known: &[String]) -> String {
@@ -434,66 +431,50 @@ impl PluginRegistry {
     }
 
     /// `name` (the highest version), `name@1.2.0` or `name@sha256:<hex>`.
-    pub fn resolve(&self, reference: &str) -> Result<Arc<Plugin>, ResolveError> {
-        let (name, pin) = match reference.split_once('@') {
-            Some((name, pin)) => (name, Some(pin)),
-            None => (reference, None),
-        };
+    pub fn resolve(&self, reference: &PluginRef) -> Result<Arc<Plugin>, ResolveError> {
+        let name = reference.name.as_str();
         let plugins = self.plugins.read().unwrap();
-        if let Some(digest) = pin.and_then(|pin| pin.strip_prefix("sha256:"))
+        if let PluginPin::Digest(digest) = &reference.pin
             && !plugins
                 .get(name)
-                .is_some_and(|versions| versions.iter().any(|p| p.digest == digest))
+                .is_some_and(|versions| versions.iter().any(|p| p.digest == *digest))
             && let Some(retired) = self
                 .retired
                 .read()
                 .unwrap()
-                .get(digest)
+                .get(digest.as_str())
                 .filter(|p| p.name == name)
         {
             return Ok(retired.clone());
         }
         let Some(versions) = plugins.get(name) else {
-            if name.is_empty() {
-                return Err(ResolveError::BadReference {
-                    reference: reference.to_string(),
-                });
-            }
             return Err(ResolveError::UnknownName {
                 name: name.to_string(),
                 known: plugins.keys().cloned().collect(),
             });
         };
-        match pin {
-            None => Ok(versions
+        match &reference.pin {
+            PluginPin::Latest => Ok(versions
                 .last()
                 .expect("a name has at least one version")
                 .clone()),
-            Some(pin) => {
-                if let Some(digest) = pin.strip_prefix("sha256:") {
-                    return versions
-                        .iter()
-                        .find(|p| p.digest == digest)
-                        .cloned()
-                        .ok_or_else(|| ResolveError::NoDigest {
-                            name: name.to_string(),
-                            digest: digest.to_string(),
-                        });
-                }
-                let version =
-                    semver::Version::parse(pin).map_err(|_| ResolveError::BadReference {
-                        reference: reference.to_string(),
-                    })?;
-                versions
-                    .iter()
-                    .find(|p| p.version == version)
-                    .cloned()
-                    .ok_or_else(|| ResolveError::NoVersion {
-                        name: name.to_string(),
-                        version: pin.to_string(),
-                        available: versions.iter().map(|p| p.version.to_string()).collect(),
-                    })
-            }
+            PluginPin::Digest(digest) => versions
+                .iter()
+                .find(|p| p.digest == *digest)
+                .cloned()
+                .ok_or_else(|| ResolveError::NoDigest {
+                    name: name.to_string(),
+                    digest: digest.clone(),
+                }),
+            PluginPin::Version(version) => versions
+                .iter()
+                .find(|p| p.version == *version)
+                .cloned()
+                .ok_or_else(|| ResolveError::NoVersion {
+                    name: name.to_string(),
+                    version: version.to_string(),
+                    available: versions.iter().map(|p| p.version.to_string()).collect(),
+                }),
         }
     }
 
@@ -506,14 +487,6 @@ impl PluginRegistry {
             .flatten()
             .cloned()
             .collect()
-    }
-}
-
-impl crate::workflow::PluginCatalog for PluginRegistry {
-    fn check(&self, reference: &str) -> Result<(), String> {
-        self.resolve(reference)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
     }
 }
 

@@ -3,27 +3,25 @@
 //! guest may call (`host`, `state`, WASI p2 deny-by-default).
 
 use std::collections::{BTreeMap, HashMap};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::trellis::plugin::{host, state, types};
 use super::bindings::{StepContext, TaskPre};
-use super::http::{HostPattern, HttpPolicy};
-use crate::engine::{Engine, Limits, MAX_TABLE_ELEMENTS};
+use super::http::HttpPolicy;
+use super::log::{GuestOutput, LogSink, MAX_LINE, StepEvents};
+use crate::engine::{Engine, MAX_TABLE_ELEMENTS};
+use crate::limits::{HostPattern, Limits};
 use crate::record::{ErrorKind, ErrorRecord, LogLevel, LogLine, LogStream, Progress, now_rfc3339};
-use crate::secrets::{Granted, Redactor};
+use crate::secrets::Granted;
+use crate::store::StoreError;
 
 /// Bytes a table element is counted as against the step's memory limit.
 const TABLE_ELEMENT_BYTES: u64 = 8;
@@ -31,23 +29,13 @@ const TABLE_ELEMENT_BYTES: u64 = 8;
 const MAX_STATE_KEY: usize = 1024;
 /// A state value larger than this is refused.
 const MAX_STATE_VALUE: usize = 1024 * 1024;
-/// A config key or log message longer than this is cut.
-const MAX_LINE: usize = 64 * 1024;
-/// Bytes a guest may write to stdout/stderr past its log limit before the
-/// attempt is stopped: each write is host work that fuel does not count.
-const FLOOD_FACTOR: u64 = 64;
-const MIN_FLOOD: u64 = 64 * 1024 * 1024;
-/// How much of stderr is kept aside to find a panic message, even when the log
-/// itself is full.
-const STDERR_TAIL: usize = 8 * 1024;
-
 /// Durable key-value state, scoped to a workflow (the `state` import). An
 /// error traps the guest: state it cannot read or write is a host fault.
 #[async_trait::async_trait]
 pub trait StateStore: Send + Sync {
-    async fn get(&self, scope: &str, key: &str) -> Result<Option<Vec<u8>>, String>;
-    async fn set(&self, scope: &str, key: &str, value: Vec<u8>) -> Result<(), String>;
-    async fn delete(&self, scope: &str, key: &str) -> Result<(), String>;
+    async fn get(&self, scope: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn set(&self, scope: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
+    async fn delete(&self, scope: &str, key: &str) -> Result<(), StoreError>;
 }
 
 /// State kept in memory for the life of the process.
@@ -58,26 +46,20 @@ pub struct MemoryStateStore {
 
 #[async_trait::async_trait]
 impl StateStore for MemoryStateStore {
-    async fn get(&self, scope: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
+    async fn get(&self, scope: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let map = self.map.lock().unwrap();
         Ok(map.get(&(scope.to_string(), key.to_string())).cloned())
     }
-    async fn set(&self, scope: &str, key: &str, value: Vec<u8>) -> Result<(), String> {
+    async fn set(&self, scope: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
         let mut map = self.map.lock().unwrap();
         map.insert((scope.to_string(), key.to_string()), value);
         Ok(())
     }
-    async fn delete(&self, scope: &str, key: &str) -> Result<(), String> {
+    async fn delete(&self, scope: &str, key: &str) -> Result<(), StoreError> {
         let mut map = self.map.lock().unwrap();
         map.remove(&(scope.to_string(), key.to_string()));
         Ok(())
     }
-}
-
-/// Live notifications from a running attempt (progress bars, event streams).
-pub trait StepEvents: Send + Sync {
-    fn log(&self, _line: &LogLine) {}
-    fn progress(&self, _progress: &Progress) {}
 }
 
 /// Everything one attempt needs.
@@ -179,14 +161,8 @@ impl StepState {
         // Deny by default: no preopened directories, no environment, no
         // arguments, no sockets; stdout and stderr go into the step log.
         let wasi = WasiCtx::builder()
-            .stdout(GuestOutput {
-                sink: log.clone(),
-                stream: LogStream::Stdout,
-            })
-            .stderr(GuestOutput {
-                sink: log.clone(),
-                stream: LogStream::Stderr,
-            })
+            .stdout(GuestOutput::new(log.clone(), LogStream::Stdout))
+            .stderr(GuestOutput::new(log.clone(), LogStream::Stderr))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -552,250 +528,8 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// The step log: `host.log` lines and the guest's stdout/stderr split into
-/// lines, bounded by `limits.max_log`. Shared by the store and its streams.
-#[derive(Clone)]
-pub(super) struct LogSink {
-    inner: Arc<Mutex<LogBuf>>,
-}
-
-struct LogBuf {
-    started: Instant,
-    lines: Vec<LogLine>,
-    bytes: u64,
-    max: u64,
-    dropped: u64,
-    /// Set when the guest wrote past the flood bound: the stream it wrote to.
-    flooded: Option<LogStream>,
-    stdout_partial: Vec<u8>,
-    stderr_partial: Vec<u8>,
-    stderr_tail: Vec<u8>,
-    events: Option<Arc<dyn StepEvents>>,
-    redactor: Option<Arc<Redactor>>,
-}
-
-impl LogSink {
-    fn new(
-        max: u64,
-        events: Option<Arc<dyn StepEvents>>,
-        redactor: Option<Arc<Redactor>>,
-    ) -> LogSink {
-        LogSink {
-            inner: Arc::new(Mutex::new(LogBuf {
-                started: Instant::now(),
-                lines: Vec::new(),
-                bytes: 0,
-                max,
-                dropped: 0,
-                flooded: None,
-                stdout_partial: Vec::new(),
-                stderr_partial: Vec::new(),
-                stderr_tail: Vec::new(),
-                events,
-                redactor,
-            })),
-        }
-    }
-
-    pub(super) fn line(&self, stream: LogStream, level: LogLevel, message: String) {
-        self.inner.lock().unwrap().push(stream, level, message);
-    }
-
-    /// Appends guest output; `false` once the guest has flooded.
-    fn write(&self, stream: LogStream, bytes: &[u8]) -> bool {
-        let mut buf = self.inner.lock().unwrap();
-        if buf.dropped > (buf.max * FLOOD_FACTOR).max(MIN_FLOOD) {
-            buf.flooded.get_or_insert(stream);
-            return false;
-        }
-        if stream == LogStream::Stderr {
-            buf.stderr_tail.extend_from_slice(bytes);
-            let excess = buf.stderr_tail.len().saturating_sub(STDERR_TAIL);
-            buf.stderr_tail.drain(..excess);
-        }
-        let level = if stream == LogStream::Stderr {
-            LogLevel::Warn
-        } else {
-            LogLevel::Info
-        };
-        let mut rest = bytes;
-        while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
-            let mut line = std::mem::take(buf.partial(stream));
-            line.extend_from_slice(&rest[..newline]);
-            buf.push(stream, level, String::from_utf8_lossy(&line).into_owned());
-            rest = &rest[newline + 1..];
-        }
-        if buf.bytes >= buf.max {
-            // Nothing more will be kept: count, don't buffer.
-            buf.dropped += rest.len() as u64;
-            return true;
-        }
-        buf.partial(stream).extend_from_slice(rest);
-        if buf.partial(stream).len() >= MAX_LINE {
-            let line = std::mem::take(buf.partial(stream));
-            buf.push(stream, level, String::from_utf8_lossy(&line).into_owned());
-        }
-        true
-    }
-
-    fn flooded(&self) -> Option<(LogStream, u64)> {
-        let buf = self.inner.lock().unwrap();
-        buf.flooded.map(|stream| (stream, buf.max))
-    }
-
-    /// `panicked at FILE:LINE:COL: MESSAGE`, from what the guest wrote to stderr.
-    fn panic_message(&self) -> Option<String> {
-        let buf = self.inner.lock().unwrap();
-        let text = String::from_utf8_lossy(&buf.stderr_tail);
-        let at = text.rfind("panicked at ")?;
-        let rest = &text[at..];
-        let end = rest.find("\nnote:").unwrap_or(rest.len());
-        let message = rest[..end].trim().replace(":\n", ": ").replace('\n', " ");
-        Some(message)
-    }
-
-    fn finish(&self) -> (Vec<LogLine>, u64) {
-        let mut buf = self.inner.lock().unwrap();
-        for stream in [LogStream::Stdout, LogStream::Stderr] {
-            let line = std::mem::take(buf.partial(stream));
-            if !line.is_empty() {
-                let level = if stream == LogStream::Stderr {
-                    LogLevel::Warn
-                } else {
-                    LogLevel::Info
-                };
-                buf.push(stream, level, String::from_utf8_lossy(&line).into_owned());
-            }
-        }
-        if buf.dropped > 0 {
-            let note = format!(
-                "log truncated: {} dropped past limits.max_log",
-                bytesize::ByteSize(buf.dropped)
-            );
-            let at_ms = buf.started.elapsed().as_secs_f64() * 1000.0;
-            buf.lines.push(LogLine {
-                at_ms,
-                stream: LogStream::Host,
-                level: LogLevel::Warn,
-                message: note,
-            });
-        }
-        (std::mem::take(&mut buf.lines), buf.dropped)
-    }
-}
-
-impl LogBuf {
-    fn partial(&mut self, stream: LogStream) -> &mut Vec<u8> {
-        match stream {
-            LogStream::Stderr => &mut self.stderr_partial,
-            _ => &mut self.stdout_partial,
-        }
-    }
-
-    fn push(&mut self, stream: LogStream, level: LogLevel, mut message: String) {
-        if let Some(redactor) = &self.redactor {
-            redactor.string(&mut message);
-        }
-        let len = message.len() as u64;
-        if self.bytes + len > self.max {
-            self.dropped += len;
-            return;
-        }
-        if message.len() > MAX_LINE {
-            let mut cut = MAX_LINE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
-        self.bytes += len;
-        let line = LogLine {
-            at_ms: self.started.elapsed().as_secs_f64() * 1000.0,
-            stream,
-            level,
-            message,
-        };
-        if let Some(events) = &self.events {
-            events.log(&line);
-        }
-        self.lines.push(line);
-    }
-}
-
-/// The guest's stdout or stderr: every byte is accepted, what fits in the log
-/// is kept, the rest is counted. A flood cannot grow host memory.
-#[derive(Clone)]
-struct GuestOutput {
-    sink: LogSink,
-    stream: LogStream,
-}
-
-impl IsTerminal for GuestOutput {
-    fn is_terminal(&self) -> bool {
-        false
-    }
-}
-
-impl StdoutStream for GuestOutput {
-    fn p2_stream(&self) -> Box<dyn OutputStream> {
-        Box::new(self.clone())
-    }
-
-    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
-        Box::new(self.clone())
-    }
-}
-
-#[async_trait::async_trait]
-impl Pollable for GuestOutput {
-    async fn ready(&mut self) {}
-}
-
-impl OutputStream for GuestOutput {
-    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        if self.sink.write(self.stream, &bytes) {
-            Ok(())
-        } else {
-            Err(StreamError::Trap(wasmtime::Error::msg("log flood")))
-        }
-    }
-
-    fn flush(&mut self) -> StreamResult<()> {
-        Ok(())
-    }
-
-    fn check_write(&mut self) -> StreamResult<usize> {
-        Ok(64 * 1024)
-    }
-}
-
-impl tokio::io::AsyncWrite for GuestOutput {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.sink.write(self.stream, buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
 fn cut(mut text: String) -> String {
-    if text.len() > MAX_LINE {
-        let mut at = MAX_LINE;
-        while !text.is_char_boundary(at) {
-            at -= 1;
-        }
-        text.truncate(at);
-    }
+    text.truncate(text.floor_char_boundary(MAX_LINE));
     text
 }
 
@@ -842,8 +576,8 @@ impl host::Host for StepState {
     }
 }
 
-fn state_error(message: String) -> wasmtime::Error {
-    wasmtime::Error::msg(format!("the state store failed: {message}"))
+fn state_error(error: StoreError) -> wasmtime::Error {
+    wasmtime::Error::msg(format!("the state store failed: {error}"))
 }
 
 fn check_key(key: &str) -> wasmtime::Result<()> {
@@ -891,76 +625,6 @@ impl state::Host for StepState {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn messages(lines: &[LogLine]) -> Vec<(LogStream, &str)> {
-        lines
-            .iter()
-            .map(|l| (l.stream, l.message.as_str()))
-            .collect()
-    }
-
-    #[test]
-    fn guest_output_is_split_into_lines_across_writes() {
-        let sink = LogSink::new(1024, None, None);
-        sink.write(LogStream::Stdout, b"hel");
-        sink.write(LogStream::Stdout, b"lo\nwor");
-        sink.write(LogStream::Stderr, b"oops\n");
-        sink.line(LogStream::Log, LogLevel::Info, "from host.log".into());
-        sink.write(LogStream::Stdout, b"ld");
-        let (lines, dropped) = sink.finish();
-        assert_eq!(dropped, 0);
-        assert_eq!(
-            messages(&lines),
-            vec![
-                (LogStream::Stdout, "hello"),
-                (LogStream::Stderr, "oops"),
-                (LogStream::Log, "from host.log"),
-                (LogStream::Stdout, "world"),
-            ]
-        );
-        assert_eq!(lines[1].level, LogLevel::Warn);
-    }
-
-    #[test]
-    fn the_log_keeps_what_fits_and_counts_the_rest() {
-        let sink = LogSink::new(10, None, None);
-        sink.write(LogStream::Stdout, b"12345\n67890\nabcdef\n");
-        let (lines, dropped) = sink.finish();
-        assert_eq!(dropped, 6);
-        assert_eq!(lines.len(), 3);
-        assert_eq!(lines[2].stream, LogStream::Host);
-        assert!(
-            lines[2].message.starts_with("log truncated: 6 B dropped"),
-            "{}",
-            lines[2].message
-        );
-    }
-
-    #[test]
-    fn a_flood_far_past_the_limit_is_refused() {
-        let sink = LogSink::new(10, None, None);
-        let chunk = vec![b'x'; 1024 * 1024];
-        let mut accepted = 0;
-        while sink.write(LogStream::Stderr, &chunk) {
-            accepted += 1;
-            assert!(accepted < 1000, "never refused");
-        }
-        assert_eq!(sink.flooded(), Some((LogStream::Stderr, 10)));
-    }
-
-    #[test]
-    fn the_panic_message_is_found_on_stderr() {
-        let sink = LogSink::new(1024, None, None);
-        sink.write(
-            LogStream::Stderr,
-            b"\nthread '<unnamed>' panicked at src/lib.rs:10:5:\nit broke\nnote: run with `RUST_BACKTRACE=1`\n",
-        );
-        assert_eq!(
-            sink.panic_message().as_deref(),
-            Some("panicked at src/lib.rs:10:5: it broke")
-        );
-        assert_eq!(LogSink::new(10, None, None).panic_message(), None);
-    }
 
     #[test]
     fn the_limiter_adds_up_memories_and_tables() {

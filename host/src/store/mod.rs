@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -24,7 +25,7 @@ pub use sqlite::{Durability, SqliteStore};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the store's database failed: {0}")]
-    Database(String),
+    Database(#[source] DatabaseError),
     #[error("the store holds data it cannot read: {0}")]
     Corrupt(String),
     #[error("the store is closed")]
@@ -34,6 +35,72 @@ pub enum StoreError {
     /// A `state_set` would take a workflow's state past its [`StateQuota`].
     #[error("{0}")]
     StateFull(String),
+}
+
+/// A failure of the database under the store: what happened, in words (which
+/// include the driver's message), and the driver's own error when there is
+/// one, kept as the [`source`](std::error::Error::source) for whoever wants
+/// its kind or code. Reads as its message (`Deref<Target = str>`). Cheap to
+/// clone: a batch that fails answers every write in it with the same error.
+#[derive(Debug, Clone)]
+pub struct DatabaseError {
+    message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl DatabaseError {
+    /// A failure the store itself detected (no driver error behind it).
+    pub fn new(message: impl Into<String>) -> DatabaseError {
+        DatabaseError {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// `message` about the driver's `source`.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> DatabaseError {
+        DatabaseError {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+}
+
+impl From<String> for DatabaseError {
+    fn from(message: String) -> DatabaseError {
+        DatabaseError::new(message)
+    }
+}
+
+impl From<&str> for DatabaseError {
+    fn from(message: &str) -> DatabaseError {
+        DatabaseError::new(message)
+    }
+}
+
+impl std::ops::Deref for DatabaseError {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for DatabaseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for DatabaseError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn std::error::Error + 'static))
+    }
 }
 
 /// The most plugin `state` one workflow may keep: keys, and bytes of keys and
@@ -161,8 +228,40 @@ pub struct RunPage {
 /// executor stores a finished step without waiting, starts the steps that need
 /// it, and the write that records their start (which it does wait for)
 /// commits the finished step too, in the same group commit. Dropping it does
-/// not cancel the write; the store then logs its failure, if it fails.
-pub type Queued = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+/// not cancel the write; the store then logs its failure, if it fails. So that
+/// a write nobody waits for is a choice, not an oversight, that is said with
+/// [`Queued::detach`].
+#[must_use = "the write commits anyway: await it, or call `.detach()` when nobody waits"]
+pub struct Queued(Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>);
+
+impl Queued {
+    /// A write that resolves with `commit`.
+    pub fn new(commit: impl Future<Output = Result<(), StoreError>> + Send + 'static) -> Queued {
+        Queued(Box::pin(commit))
+    }
+
+    /// Lets the write commit without waiting for it: the store logs it if it
+    /// fails. (Waiting in a task of its own would cost a spawn and a wake-up
+    /// per write on the writer's critical path.)
+    pub fn detach(self) {}
+}
+
+impl Future for Queued {
+    type Output = Result<(), StoreError>;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.get_mut().0.as_mut().poll(cx)
+    }
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Queued")
+    }
+}
 
 /// Whether anyone waits for the commit of a [`Queued`] write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

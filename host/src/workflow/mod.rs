@@ -15,12 +15,13 @@
 //! [`Templates`] and a [`Scope`].
 //!
 //! ```
+//! use trellis::plugin::PluginRef;
 //! use trellis::workflow::{self, PluginCatalog, Scope};
 //!
 //! struct Catalog;
 //! impl PluginCatalog for Catalog {
-//!     fn check(&self, reference: &str) -> Result<(), String> {
-//!         if reference == "uppercase" { Ok(()) } else { Err(format!("no plugin named `{reference}`")) }
+//!     fn check(&self, reference: &PluginRef) -> Result<(), String> {
+//!         if reference.name == "uppercase" { Ok(()) } else { Err(format!("no plugin named `{reference}`")) }
 //!     }
 //! }
 //!
@@ -37,8 +38,9 @@
 //! ```
 
 mod bounds;
-mod diagnostic;
+mod catalog;
 mod plan;
+mod readable;
 pub mod schema;
 pub mod template;
 mod validate;
@@ -50,31 +52,15 @@ mod ui_tests;
 
 use std::path::Path;
 
+pub use crate::diagnostic::{Diagnostic, Diagnostics};
 pub use bounds::Bound;
-pub use diagnostic::{Diagnostic, Diagnostics};
-pub use plan::{
-    Backoff, InputSchema, OnFailure, Plan, PlannedStep, Readable, RetryPolicy, SchemaViolation,
-};
+pub use catalog::{PluginCatalog, WithSecrets};
+pub use plan::{Backoff, InputSchema, OnFailure, Plan, PlannedStep, RetryPolicy, SchemaViolation};
+pub use readable::Readable;
 pub use template::{CompiledTemplate, Scope, TemplateError, TemplateValue, Templates};
 pub use validate::{MAX_WORKFLOW_NAME, check_workflow_name};
 
-use diagnostic::Reporter;
-
-/// The plugins a workflow may use; the plugin registry implements it.
-pub trait PluginCatalog {
-    /// Ok if `reference` ("name", "name@1.2.0", "name@sha256:<hex>") names a
-    /// loaded plugin; Err(a full sentence for the user, e.g. "no plugin named
-    /// `x` (loaded: a, b)").
-    fn check(&self, reference: &str) -> Result<(), String>;
-
-    /// Ok if a step may name the secret `name`; Err(a full sentence). The
-    /// default knows no configuration and accepts every name (the run checks
-    /// again when the step starts).
-    fn check_secret(&self, name: &str) -> Result<(), String> {
-        let _ = name;
-        Ok(())
-    }
-}
+use crate::diagnostic::Reporter;
 
 /// Reads and validates a workflow file. Its name defaults to the file stem;
 /// diagnostics show `path` as given.

@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::readable::Readable;
 use super::template::{TemplateValue, Templates};
-use crate::engine::LimitOverrides;
+use crate::limits::{HostPattern, LimitOverrides};
+use crate::plugin::PluginRef;
 
 /// A validated workflow. `Send + Sync`: the executor shares it in an `Arc`.
 #[derive(Debug)]
@@ -55,10 +57,7 @@ impl Plan {
                 stack.extend_from_slice(&self.steps[step].needs);
             }
         }
-        Readable {
-            index: self.index.clone(),
-            bits: bits.into(),
-        }
+        Readable::new(self.index.clone(), bits.into())
     }
 
     /// Indices of the steps no other step needs, in plan order.
@@ -70,27 +69,6 @@ impl Plan {
             }
         }
         (0..self.steps.len()).filter(|&i| !needed[i]).collect()
-    }
-}
-
-/// The steps one step may read, from [`Plan::readable_by`]. Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct Readable {
-    index: Arc<HashMap<String, usize>>,
-    bits: Arc<[u64]>,
-}
-
-impl Readable {
-    /// Whether `id` is a step of the plan that this step may read.
-    pub fn allows(&self, id: &str) -> bool {
-        self.index
-            .get(id)
-            .is_some_and(|&i| self.bits[i / 64] & (1 << (i % 64)) != 0)
-    }
-
-    /// Whether `id` is a step of the plan that this step may not read.
-    pub fn forbids(&self, id: &str) -> bool {
-        self.index.contains_key(id) && !self.allows(id)
     }
 }
 
@@ -202,8 +180,8 @@ fn is_short(value: &serde_json::Value, limit: usize) -> bool {
 #[derive(Debug)]
 pub struct PlannedStep {
     pub id: String,
-    /// The plugin reference as written: `name`, `name@1.2.0` or `name@sha256:<hex>`.
-    pub plugin: String,
+    /// The plugin reference: `name`, `name@1.2.0` or `name@sha256:<hex>`.
+    pub plugin: PluginRef,
     /// Indices into [`Plan::steps`] (all smaller than this step's own index):
     /// the explicit `needs` and every step a template refers to; sorted, no
     /// duplicates.
@@ -224,7 +202,7 @@ pub struct PlannedStep {
     pub retry: RetryPolicy,
     pub on_failure: OnFailure,
     /// Where the step may send HTTP requests (`wasi:http`).
-    pub allow_hosts: std::sync::Arc<[crate::plugin::HostPattern]>,
+    pub allow_hosts: Arc<[HostPattern]>,
     /// The `[secrets]` the plugin may read through `host.config`.
     pub secrets: Vec<String>,
 }

@@ -12,15 +12,15 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
-use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::diagnostic::Reporter;
 use super::plan::{Backoff, OnFailure};
+use crate::diagnostic::Reporter;
+use crate::limits::{HumanDuration, LimitsTable};
 
 /// A whole workflow file.
 #[derive(Debug, Deserialize)]
@@ -34,20 +34,6 @@ pub struct WorkflowFile {
     #[serde(default)]
     pub step: Vec<Spanned<StepTable>>,
     pub output: Option<Spanned<TomlValue>>,
-}
-
-/// `[limits]`, or a step's `limits`: each key overrides the one below it.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a table of limits")]
-pub struct LimitsTable {
-    pub fuel: Option<Spanned<u64>>,
-    pub memory: Option<Spanned<Size>>,
-    pub timeout: Option<Spanned<HumanDuration>>,
-    pub max_output: Option<Spanned<Size>>,
-    pub max_log: Option<Spanned<Size>>,
-    pub http_requests: Option<Spanned<u32>>,
-    pub http_request_body: Option<Spanned<Size>>,
-    pub http_response_body: Option<Spanned<Size>>,
 }
 
 /// `[retry]`, or a step's `retry`: each key overrides the one below it.
@@ -173,95 +159,6 @@ impl<'de> Deserialize<'de> for TomlValue {
         }
 
         deserializer.deserialize_any(TomlValueVisitor)
-    }
-}
-
-/// A duration written the humantime way: `"250ms"`, `"10s"`, `"1m 30s"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct DurationVisitor;
-
-        impl Visitor<'_> for DurationVisitor {
-            type Value = HumanDuration;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as \"10s\"")
-            }
-
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
-                humantime::parse_duration(v.trim())
-                    .map(HumanDuration)
-                    .map_err(|error| {
-                        // humantime lists every unit it knows; the examples say enough.
-                        let error = error.to_string();
-                        let reason = error.split(", supported units").next().unwrap_or_default();
-                        E::custom(format!(
-                            "invalid duration \"{v}\" ({reason}); write it like \"250ms\", \"10s\" or \"1m 30s\""
-                        ))
-                    })
-            }
-
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<HumanDuration, E> {
-                Err(needs_unit(v))
-            }
-
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<HumanDuration, E> {
-                Err(needs_unit(v))
-            }
-        }
-
-        deserializer.deserialize_any(DurationVisitor)
-    }
-}
-
-/// A bare number where a duration belongs: seconds? milliseconds? Say so.
-fn needs_unit<E: de::Error>(number: impl fmt::Display) -> E {
-    E::custom(format!(
-        "a duration needs a unit: write it as a string like \"{number}s\" or \"{number}ms\""
-    ))
-}
-
-/// A number of bytes: an integer, or a string with a unit like `"64MiB"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Size(pub u64);
-
-impl<'de> Deserialize<'de> for Size {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct SizeVisitor;
-
-        impl Visitor<'_> for SizeVisitor {
-            type Value = Size;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a size such as \"64MiB\" or a number of bytes")
-            }
-
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
-                Ok(Size(v))
-            }
-
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Size, E> {
-                u64::try_from(v)
-                    .map(Size)
-                    .map_err(|_| E::custom(format!("a size cannot be negative ({v})")))
-            }
-
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
-                v.trim()
-                    .parse::<bytesize::ByteSize>()
-                    .map(|size| Size(size.as_u64()))
-                    .map_err(|_| {
-                        E::custom(format!(
-                            "invalid size \"{v}\"; write it like \"64MiB\", \"512KiB\", \"1GB\" or as a number of bytes"
-                        ))
-                    })
-            }
-        }
-
-        deserializer.deserialize_any(SizeVisitor)
     }
 }
 
@@ -507,7 +404,10 @@ fn unknown_field_expected(message: &str) -> Option<Vec<String>> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::limits::Size;
 
     fn parse_ok(source: &str) -> WorkflowFile {
         let mut report = Reporter::new("t.toml", source);

@@ -31,7 +31,7 @@ use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, context};
 use serde_json::Value as Json;
 
 use super::bounds::{self, Bound};
-use super::plan::Readable;
+use super::readable::Readable;
 
 /// The variable a single-expression template assigns its value to.
 const RESULT: &str = "__trellis_value";
@@ -762,11 +762,7 @@ fn describe_json(value: &Json) -> String {
     };
     let mut text = value.to_string();
     if text.len() > 60 {
-        let mut end = 57;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
+        text.truncate(text.floor_char_boundary(57));
         text.push_str("...");
     }
     format!("{kind} {text}")

@@ -5,13 +5,14 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::*;
+use crate::plugin::PluginRef;
 
 /// Plugins by name; a pinned reference matches on its name.
 pub(super) struct TestCatalog(pub &'static [&'static str]);
 
 impl PluginCatalog for TestCatalog {
-    fn check(&self, reference: &str) -> Result<(), String> {
-        let name = reference.split('@').next().unwrap_or_default();
+    fn check(&self, reference: &PluginRef) -> Result<(), String> {
+        let name = reference.name.as_str();
         if self.0.contains(&name) {
             Ok(())
         } else {
@@ -109,7 +110,7 @@ fn the_design_example_plans() {
     assert_eq!(plan.steps[0].on_failure, OnFailure::Fail);
     assert_eq!(
         plan.steps[2].allow_hosts[..],
-        [crate::plugin::HostPattern::parse("127.0.0.1:9000").unwrap()]
+        [crate::limits::HostPattern::parse("127.0.0.1:9000").unwrap()]
     );
     let limits = plan.steps[0].limits;
     assert_eq!(limits.fuel, Some(50_000_000));

@@ -15,14 +15,14 @@ use toml::Spanned;
 
 use super::PluginCatalog;
 use super::closest;
-use super::diagnostic::Reporter;
 use super::plan::{
     InputSchema, MAX_ATTEMPTS, OnFailure, Plan, PlannedStep, RetryPolicy, error_message,
 };
-use super::schema::{InputTable, LimitsTable, Parsed, RetryTable, StepTable, TomlValue};
+use super::schema::{InputTable, Parsed, RetryTable, StepTable, TomlValue};
 use super::template::{SCOPE_NAMES, TemplateValue, TemplatesBuilder};
-use crate::engine::{LimitOverrides, MAX_MEMORY};
-use crate::plugin::HostPattern;
+use crate::diagnostic::Reporter;
+use crate::limits::{HostPattern, LimitOverrides, LimitsTable};
+use crate::plugin::PluginRef;
 
 pub(crate) fn validate(
     parsed: Parsed,
@@ -51,7 +51,7 @@ struct Validator<'r, 's> {
 /// A step that passed its own checks, in file order, before sorting.
 struct Draft {
     id: String,
-    plugin: String,
+    plugin: PluginRef,
     /// (file index of the needed step, where the dependency is written).
     needs: Vec<(usize, Range<usize>)>,
     input: TemplateValue,
@@ -275,13 +275,20 @@ impl Validator<'_, '_> {
 
         let plugin = match &table.plugin {
             Some(plugin) => {
-                let reference = plugin.get_ref();
-                let checked =
-                    check_plugin_reference(reference).and_then(|()| self.catalog.check(reference));
-                if let Err(message) = checked {
-                    self.report.error(&plugin.span(), message);
+                let written = plugin.get_ref();
+                let checked = written
+                    .parse::<PluginRef>()
+                    .map_err(|error| error.to_string())
+                    .and_then(|reference| self.catalog.check(&reference).map(|()| reference));
+                match checked {
+                    Ok(reference) => Some(reference),
+                    Err(message) => {
+                        self.report.error(&plugin.span(), message);
+                        // Reported, so no plan comes of it; the step still
+                        // takes part in the checks that follow.
+                        Some(PluginRef::latest(written.as_str()))
+                    }
                 }
-                Some(reference.clone())
             }
             None => {
                 if !parsed.dropped_step_key(index, "plugin") {
@@ -788,49 +795,7 @@ impl Validator<'_, '_> {
         let Some(table) = table else {
             return LimitOverrides::default();
         };
-        if let Some(fuel) = &table.fuel
-            && *fuel.get_ref() == 0
-        {
-            self.report.error(&fuel.span(), "`fuel` must be at least 1");
-        }
-        if let Some(memory) = &table.memory {
-            let bytes = memory.get_ref().0;
-            if bytes == 0 {
-                self.report
-                    .error(&memory.span(), "`memory` must be more than 0 bytes");
-            } else if bytes > MAX_MEMORY {
-                self.report.error(
-                    &memory.span(),
-                    format!(
-                        "`memory` is {}, but a wasm32 instance cannot use more than {}",
-                        bytesize::ByteSize(bytes).display().iec(),
-                        bytesize::ByteSize(MAX_MEMORY).display().iec(),
-                    ),
-                );
-            }
-        }
-        if let Some(timeout) = &table.timeout
-            && timeout.get_ref().0.is_zero()
-        {
-            self.report
-                .error(&timeout.span(), "`timeout` must be longer than 0s");
-        }
-        LimitOverrides {
-            fuel: table.fuel.as_ref().map(|fuel| *fuel.get_ref()),
-            memory: table.memory.as_ref().map(|memory| memory.get_ref().0),
-            timeout: table.timeout.as_ref().map(|timeout| timeout.get_ref().0),
-            max_output: table.max_output.as_ref().map(|size| size.get_ref().0),
-            max_log: table.max_log.as_ref().map(|size| size.get_ref().0),
-            http_requests: table.http_requests.as_ref().map(|n| *n.get_ref()),
-            http_request_body: table
-                .http_request_body
-                .as_ref()
-                .map(|size| size.get_ref().0),
-            http_response_body: table
-                .http_response_body
-                .as_ref()
-                .map(|size| size.get_ref().0),
-        }
+        table.overrides(&mut |_, span, message| self.report.error(&span, message))
     }
 
     /// `table` on top of `base`, key by key. `base_source` says where `base`'s
@@ -1113,38 +1078,16 @@ pub fn check_workflow_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// `name`, `name@1.2.0` or `name@sha256:<64 hex digits>`.
-fn check_plugin_reference(reference: &str) -> Result<(), String> {
-    let (name, pin) = match reference.split_once('@') {
-        Some((name, pin)) => (name, Some(pin)),
-        None => (reference, None),
-    };
-    if name.is_empty() || name.chars().any(char::is_whitespace) {
-        return Err(format!(
-            "plugin reference \"{reference}\" needs a plugin name without spaces, \
-             like \"uppercase\", \"uppercase@1.0.0\" or \"uppercase@sha256:<hex>\""
-        ));
-    }
-    let Some(pin) = pin else { return Ok(()) };
-    if let Some(hex) = pin.strip_prefix("sha256:") {
-        if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Ok(());
-        }
-        return Err(format!(
-            "plugin reference \"{reference}\": a sha256 pin needs 64 hexadecimal digits"
-        ));
-    }
-    semver::Version::parse(pin).map(drop).map_err(|error| {
-        format!(
-            "plugin reference \"{reference}\": `{pin}` is not a version like 1.2.0 ({error}); \
-             pin a version as name@1.2.0 or a build as name@sha256:<hex>"
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn check_plugin_reference(reference: &str) -> Result<(), String> {
+        reference
+            .parse::<PluginRef>()
+            .map(drop)
+            .map_err(|error| error.to_string())
+    }
 
     #[test]
     fn step_ids_must_be_template_names() {

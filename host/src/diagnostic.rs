@@ -1,7 +1,8 @@
-//! Problems found in a workflow file, each at a file, line and column.
+//! Problems found in a source file (a workflow, `trellis.toml`), each at a
+//! file, line and column.
 //!
 //! Validation never stops at the first problem: every stage reports into a
-//! [`Reporter`], and the caller gets all of them at once as [`Diagnostics`].
+//! `Reporter`, and the caller gets all of them at once as [`Diagnostics`].
 
 use std::fmt;
 use std::ops::Range;
@@ -120,10 +121,7 @@ impl<'s> Reporter<'s> {
         let line = self.line_starts.partition_point(|&start| start <= offset) - 1;
         let mut start = self.line_starts[line];
         // Never split a character (offsets come from our own arithmetic too).
-        let mut end = offset;
-        while !self.source.is_char_boundary(end) {
-            end -= 1;
-        }
+        let end = self.source.floor_char_boundary(offset);
         start = start.min(end);
         let column = self.source[start..end].chars().count() + 1;
         (line + 1, column)
@@ -197,5 +195,16 @@ mod tests {
             diagnostics.to_string(),
             "w.toml:1:1: first\nw.toml:3:1: second"
         );
+    }
+
+    /// `trellis.toml`'s positions, as config.rs tested them before it used
+    /// the reporter.
+    #[test]
+    fn positions_count_lines_and_characters() {
+        let position = |source, offset| Reporter::new("trellis.toml", source).position(offset);
+        assert_eq!(position("a = 1\nbé = 2\n", 0), (1, 1));
+        assert_eq!(position("a = 1\nbé = 2\n", 6), (2, 1));
+        assert_eq!(position("a = 1\nbé = 2\n", 9), (2, 3));
+        assert_eq!(position("a", 100), (1, 2));
     }
 }

@@ -1,0 +1,229 @@
+//! The long-running side of Trellis, behind the HTTP API: accepts runs
+//! durably, runs them, resumes unfinished runs on start, answers status,
+//! cancels, and streams each run's events (replayed to late subscribers).
+//!
+//! The API layer (`api`) only translates HTTP to these calls. Three jobs, a
+//! file each, all methods of the one [`Service`]:
+//!
+//! - `catalog`: the plugins and workflows it serves: loading, watching their
+//!   dirs, uploads, and the kept copies (blobs) of every plugin build a run
+//!   may be pinned to;
+//! - `runs`: the run lifecycle: submit, recover after a restart, wait, cancel;
+//! - `events`: each run's live record and event stream while it runs.
+//!
+//! This file starts the service and holds what the three share.
+
+mod catalog;
+mod events;
+mod runs;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::engine::{CodeCache, Engine};
+use crate::executor::Executor;
+use crate::plugin::{PluginRegistry, StateStore};
+use crate::store::{SqliteStore, Store, StoreError};
+
+pub use catalog::{PutPluginError, PutWorkflowError, WorkflowEntry};
+use events::ActiveRun;
+pub use events::{EventSubscription, RunEvent};
+pub use runs::{CancelError, SubmitError, Submitted};
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("cannot set up plugins: {0}")]
+    Plugins(#[from] crate::plugin::PluginError),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("the `{0}` store is not supported yet: use store = \"sqlite\"")]
+    UnsupportedStore(String),
+    #[error("cannot create the data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The service. Cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    executor: Executor,
+    store: Arc<dyn Store>,
+    registry: Arc<PluginRegistry>,
+    workflows: RwLock<BTreeMap<String, WorkflowEntry>>,
+    /// Where `PUT /v1/workflows/{name}` writes: the first workflow dir.
+    workflow_dir: Option<PathBuf>,
+    /// Where `PUT /v1/plugins/{name}` writes: `<data_dir>/uploads`, the first
+    /// plugin dir (uploads are data, like runs: never written into build
+    /// output or a directory the operator manages).
+    plugin_dir: PathBuf,
+    /// The plugin dirs, watched for files that appear, change or go.
+    plugin_dirs: Vec<PathBuf>,
+    /// The workflow dirs, likewise.
+    workflow_dirs: Vec<PathBuf>,
+    /// Plugin files that are not usable, with the reason (listed by
+    /// `GET /v1/plugins`); the version loaded before stays active.
+    plugin_errors: RwLock<BTreeMap<PathBuf, String>>,
+    /// Serialises rescans of the watched dirs.
+    rescan: tokio::sync::Mutex<()>,
+    /// Kept alive while the service runs.
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    /// Every plugin build this service has run, by digest
+    /// (`<data dir>/plugins/<hex>.wasm`): a run resumed after a restart gets
+    /// the exact bytes it started with, even if the plugin was replaced.
+    blobs: PathBuf,
+    active: Mutex<HashMap<String, Arc<ActiveRun>>>,
+    /// Set when the service shuts down: no new runs start.
+    closing: CancellationToken,
+}
+
+impl Service {
+    /// Loads plugins and workflows, opens the store, resumes unfinished runs.
+    pub async fn start(config: &Config) -> Result<Service, StartError> {
+        if let crate::config::StoreKind::Postgres(url) = &config.store {
+            return Err(StartError::UnsupportedStore(url.clone()));
+        }
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let engine = Engine::new()?;
+        let registry =
+            PluginRegistry::new(engine)?.with_cache(CodeCache::new(config.data_dir.join("cache")));
+        let uploads = config.data_dir.join("uploads");
+        std::fs::create_dir_all(&uploads).map_err(|source| StartError::DataDir {
+            path: uploads.clone(),
+            source,
+        })?;
+        let plugin_dirs: Vec<PathBuf> = std::iter::once(uploads.clone())
+            .chain(
+                config
+                    .plugin_dirs
+                    .iter()
+                    .filter(|dir| **dir != uploads)
+                    .cloned(),
+            )
+            .collect();
+        let report = registry.load_dirs(&plugin_dirs).await;
+        for (path, err) in &report.errors {
+            tracing::warn!(path = %path.display(), error = %err, "plugin not loaded");
+        }
+        tracing::info!(plugins = report.loaded, "plugins loaded");
+        let registry = Arc::new(registry);
+
+        let durability = match config.durability {
+            crate::config::Durability::Normal => crate::store::Durability::Normal,
+            crate::config::Durability::Fsync => crate::store::Durability::Fsync,
+        };
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&config.data_dir.join("trellis.db"), durability)?
+                .with_state_quota(config.state_quota),
+        );
+        let executor = Executor::new(
+            registry.clone(),
+            config.limits,
+            config.max_concurrent_steps,
+            Arc::new(DurableState(store.clone())),
+        )
+        .with_secrets(crate::secrets::Secrets::new(config.secrets.clone()));
+        let service = Service {
+            inner: Arc::new(Inner {
+                executor,
+                store,
+                registry,
+                workflows: RwLock::new(BTreeMap::new()),
+                workflow_dir: config.workflow_dirs.first().cloned(),
+                plugin_dir: uploads,
+                plugin_dirs,
+                workflow_dirs: config.workflow_dirs.clone(),
+                plugin_errors: RwLock::new(
+                    report
+                        .errors
+                        .iter()
+                        .map(|(path, err)| (path.clone(), err.to_string()))
+                        .collect(),
+                ),
+                rescan: tokio::sync::Mutex::new(()),
+                watcher: Mutex::new(None),
+                blobs: config.data_dir.join("plugins"),
+                active: Mutex::new(HashMap::new()),
+                closing: CancellationToken::new(),
+            }),
+        };
+        // A copy of every build a run may pin; read again only when there is
+        // none yet (a warm start reads nothing).
+        for plugin in service.inner.registry.list() {
+            if let Some(path) = &plugin.path
+                && !service.blob_path(&plugin.digest).exists()
+            {
+                match std::fs::read(path) {
+                    Ok(bytes) => service.keep_blob(&plugin, &bytes),
+                    Err(err) => {
+                        tracing::warn!(path = %path.display(), error = %err, "cannot keep a copy of the plugin")
+                    }
+                }
+            }
+        }
+        service.rescan_workflows();
+        service.recover().await?;
+        Ok(service)
+    }
+
+    /// Runs in this process that have not finished.
+    pub fn in_flight(&self) -> usize {
+        self.inner.active.lock().unwrap().len()
+    }
+
+    /// Stops accepting new work (for a graceful shutdown).
+    pub fn close(&self) {
+        self.inner.closing.cancel();
+    }
+}
+
+/// Plugin `state` kept in the store.
+struct DurableState(Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl StateStore for DurableState {
+    async fn get(&self, scope: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.state_get(scope, key).await
+    }
+    async fn set(&self, scope: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.0.state_set(scope, key, &value).await
+    }
+    async fn delete(&self, scope: &str, key: &str) -> Result<(), StoreError> {
+        self.0.state_delete(scope, key).await
+    }
+}
+
+/// A service over a fresh data dir, with no plugins and `workflows` (file
+/// name, TOML) in its one workflow dir, for the unit tests of each part.
+#[cfg(test)]
+pub(super) async fn test_service(workflows: &[(&str, &str)]) -> (tempfile::TempDir, Service) {
+    let dir = tempfile::tempdir().unwrap();
+    let workflow_dir = dir.path().join("workflows");
+    std::fs::create_dir(&workflow_dir).unwrap();
+    for (file, source) in workflows {
+        std::fs::write(workflow_dir.join(file), source).unwrap();
+    }
+    let config = Config {
+        data_dir: dir.path().join("data"),
+        plugin_dirs: vec![],
+        workflow_dirs: vec![workflow_dir],
+        ..Config::default()
+    };
+    let service = Service::start(&config).await.unwrap();
+    (dir, service)
+}

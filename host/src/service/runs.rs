@@ -1,0 +1,326 @@
+//! The run lifecycle: a run is accepted durably (`submit`), runs in the
+//! background, is resumed after a restart (`recover`), and can be waited for
+//! or cancelled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::Service;
+use super::catalog::{PinnedCatalog, WorkflowEntry};
+use super::events::ActiveRun;
+use crate::executor::{RunOptions, queued_record};
+use crate::record::{ErrorKind, RunError, RunRecord, RunStatus, new_run_id, now_rfc3339};
+use crate::store::{Created, NewRun, RunPage, RunQuery, StoreError, StoredItems};
+use crate::workflow::{self, Plan, SchemaViolation};
+
+/// Why a run was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("no workflow named `{0}`")]
+    UnknownWorkflow(String),
+    #[error("workflow `{name}` has errors and refuses runs until fixed:\n{diagnostics}")]
+    InvalidWorkflow { name: String, diagnostics: String },
+    #[error("the input does not match the workflow's input schema")]
+    InvalidInput(Vec<SchemaViolation>),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a run could not be cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("no run with id `{0}`")]
+    NotFound(String),
+    #[error("run `{id}` already finished ({status:?})")]
+    Finished { id: String, status: RunStatus },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A run was accepted (or an earlier one with the same idempotency key found).
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub run: RunRecord,
+    /// `false`: the idempotency key matched an earlier run, which this is.
+    pub created: bool,
+}
+
+impl Service {
+    /// Accepts a run: durable when this returns, then started.
+    pub async fn submit(
+        &self,
+        name: &str,
+        input: Value,
+        idempotency_key: Option<&str>,
+    ) -> Result<Submitted, SubmitError> {
+        if self.inner.closing.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let entry = self
+            .workflow(name)
+            .ok_or_else(|| SubmitError::UnknownWorkflow(name.to_string()))?;
+        let plan = match &entry.plan {
+            Ok(plan) => plan.clone(),
+            Err(diagnostics) => {
+                return Err(SubmitError::InvalidWorkflow {
+                    name: name.to_string(),
+                    diagnostics: diagnostics.to_string(),
+                });
+            }
+        };
+        if let Some(schema) = &plan.input_schema {
+            schema.validate(&input).map_err(SubmitError::InvalidInput)?;
+        }
+        let mut record = queued_record(&plan, new_run_id(), input);
+        // Pinned before it is stored: a restart resumes it with these builds.
+        // A plugin gone since the workflow loaded fails the run when it starts.
+        let _ = self.inner.executor.pin(&plan, &mut record);
+        // Registered before it is stored, so an event subscriber or a cancel
+        // that sees it stored also finds it here.
+        let active = Arc::new(ActiveRun::new(record.clone()));
+        self.inner
+            .active
+            .lock()
+            .unwrap()
+            .insert(record.id.clone(), active.clone());
+        let created = self
+            .inner
+            .store
+            .create_run(NewRun {
+                record: &record,
+                workflow_source: &entry.source,
+                workflow_file: &entry.file,
+                idempotency_key,
+            })
+            .await;
+        match created {
+            Ok(Created::New) => {}
+            Ok(Created::Existing(existing)) => {
+                self.inner.active.lock().unwrap().remove(&record.id);
+                let run = self.live(&existing.id).unwrap_or(*existing);
+                return Ok(Submitted {
+                    run,
+                    created: false,
+                });
+            }
+            Err(err) => {
+                self.inner.active.lock().unwrap().remove(&record.id);
+                return Err(err.into());
+            }
+        }
+        crate::telemetry::run_accepted(&plan.name);
+        self.spawn(plan, record.clone(), StoredItems::new(), active);
+        Ok(Submitted {
+            run: record,
+            created: true,
+        })
+    }
+
+    /// Runs `record` in the background; `items` are the `for_each` items a
+    /// resumed run had stored.
+    fn spawn(
+        &self,
+        plan: Arc<Plan>,
+        record: RunRecord,
+        items: StoredItems,
+        active: Arc<ActiveRun>,
+    ) {
+        let service = self.clone();
+        let span = tracing::info_span!("run", run_id = %record.id, workflow = %record.workflow);
+        let run = async move {
+            let options = RunOptions {
+                run_id: Some(record.id.clone()),
+                observer: Some(active.clone()),
+                cancel: active.cancel.clone(),
+                store: Some(service.inner.store.clone()),
+                items,
+            };
+            let record = service.inner.executor.execute(plan, record, options).await;
+            crate::telemetry::run_finished(&record.workflow, record.status.as_str());
+            service.retire(&active, record);
+        };
+        tokio::spawn(tracing::Instrument::instrument(run, span));
+    }
+
+    /// Resumes every run that was queued or running when the process stopped.
+    pub(super) async fn recover(&self) -> Result<(), StoreError> {
+        let unfinished = self.inner.store.unfinished_runs().await?;
+        if !unfinished.is_empty() {
+            tracing::info!(runs = unfinished.len(), "resuming unfinished runs");
+        }
+        self.restore_pinned(&unfinished).await;
+        for mut run in unfinished {
+            // Before its live snapshot is made, so `GET /v1/runs/{id}` shows
+            // the attempts the stop cut short as interrupted, not running.
+            crate::executor::prepare_resume(&mut run.record, &mut run.items);
+            let name = run.record.workflow.clone();
+            let entry = match workflow::parse_str(
+                &run.workflow_source,
+                &run.workflow_file,
+                &name,
+                &PinnedCatalog(&self.inner.registry),
+            ) {
+                Ok(plan) => WorkflowEntry {
+                    name: name.clone(),
+                    file: run.workflow_file.clone(),
+                    source: run.workflow_source.clone(),
+                    plan: Ok(Arc::new(plan)),
+                },
+                Err(diagnostics) => WorkflowEntry {
+                    name: name.clone(),
+                    file: run.workflow_file.clone(),
+                    source: run.workflow_source.clone(),
+                    plan: Err(Arc::new(diagnostics)),
+                },
+            };
+            let active = Arc::new(ActiveRun::new(run.record.clone()));
+            self.inner
+                .active
+                .lock()
+                .unwrap()
+                .insert(run.record.id.clone(), active.clone());
+            match entry.plan {
+                Ok(plan) => self.spawn(plan, run.record, run.items, active),
+                Err(diagnostics) => {
+                    // The definition it started with no longer plans (a plugin
+                    // it needs is gone): it cannot go on.
+                    let mut record = run.record;
+                    record.status = RunStatus::Failed;
+                    record.finished_at = Some(now_rfc3339());
+                    record.error = Some(RunError {
+                        step: None,
+                        kind: ErrorKind::Plugin,
+                        message: format!(
+                            "cannot resume the run: its workflow no longer loads:\n{diagnostics}"
+                        ),
+                    });
+                    self.inner.store.finish_run(&record).await?;
+                    self.retire(&active, record);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a run this process was running, once the store holds its
+    /// finished `record`. It leaves `active` before its waiters hear of the
+    /// end, so a client that got its finished run never sees it counted as
+    /// in flight; anyone who looks in between reads the store.
+    fn retire(&self, active: &ActiveRun, record: RunRecord) {
+        self.inner.active.lock().unwrap().remove(&record.id);
+        active.finish(record);
+    }
+
+    fn live(&self, id: &str) -> Option<RunRecord> {
+        let active = self.inner.active.lock().unwrap().get(id).cloned()?;
+        Some(active.snapshot())
+    }
+
+    /// The run: live while it runs, from the store once finished.
+    pub async fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        if let Some(run) = self.live(id) {
+            return Ok(Some(run));
+        }
+        self.inner.store.get_run(id).await
+    }
+
+    pub async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
+        self.inner.store.list_runs(query).await
+    }
+
+    /// The finished run, or `None` if it is still running after `timeout`.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<RunRecord>, StoreError> {
+        let active = self.inner.active.lock().unwrap().get(id).cloned();
+        match active {
+            Some(active) => {
+                let mut done = active.done.subscribe();
+                let finished = tokio::time::timeout(timeout, done.wait_for(|d| d.is_some())).await;
+                Ok(match finished {
+                    Ok(Ok(record)) => record.clone(),
+                    _ => None,
+                })
+            }
+            None => Ok(self
+                .inner
+                .store
+                .get_run(id)
+                .await?
+                .filter(|r| r.status.is_terminal())),
+        }
+    }
+
+    /// Stops a run: running attempts stop at the next epoch tick.
+    pub async fn cancel(&self, id: &str) -> Result<RunRecord, CancelError> {
+        let active = self.inner.active.lock().unwrap().get(id).cloned();
+        if let Some(active) = active {
+            active.cancel.cancel();
+            let mut done = active.done.subscribe();
+            if let Ok(Ok(record)) =
+                tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| d.is_some())).await
+                && let Some(record) = record.clone()
+            {
+                return Ok(record);
+            }
+            return Ok(active.snapshot());
+        }
+        match self.inner.store.get_run(id).await? {
+            None => Err(CancelError::NotFound(id.to_string())),
+            Some(run) => Err(CancelError::Finished {
+                id: id.to_string(),
+                status: run.status,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::service::test_service;
+
+    #[tokio::test]
+    async fn a_run_needs_a_known_valid_workflow_and_an_open_service() {
+        let broken = "[[step]]\nid = \"a\"\nplugin = \"missing\"\n";
+        let (_dir, service) = test_service(&[("broken.toml", broken)]).await;
+        assert!(matches!(
+            service.submit("nope", json!({}), None).await,
+            Err(SubmitError::UnknownWorkflow(name)) if name == "nope"
+        ));
+        match service.submit("broken", json!({}), None).await {
+            Err(SubmitError::InvalidWorkflow { name, diagnostics }) => {
+                assert_eq!(name, "broken");
+                assert!(diagnostics.contains("missing"), "{diagnostics}");
+            }
+            other => panic!("a broken workflow ran: {other:?}"),
+        }
+        service.close();
+        assert!(matches!(
+            service.submit("broken", json!({}), None).await,
+            Err(SubmitError::ShuttingDown)
+        ));
+        assert_eq!(service.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_run_is_not_found() {
+        let (_dir, service) = test_service(&[]).await;
+        let id = crate::record::new_run_id();
+        assert_eq!(service.get_run(&id).await.unwrap(), None);
+        assert_eq!(
+            service.wait(&id, Duration::from_millis(1)).await.unwrap(),
+            None
+        );
+        assert!(matches!(
+            service.cancel(&id).await,
+            Err(CancelError::NotFound(missing)) if missing == id
+        ));
+        let page = service.list_runs(&RunQuery::default()).await.unwrap();
+        assert!(page.runs.is_empty());
+    }
+}
