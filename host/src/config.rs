@@ -85,6 +85,37 @@ pub fn builtin_plugin_dirs() -> Vec<PathBuf> {
         .collect()
 }
 
+/// What a newcomer runs to build the Python, JavaScript and C examples.
+pub const BUILD_EXAMPLES: &str = "bash plugins/build.sh";
+
+/// The language of `name` if it is one of this checkout's Python, JavaScript
+/// or C example plugins (`plugins/<name>/app.py`, `plugin.js`, `plugin.c`)
+/// and [`BUILD_EXAMPLES`] has not built it into [`POLYGLOT_PLUGIN_DIR`] yet.
+/// A fresh clone's `serve` meets these in `workflows/new-hires.toml`.
+pub fn unbuilt_example(name: &str) -> Option<&'static str> {
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .join("plugins");
+    unbuilt_example_in(name, &sources, Path::new(POLYGLOT_PLUGIN_DIR?))
+}
+
+/// [`unbuilt_example`] with the example sources under `sources` and the
+/// built plugins in `out`.
+fn unbuilt_example_in(name: &str, sources: &Path, out: &Path) -> Option<&'static str> {
+    if out.join(format!("{name}.wasm")).is_file() {
+        return None;
+    }
+    let sources = sources.join(name);
+    [
+        ("app.py", "Python"),
+        ("plugin.js", "JavaScript"),
+        ("plugin.c", "C"),
+    ]
+    .into_iter()
+    .find(|(file, _)| sources.join(file).is_file())
+    .map(|(_, language)| language)
+}
+
 /// The resolved configuration: every layer applied, every value checked.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Config {
@@ -1221,5 +1252,29 @@ timeout = "0s"
             };
             assert!(config.check_bind().is_ok(), "{bind}");
         }
+    }
+
+    #[test]
+    fn an_example_plugin_that_is_not_built_is_named_with_its_language() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sources, out) = (dir.path().join("plugins"), dir.path().join("out"));
+        for (name, file) in [
+            ("csv-parse", "app.py"),
+            ("date-math", "plugin.js"),
+            ("sum", "x.rs"),
+        ] {
+            std::fs::create_dir_all(sources.join(name)).unwrap();
+            std::fs::write(sources.join(name).join(file), "").unwrap();
+        }
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("date-math.wasm"), "").unwrap();
+        assert_eq!(
+            unbuilt_example_in("csv-parse", &sources, &out),
+            Some("Python")
+        );
+        // Built already, not an example in those languages, no such plugin.
+        assert_eq!(unbuilt_example_in("date-math", &sources, &out), None);
+        assert_eq!(unbuilt_example_in("sum", &sources, &out), None);
+        assert_eq!(unbuilt_example_in("nope", &sources, &out), None);
     }
 }

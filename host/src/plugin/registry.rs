@@ -74,7 +74,7 @@ pub enum PluginError {
 /// Why a plugin reference does not resolve.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResolveError {
-    #[error("no plugin named `{name}` is loaded{}", known_list(.known))]
+    #[error("no plugin named `{name}` is loaded{}", unknown_hint(.name, .known))]
     UnknownName { name: String, known: Vec<String> },
     #[error("plugin `{name}` has no version {version} (loaded: {})", .available.join(", "))]
     NoVersion {
@@ -84,6 +84,18 @@ pub enum ResolveError {
     },
     #[error("plugin `{name}` has no build with digest sha256:{digest}")]
     NoDigest { name: String, digest: String },
+}
+
+/// What to do about an unknown plugin: build it, if it is an example
+/// plugin of this checkout that is not built yet; else, what is loaded.
+fn unknown_hint(name: &str, known: &[String]) -> String {
+    match crate::config::unbuilt_example(name) {
+        Some(language) => format!(
+            ": it is one of the {language} example plugins, which `{}` builds",
+            crate::config::BUILD_EXAMPLES
+        ),
+        None => known_list(known),
+    }
 }
 
 fn known_list(known: &[String]) -> String {

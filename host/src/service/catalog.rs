@@ -279,8 +279,19 @@ impl Service {
                     Err(diagnostics) => {
                         let keeps_valid =
                             workflows.get(&entry.name).is_some_and(|w| w.plan.is_ok());
-                        tracing::warn!(workflow = %entry.name, "workflow refused{}:\n{diagnostics}",
-                            if keeps_valid { "; the loaded version stays" } else { "" });
+                        let waits_for_examples = diagnostics.iter().all(|diagnostic| {
+                            diagnostic.message.contains(crate::config::BUILD_EXAMPLES)
+                        });
+                        if waits_for_examples {
+                            // A fresh clone: not a failure, a step not taken yet.
+                            tracing::info!(workflow = %entry.name,
+                                "workflow not loaded: it uses example plugins that are not built yet; \
+                                 `{}` builds them; then start `trellis serve` again:\n{diagnostics}",
+                                crate::config::BUILD_EXAMPLES);
+                        } else {
+                            tracing::warn!(workflow = %entry.name, "workflow refused{}:\n{diagnostics}",
+                                if keeps_valid { "; the loaded version stays" } else { "" });
+                        }
                         if !keeps_valid {
                             workflows.insert(entry.name.clone(), entry);
                         }
