@@ -9,7 +9,8 @@
 # random seed changes every time: it looks for new inputs, and two runs of the
 # same commit may disagree.
 #
-# `--runs N` gives the same verdict for the same commit: every target starts
+# `--runs N` has no time in it, so the machine's speed cannot change the
+# verdict (fuzz/README.md says what still can vary): every target starts
 # from a fresh corpus holding only the committed inputs (fuzz/seeds/<target>
 # and fuzz/regressions/<target>), which libFuzzer replays first, then makes
 # N inputs (`-runs=N`) from its generator seeded with S (`-seed=S`, default 1).
