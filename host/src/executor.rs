@@ -869,6 +869,14 @@ impl RunContext {
                     );
                     self.saved(index, write).await;
                     let delay = step.retry.delay_before(attempt + 1);
+                    // After the store has the failed attempt: what a restart
+                    // during the backoff shows of it (tests wait for this).
+                    tracing::debug!(
+                        attempt,
+                        item = position,
+                        ?delay,
+                        "attempt failed and stored; retrying after the backoff"
+                    );
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.cancel.cancelled() => return (Err(cancelled_error()), attempts),

@@ -17,17 +17,18 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
-use sha2::Digest as _;
 
 use crate::support::*;
 
-/// A chain with a fan-out: `first` and `last` count their executions in
-/// durable plugin state (a hidden re-execution shows as a count above the
-/// attempts), `nap` is long enough for kills to land mid-step, `fan` hashes
-/// one string per word, in parallel.
+/// A chain with a fan-out in which every step, and every item of the
+/// fan-out, counts its executions in durable plugin state (one key per run,
+/// step and item): a finished step or item run again unseen shows as a count
+/// above its attempts. `nap` and each `fan` item log `sleeping N ms` once
+/// under way, then sleep, so a kill can be aimed at them; `flaky` fails
+/// twice on purpose and is retried.
 const CHAOS: &str = r#"
 name = "chaos"
 
@@ -38,23 +39,23 @@ input = { counter = "{{ run.id }}-first", n = "{{ input.n }}" }
 
 [[step]]
 id = "nap"
-plugin = "sleep"
+plugin = "probe"
 needs = ["first"]
-input = { ms = "{{ input.ms }}" }
+input = { counter = "{{ run.id }}-nap", n = "{{ input.n }}", sleep_ms = "{{ input.ms }}" }
 
 [[step]]
 id = "fan"
-plugin = "hash"
+plugin = "probe"
 needs = ["nap"]
 for_each = "{{ input.words }}"
-input = { data = "{{ item }}-{{ input.n }}" }
+input = { counter = "{{ run.id }}-fan-{{ index }}", n = "{{ input.n }}", data = "{{ item }}-{{ input.n }}", sleep_ms = 50 }
 
 [[step]]
 id = "flaky"
 plugin = "fail"
 needs = ["first"]
 retry = { max_attempts = 5, backoff = "fixed", initial = "200ms" }
-input = { message = "try again", retryable = true, succeed_on_attempt = 3 }
+input = { message = "try again", retryable = true, succeed_on_attempt = 3, counter = "{{ run.id }}-flaky" }
 
 [[step]]
 id = "last"
@@ -64,7 +65,7 @@ input = { counter = "{{ run.id }}-last", n = "{{ input.n }}" }
 
 [output]
 n = "{{ steps.last.output.input.n }}"
-digests = "{{ steps.fan.output }}"
+fan = "{{ steps.fan.output | map(attribute='input') | map(attribute='data') | list }}"
 flaky = "{{ steps.flaky.status }}"
 "#;
 
@@ -90,20 +91,14 @@ impl Job {
         format!("chaos-{}", self.n)
     }
 
+    /// What item `index` of `fan` passes on.
+    fn item(&self, index: usize) -> String {
+        format!("{}-{}", self.words[index], self.n)
+    }
+
     fn expected_output(&self) -> Value {
-        let digests: Vec<Value> = self
-            .words
-            .iter()
-            .map(|word| {
-                let data = format!("{word}-{}", self.n);
-                json!({
-                    "algorithm": "sha256",
-                    "digest": hex::encode(sha2::Sha256::digest(data.as_bytes())),
-                    "bytes": data.len(),
-                })
-            })
-            .collect();
-        json!({ "n": self.n, "digests": digests, "flaky": "succeeded" })
+        let fan: Vec<String> = (0..self.words.len()).map(|i| self.item(i)).collect();
+        json!({ "n": self.n, "fan": fan, "flaky": "succeeded" })
     }
 }
 
@@ -260,6 +255,9 @@ fn accepted_runs_survive_repeated_sigkill() {
     let pace = Duration::from_secs_f64((rounds + 1) as f64 * CLIENTS as f64 / runs as f64);
     let load = Arc::new(Load::default());
     let jobs = Arc::new(jobs);
+    // When the server now running was started: an attempt that started
+    // after this started on it.
+    let mut server_started = SystemTime::now();
     let mut server = Serve::new().workflow("chaos.toml", CHAOS).start();
     *load.base.lock().unwrap() = Some(server.base.clone());
     let clients: Vec<_> = (0..CLIENTS)
@@ -270,17 +268,31 @@ fn accepted_runs_survive_repeated_sigkill() {
         .collect();
 
     let mut in_flight_at_kills = Vec::new();
+    let mut interrupted_at_kills = Vec::new();
+    // The run the last kill was aimed at.
+    let mut aimed_at: Option<String> = None;
     for round in 0..rounds {
-        // A random point of this round's share of the load, then a random
-        // moment after it; or, one round in four, a moment right after the
-        // restart, while the server resumes the runs the last kill cut short.
+        // The kill is aimed at an attempt under way, found by waiting for
+        // its run's events, not by waiting a time: once the load has passed
+        // a random point of this round's share, the newest accepted run is
+        // followed until `nap`, or a random item of `fan`, logs that it
+        // sleeps (its start is stored by then), and the kill follows at
+        // once. One round in four, instead, the kill comes while the server
+        // resumes what the last kill cut short: when the run it was aimed at
+        // has an attempt under way again.
         let share = runs as f64 / (rounds + 1) as f64;
         let target =
             ((round as f64 + 0.2 + 0.7 * rng.below(1000) as f64 / 1000.0) * share) as usize;
-        if round > 0 && rng.below(4) == 0 {
-            std::thread::sleep(Duration::from_millis(rng.below(100)));
-        } else {
-            let deadline = Instant::now() + Duration::from_secs(120);
+        let mut aimed = false;
+        if round > 0
+            && rng.below(4) == 0
+            && let Some(id) = &aimed_at
+        {
+            aimed = await_new_sleep(&server, id, None);
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut tried = BTreeSet::new();
+        while !aimed {
             while load.accepted() < target.max(1) {
                 assert!(
                     Instant::now() < deadline,
@@ -290,20 +302,61 @@ fn accepted_runs_survive_repeated_sigkill() {
                 );
                 std::thread::sleep(Duration::from_millis(5));
             }
-            std::thread::sleep(Duration::from_millis(rng.below(150)));
+            // The newest run not tried yet this round.
+            let candidate = load
+                .accepted
+                .lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|(index, _)| !tried.contains(*index))
+                .map(|(index, id)| (*index, id.clone()));
+            let Some((index, id)) = candidate else {
+                panic!("round {round}: every accepted run finished before a kill could be aimed");
+            };
+            tried.insert(index);
+            let run = server.get(&format!("/v1/runs/{id}")).json();
+            if ["succeeded", "failed", "cancelled"].contains(&run["status"].as_str().unwrap()) {
+                continue;
+            }
+            let job = &jobs[index];
+            let (step, nth) = match rng.below(2) {
+                0 => ("nap", 1),
+                _ => ("fan", 1 + rng.below(job.words.len() as u64) as usize),
+            };
+            let mut seen = 0;
+            aimed = server.await_event(&id, |event| {
+                seen += usize::from(is_log(event, step, "sleeping"));
+                seen == nth
+            });
+            if aimed {
+                aimed_at = Some(id);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no run was seen under way:\n{}",
+                server.stderr()
+            );
         }
-        let unfinished = ["queued", "running"]
-            .iter()
-            .map(|status| {
-                let page = server.get(&format!("/v1/runs?status={status}&limit=1000"));
-                page.json()["runs"].as_array().unwrap().len()
-            })
-            .sum::<usize>();
         *load.base.lock().unwrap() = None;
         let dir = server.crash();
-        in_flight_at_kills.push(unfinished);
+        let killed_started = server_started;
+        server_started = SystemTime::now();
         server = Serve::in_dir(dir).start();
         *load.base.lock().unwrap() = Some(server.base.clone());
+        // The kill cut work short: some attempt that had started on the
+        // killed server is now recorded as interrupted, in the run the kill
+        // was aimed at or in another the restart resumed.
+        let mut resumed = unfinished(&server);
+        in_flight_at_kills.push(resumed.len());
+        resumed.extend(aimed_at.clone());
+        let interrupted = interrupted_since(&server, &resumed, killed_started);
+        assert!(
+            interrupted > 0,
+            "seed {seed}, round {round}: the kill interrupted no attempt; the restart resumed {} runs",
+            in_flight_at_kills[round]
+        );
+        interrupted_at_kills.push(interrupted);
     }
     for client in clients {
         client.join().unwrap();
@@ -413,9 +466,10 @@ fn accepted_runs_survive_repeated_sigkill() {
 
     eprintln!(
         "chaos: seed {seed}: {rounds} rounds, runs accepted {}, succeeded {succeeded}, lost {lost}, \
-         stuck {stuck}; unfinished runs at each kill {in_flight_at_kills:?}; \
+         stuck {stuck}; runs unfinished after each restart {in_flight_at_kills:?}, \
+         attempts each kill interrupted {interrupted_at_kills:?}; \
          {} requests cut off by a kill, {} retries found the run stored (idempotency key); \
-         {resumed_steps} probe/sleep steps re-attempted after a kill; \
+         {resumed_steps} steps re-attempted after a kill; \
          {flaky_interrupted} attempts of the retried step recorded as interrupted",
         accepted.len(),
         load.transport_errors.load(Ordering::SeqCst),
@@ -433,6 +487,103 @@ fn accepted_runs_survive_repeated_sigkill() {
     );
 }
 
+/// Follows run `id` until a step (`step`, or any) that started on this
+/// server logs that it sleeps; false if the run ends first. A resumed run's
+/// events begin with its stored history, replayed: an attempt the record
+/// already had when we subscribed is not under way here.
+fn await_new_sleep(server: &Server, id: &str, step: Option<&str>) -> bool {
+    let run = server.get(&format!("/v1/runs/{id}")).json();
+    if ["succeeded", "failed", "cancelled"].contains(&run["status"].as_str().unwrap_or("")) {
+        return false;
+    }
+    let known: BTreeSet<(String, Option<u64>, Option<u64>)> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| {
+            s["attempts"].as_array().unwrap().iter().map(|a| {
+                (
+                    s["id"].as_str().unwrap().to_owned(),
+                    a["item"].as_u64(),
+                    a["attempt"].as_u64(),
+                )
+            })
+        })
+        .collect();
+    let mut started = BTreeSet::new();
+    server.await_event(id, |event| {
+        let name = event.data["step"].as_str().unwrap_or("").to_owned();
+        if event.event == "step_started" {
+            let attempt = (
+                name.clone(),
+                event.data["item"].as_u64(),
+                event.data["attempt"].as_u64(),
+            );
+            if !known.contains(&attempt) {
+                started.insert(name.clone());
+            }
+        }
+        step.is_none_or(|step| step == name)
+            && started.contains(&name)
+            && is_log(event, &name, "sleeping")
+    })
+}
+
+/// The ids of the runs the server lists as queued or running.
+fn unfinished(server: &Server) -> BTreeSet<String> {
+    ["queued", "running"]
+        .iter()
+        .flat_map(|status| {
+            let page = server.get(&format!("/v1/runs?status={status}&limit=1000"));
+            page.json()["runs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|run| run["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Attempts of the runs `ids` that started after `since` (on the server
+/// that was killed then) and are recorded as interrupted.
+fn interrupted_since(server: &Server, ids: &BTreeSet<String>, since: SystemTime) -> usize {
+    let since_ms = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0;
+    let mut interrupted = 0;
+    for id in ids {
+        let run = server.get(&format!("/v1/runs/{id}")).json();
+        for step in run["steps"].as_array().unwrap() {
+            interrupted += step["attempts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| {
+                    a["error"]["kind"] == "interrupted" && millis(&a["started_at"]) >= since_ms
+                })
+                .count();
+        }
+    }
+    interrupted
+}
+
+/// Whether the executions a plugin counted (`counter` in its output, kept
+/// in durable state) fit the attempts recorded: every attempt counted once,
+/// except that one a kill cut short may have been cut before it counted.
+/// More executions than attempts: a finished step or item ran again unseen.
+fn count_fits(attempts: &[&Value], counter: &Value) -> bool {
+    let interrupted = attempts
+        .iter()
+        .filter(|a| a["error"]["kind"] == "interrupted")
+        .count();
+    counter
+        .as_u64()
+        .is_some_and(|n| (attempts.len() - interrupted..=attempts.len()).contains(&(n as usize)))
+}
+
 /// What a run's steps show that cannot have happened; counts the steps
 /// that a kill cut short and that were attempted again.
 fn impossible_steps(
@@ -445,7 +596,7 @@ fn impossible_steps(
     let id = run["id"].as_str().unwrap();
     for step_id in ["first", "nap", "last"] {
         let step = step(run, step_id);
-        let attempts = step["attempts"].as_array().unwrap();
+        let attempts: Vec<&Value> = step["attempts"].as_array().unwrap().iter().collect();
         if step["status"] != "succeeded" {
             problems.push(format!("step {step_id} is {}", step["status"]));
             continue;
@@ -476,35 +627,30 @@ fn impossible_steps(
         if attempts.len() > 1 {
             *resumed += 1;
         }
-        if step_id != "nap" {
-            let output = &step["output"];
-            // The plugin ran as many times as the record says (the
-            // interrupted attempt may or may not have reached the counter),
-            // and the output is the last attempt's.
-            let executions = output["counter"].as_u64().unwrap_or(0) as usize;
-            if executions != attempts.len() && executions + 1 != attempts.len() {
-                problems.push(format!(
-                    "step {step_id} ran {executions} times, {} attempts recorded",
-                    attempts.len()
-                ));
-            }
-            if output["ctx"]["attempt"] != attempts.len() || output["ctx"]["run_id"] != id {
-                problems.push(format!(
-                    "step {step_id}: output from another attempt or run: {}",
-                    output["ctx"]
-                ));
-            }
-            if output["input"]["n"] != job.n {
-                problems.push(format!("step {step_id}: input {}", output["input"]));
-            }
+        // The output is the last attempt's.
+        let output = &step["output"];
+        if !count_fits(&attempts, &output["counter"]) {
+            problems.push(format!(
+                "step {step_id} ran {} times, {} attempts recorded",
+                output["counter"],
+                attempts.len()
+            ));
+        }
+        if output["ctx"]["attempt"] != attempts.len() || output["ctx"]["run_id"] != id {
+            problems.push(format!(
+                "step {step_id}: output from another attempt or run: {}",
+                output["ctx"]
+            ));
+        }
+        if output["input"]["n"] != job.n {
+            problems.push(format!("step {step_id}: input {}", output["input"]));
         }
     }
     // The retried step: failed twice on purpose, then succeeded, its
-    // attempts numbered on across kills; an attempt recorded as
-    // interrupted ran when a kill came, or had failed and was waiting out
-    // its backoff (counted: the record lost why it failed).
+    // attempts numbered on across kills, each one counted; an attempt
+    // recorded as interrupted ran when a kill came.
     let flaky = step(run, "flaky");
-    let attempts = flaky["attempts"].as_array().unwrap();
+    let attempts: Vec<&Value> = flaky["attempts"].as_array().unwrap().iter().collect();
     let numbers: Vec<u64> = attempts
         .iter()
         .map(|a| a["attempt"].as_u64().unwrap())
@@ -515,6 +661,13 @@ fn impossible_steps(
         || flaky["output"]["attempt"] != attempts.len()
     {
         problems.push(format!("flaky: {flaky:#}"));
+    }
+    if !count_fits(&attempts, &flaky["output"]["counter"]) {
+        problems.push(format!(
+            "flaky ran {} times, {} attempts recorded",
+            flaky["output"]["counter"],
+            attempts.len()
+        ));
     }
     if let Some((last, earlier)) = attempts.split_last() {
         if last["status"] != "succeeded" {
@@ -528,7 +681,8 @@ fn impossible_steps(
             }
         }
     }
-    // The fan-out: each item succeeded once (its last attempt), in order.
+    // The fan-out: each item succeeded once (its last attempt), in order,
+    // and counted as many executions as it has attempts.
     let fan = step(run, "fan");
     if fan["items"] != job.words.len() {
         problems.push(format!("fan: {} items for {:?}", fan["items"], job.words));
@@ -554,6 +708,23 @@ fn impossible_steps(
         if succeeded != 1 || attempts.last().unwrap()["status"] != "succeeded" {
             problems.push(format!("fan item {item}: attempts {attempts:?}"));
         }
+        if attempts.len() > 1 {
+            *resumed += 1;
+        }
+        let output = &fan["output"][item as usize];
+        if !count_fits(&attempts, &output["counter"]) {
+            problems.push(format!(
+                "fan item {item} ran {} times, {} attempts recorded",
+                output["counter"],
+                attempts.len()
+            ));
+        }
+        if output["ctx"]["attempt"] != attempts.len()
+            || ((item as usize) < job.words.len()
+                && output["input"]["data"] != job.item(item as usize))
+        {
+            problems.push(format!("fan item {item}: output {output}"));
+        }
     }
     problems
 }
@@ -573,22 +744,14 @@ fn a_step_cut_short_twice_keeps_both_attempts() {
     let reply = server.post("/v1/workflows/chaos/runs", &job.input());
     assert_eq!(reply.status, 202, "{}", reply.body);
     let id = reply.json()["id"].as_str().unwrap().to_owned();
-    // Until `nap` sleeps in its first attempt.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while step(&server.get(&format!("/v1/runs/{id}")).json(), "first")["status"] != "succeeded" {
-        assert!(Instant::now() < deadline, "`first` never finished");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    // Killed once `nap` sleeps in its first attempt (its start is stored).
+    server.await_log(&id, "nap", "sleeping", 1);
     let server = Serve::in_dir(server.crash()).start();
-    // Kill it again in its second attempt, once the restart has started it
-    // (polled: a loaded machine can take longer than any fixed wait).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while step(&server.get(&format!("/v1/runs/{id}")).json(), "nap")["status"] != "running" {
-        assert!(Instant::now() < deadline, "`nap` never resumed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    // Killed again once it sleeps in its second.
+    assert!(
+        await_new_sleep(&server, &id, Some("nap")),
+        "`nap` never resumed"
+    );
     let server = Serve::in_dir(server.crash()).start();
 
     let run = server.wait_for_run(&id);
@@ -617,6 +780,8 @@ fn a_step_cut_short_twice_keeps_both_attempts() {
         "{nap:#}"
     );
     assert_eq!(step(&run, "first")["attempts"].as_array().unwrap().len(), 1);
+    // Three attempts, three executions: each kill came after the counter.
+    assert_eq!(nap["output"]["counter"], 3, "{nap:#}");
 }
 
 /// An attempt that failed and was waiting out its backoff when the server
@@ -631,21 +796,17 @@ plugin = "fail"
 retry = { max_attempts = 3, backoff = "fixed", initial = "5s" }
 input = { message = "try again", retryable = true, succeed_on_attempt = 2 }
 "#;
-    let server = Serve::new().workflow("backoff.toml", BACKOFF).start();
+    // The executor logs at debug when a failed attempt is stored and the
+    // backoff begins.
+    let server = Serve::new()
+        .env("TRELLIS_LOG", "info,trellis::executor=debug")
+        .workflow("backoff.toml", BACKOFF)
+        .start();
     let reply = server.post("/v1/workflows/backoff/runs", "{}");
     assert_eq!(reply.status, 202, "{}", reply.body);
     let id = reply.json()["id"].as_str().unwrap().to_owned();
     // Attempt 1 fails at once; the kill comes while it waits to retry.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let run = server.get(&format!("/v1/runs/{id}")).json();
-        if step(&run, "flaky")["attempts"][0]["status"] == "failed" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "attempt 1 never failed: {run:#}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    server.await_stderr("attempt failed and stored; retrying after the backoff");
     let server = Serve::in_dir(server.crash()).start();
 
     let run = server.wait_for_run(&id);

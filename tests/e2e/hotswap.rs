@@ -339,7 +339,12 @@ fn workflow_files_are_picked_up_and_a_bad_edit_keeps_the_old_version() {
         "[[step]]\nid = \"a\"\nplugin = \"no-such-plugin\"\n",
     )
     .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1000));
+    // The watcher read the edit and refused it: only then does the next
+    // run say anything about what a bad edit does.
+    wait_until("the bad edit refused", &|| {
+        let log = server.stderr();
+        log.contains("workflow refused; the loaded version stays") && log.contains("no-such-plugin")
+    });
     assert_eq!(
         trigger("two").json()["output"],
         json!({ "a": "two" }),

@@ -10,7 +10,8 @@ use crate::support::*;
 
 /// `first` and `last` count their own executions in durable plugin state
 /// (one key per run and step), so a hidden re-execution shows as a count
-/// higher than the attempts the record shows.
+/// higher than the attempts the record shows. `nap` logs `sleeping N ms`
+/// once its attempt is under way (stored as started), then sleeps.
 const DURABLE: &str = r#"
 name = "durable"
 
@@ -21,9 +22,9 @@ input = { counter = "{{ run.id }}-first" }
 
 [[step]]
 id = "nap"
-plugin = "sleep"
+plugin = "probe"
 needs = ["first"]
-input = { ms = "{{ input.ms }}" }
+input = { sleep_ms = "{{ input.ms }}" }
 
 [[step]]
 id = "last"
@@ -159,20 +160,8 @@ fn a_step_finished_before_a_kill_is_not_run_again() {
     let reply = server.post("/v1/workflows/durable/runs", r#"{"n": 7, "ms": 3000}"#);
     assert_eq!(reply.status, 202, "{}", reply.body);
     let id = reply.json()["id"].as_str().unwrap().to_string();
-    // Wait until `first` has finished and `nap` is sleeping.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let run = server.get(&format!("/v1/runs/{id}")).json();
-        if step(&run, "first")["status"] == "succeeded" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "`first` never finished: {run:#}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(100));
+    // Once `nap` sleeps, `first` has finished and `nap`'s start is stored.
+    server.await_log(&id, "nap", "sleeping", 1);
     let dir = server.crash();
 
     let server = Serve::in_dir(dir).start();
@@ -204,9 +193,9 @@ fn a_step_finished_before_a_kill_is_not_run_again() {
     );
 }
 
-/// Each item counts its executions in durable state and then sleeps, and the
-/// server runs one attempt at a time, so the kill lands with some items
-/// finished, one cut short and the rest not started.
+/// Each item counts its executions in durable state, logs `sleeping 400 ms`
+/// and sleeps, and the server runs one attempt at a time, so the kill lands
+/// with some items finished, one cut short and the rest not started.
 const FAN_OUT: &str = r#"
 name = "fan"
 
@@ -234,22 +223,9 @@ fn a_for_each_item_finished_before_a_kill_is_not_run_again() {
     );
     assert_eq!(reply.status, 202, "{}", reply.body);
     let id = reply.json()["id"].as_str().unwrap().to_string();
-    // One attempt at a time: once a third item has started, two have ended.
-    let mut started = std::collections::BTreeSet::new();
-    for event in server.event_stream(&id, &[]) {
-        if event.event == "step_started" {
-            started.insert(event.data["item"].as_u64().expect("an item"));
-        }
-        if started.len() == 3 {
-            break;
-        }
-    }
-    assert_eq!(
-        started.len(),
-        3,
-        "the run ended before a third item started"
-    );
-    std::thread::sleep(Duration::from_millis(100));
+    // One attempt at a time: once a third item sleeps, two have ended, and
+    // the third has stored its start and its counter.
+    server.await_log(&id, "each", "sleeping", 3);
     let dir = server.crash();
 
     let server = Serve::in_dir(dir).start();

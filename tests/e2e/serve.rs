@@ -23,6 +23,17 @@ plugin = "sleep"
 input = { ms = "{{ input.ms | default(300) }}" }
 "#;
 
+/// Logs `sleeping N ms` once under way, then sleeps `input.ms`.
+const PROBE_NAP: &str = r#"
+[limits]
+timeout = "120s"
+
+[[step]]
+id = "nap"
+plugin = "probe"
+input = { sleep_ms = "{{ input.ms }}" }
+"#;
+
 /// Logs one line.
 const LOGS: &str = r#"
 [[step]]
@@ -192,22 +203,14 @@ fn runs_are_listed_newest_first_a_page_at_a_time() {
 
 #[test]
 fn cancel_stops_a_running_step_at_once() {
-    let server = Serve::new().workflow("nap.toml", NAP).start();
-    // A minute of sleep, under a two-minute timeout.
+    let server = Serve::new().workflow("nap.toml", PROBE_NAP).start();
+    // A minute of sleep, under a two-minute timeout; cancelled once the
+    // plugin says it sleeps.
     let accepted = server
         .post("/v1/workflows/nap/runs", r#"{"ms": 60000}"#)
         .json();
     let id = id_of(&accepted);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let run = server.get(&format!("/v1/runs/{id}")).json();
-        if step(&run, "nap")["status"] == "running" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the step never started: {run:#}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    server.await_log(&id, "nap", "sleeping", 1);
 
     let asked = Instant::now();
     let reply = server.post(&format!("/v1/runs/{id}/cancel"), "");
@@ -275,40 +278,62 @@ fn a_late_subscriber_gets_the_whole_run_replayed() {
         .assert_error(404, "not_found");
 }
 
+/// `nap` calls a server the test holds back: it cannot finish before the
+/// test has received its `step_started` event, so receiving that event at
+/// all proves the stream is live (a stream replayed at the end would leave
+/// the run waiting at the gate until the gate gives up).
 #[test]
 fn a_live_run_streams_its_events_as_they_happen() {
+    let gate = Gate::start();
     let server = Serve::new()
         .workflow(
             "live.toml",
-            r#"
+            &format!(
+                r#"
 [[step]]
 id = "first"
 plugin = "probe"
-input = { logs = [["info", "one"]] }
+input = {{ logs = [["info", "one"]] }}
 
 [[step]]
 id = "nap"
-plugin = "sleep"
+plugin = "http-request"
 needs = ["first"]
-input = { ms = 1500 }
+input = {{ url = "{}" }}
+allow_hosts = ["{}"]
 
 [[step]]
 id = "last"
 plugin = "probe"
 needs = ["nap"]
-input = { logs = [["warn", "two"]] }
+input = {{ logs = [["warn", "two"]] }}
 "#,
+                gate.url("/held"),
+                gate.host()
+            ),
         )
         .start();
     let accepted = server.post("/v1/workflows/live/runs", "{}");
     assert_eq!(accepted.status, 202, "{}", accepted.body);
     let id = id_of(&accepted.json());
 
-    let mut received = Vec::new();
+    let mut events = Vec::new();
+    let mut opened_after = None;
     for event in server.event_stream(&id, &[]) {
-        received.push((Instant::now(), event));
+        let nap_started = event.event == "step_started" && event.data["step"] == "nap";
+        events.push(event);
+        if nap_started {
+            // Received while `nap` is held at the gate: live.
+            opened_after = Some(events.len());
+            gate.open();
+        }
     }
-    let events: Vec<&SseEvent> = received.iter().map(|(_, e)| e).collect();
+    assert!(!gate.timed_out(), "`nap` waited at the gate for a minute");
+    assert_eq!(
+        opened_after,
+        Some(4),
+        "the gate opened after {opened_after:?} events"
+    );
     let described: Vec<String> = events
         .iter()
         .map(|e| {
@@ -327,6 +352,9 @@ input = { logs = [["warn", "two"]] }
             "log first",
             "step_finished first",
             "step_started nap",
+            // The request and its answer, in the step's log as they happen.
+            "log nap",
+            "log nap",
             "step_finished nap",
             "step_started last",
             "log last",
@@ -338,16 +366,11 @@ input = { logs = [["warn", "two"]] }
     for (n, event) in events.iter().enumerate() {
         assert_eq!(event.id, Some(n as u64 + 1), "{described:?}");
     }
-    assert_eq!(events[6].data["line"]["message"], "two");
-    assert_eq!(events[8].data["run"]["status"], "succeeded");
-    // Live, not replayed at the end: the nap's start and end came apart.
-    let started = received[3].0;
-    let finished = received[4].0;
-    assert!(
-        finished - started >= Duration::from_millis(1000),
-        "events were not streamed live: {:?}",
-        finished - started
-    );
+    let request = events[4].data["line"]["message"].as_str().unwrap();
+    assert!(request.starts_with("http: GET"), "{request}");
+    assert_eq!(events[6].data["step"]["output"]["json"]["path"], "/held");
+    assert_eq!(events[8].data["line"]["message"], "two");
+    assert_eq!(events[10].data["run"]["status"], "succeeded");
 }
 
 #[test]
@@ -1093,32 +1116,44 @@ fn a_bad_configuration_is_refused_at_start() {
 
 /// While a fan-out runs, `GET /v1/runs/{id}` shows how many items it has and
 /// each item's finished attempts, not only once the whole step has ended.
+/// Three items answer at once and the fourth waits at a gate the test
+/// opens, so the run is seen mid-way for sure, whatever the machine's speed.
 #[test]
 fn a_running_fan_out_shows_its_finished_items() {
+    let gate = Gate::start();
     let server = Serve::new()
-        .config("max_concurrent_steps = 1\n")
         .workflow(
             "fan.toml",
-            r#"
+            &format!(
+                r#"
 [[step]]
 id = "each"
-plugin = "probe"
-for_each = "{{ input.items }}"
-input = { n = "{{ item }}", sleep_ms = 300 }
+plugin = "http-request"
+for_each = "{{{{ input.items }}}}"
+input = {{ url = "{}/{{{{ item }}}}" }}
+allow_hosts = ["{}"]
 "#,
+                gate.url(""),
+                gate.host()
+            ),
         )
         .start();
-    let reply = server.post("/v1/workflows/fan/runs", r#"{"items": [0, 1, 2, 3]}"#);
+    let items = ["a", "b", "c", "held"];
+    let reply = server.post(
+        "/v1/workflows/fan/runs",
+        &json!({ "items": items }).to_string(),
+    );
     assert_eq!(reply.status, 202, "{}", reply.body);
     let id = reply.json()["id"].as_str().unwrap().to_string();
+    gate.await_waiting(1);
     let deadline = Instant::now() + Duration::from_secs(60);
     let seen = loop {
         let run = server.get(&format!("/v1/runs/{id}")).json();
         let done = step(&run, "each")["attempts"].as_array().unwrap().len();
-        if (2..4).contains(&done) {
+        assert!(done <= 3, "an item went through the closed gate: {run:#}");
+        if done == 3 {
             break run;
         }
-        assert!(done < 2, "the fan-out ended unseen: {run:#}");
         assert!(Instant::now() < deadline, "{run:#}");
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -1126,22 +1161,26 @@ input = { n = "{{ item }}", sleep_ms = 300 }
     let each = step(&seen, "each");
     assert_eq!(each["status"], "running", "{each:#}");
     assert_eq!(each["items"], 4, "{each:#}");
-    let mut items: Vec<u64> = Vec::new();
+    let mut shown: Vec<u64> = Vec::new();
     for attempt in each["attempts"].as_array().unwrap() {
         assert_eq!(attempt["status"], "succeeded", "{attempt:#}");
         assert_eq!(attempt["attempt"], 1, "{attempt:#}");
-        items.push(attempt["item"].as_u64().unwrap());
+        shown.push(attempt["item"].as_u64().unwrap());
     }
-    items.sort_unstable();
-    items.dedup();
-    assert_eq!(items.len(), each["attempts"].as_array().unwrap().len());
-    assert!(items.iter().all(|&item| item < 4), "{items:?}");
+    shown.sort_unstable();
+    assert_eq!(shown, [0, 1, 2], "the finished items: {each:#}");
 
+    gate.open();
     let run = server.wait_for_run(&id);
+    assert!(!gate.timed_out());
     assert_eq!(run["status"], "succeeded", "{run:#}");
     let each = step(&run, "each");
     assert_eq!(each["attempts"].as_array().unwrap().len(), 4, "{each:#}");
-    for n in 0..4 {
-        assert_eq!(each["output"][n]["input"]["n"], n, "{each:#}");
+    for (n, item) in items.iter().enumerate() {
+        assert_eq!(
+            each["output"][n]["json"]["path"],
+            format!("/{item}"),
+            "{each:#}"
+        );
     }
 }

@@ -525,6 +525,46 @@ impl Server {
         }
     }
 
+    /// Reads the run's events (those so far, then live ones) until `until`
+    /// holds for one; false if the stream ended first (the run finished, or
+    /// the server went away).
+    pub fn await_event(&self, id: &str, mut until: impl FnMut(&SseEvent) -> bool) -> bool {
+        self.event_stream(id, &[]).any(|event| until(&event))
+    }
+
+    /// Reads the run's events until the `n`th log line of `step` that starts
+    /// with `text`; panics if the run ends first. A plugin's log line is
+    /// sent while it runs, so this waits for an attempt to be under way, not
+    /// for a time that a slow machine may overrun (and the host stores an
+    /// attempt's start before the plugin runs).
+    pub fn await_log(&self, id: &str, step: &str, text: &str, n: usize) {
+        let mut seen = 0;
+        let found = self.await_event(id, |event| {
+            if is_log(event, step, text) {
+                seen += 1;
+            }
+            seen == n
+        });
+        assert!(
+            found,
+            "run {id} ended before step {step} logged {text:?} {n} times:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// Waits (at most a minute) until the server's log has `text`.
+    pub fn await_stderr(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.stderr().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "the server never logged {text:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The server's own plugin dir (see [`Serve::own_plugin_dir`]).
     pub fn plugin_dir(&self) -> PathBuf {
         self._dir.path().join("plugins")
@@ -587,6 +627,15 @@ impl Drop for Server {
     }
 }
 
+/// Whether `event` is a log line of `step` that starts with `text`.
+pub fn is_log(event: &SseEvent, step: &str, text: &str) -> bool {
+    event.event == "log"
+        && event.data["step"] == step
+        && event.data["line"]["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with(text))
+}
+
 /// One Server-Sent Event.
 #[derive(Debug, Clone)]
 pub struct SseEvent {
@@ -635,4 +684,118 @@ impl<R: BufRead> Iterator for SseReader<R> {
             }
         }
     }
+}
+
+/// A local HTTP server whose answers the test holds back: a request for a
+/// path that starts with `/held` waits until [`Gate::open`] (at most a
+/// minute, then 503), any other is answered at once; each answer is
+/// `{"path": "<path>"}`. A step that calls it (the `http-request` plugin)
+/// stays running until the test has seen what it wants to see, so the test
+/// waits for that, not for a time window.
+pub struct Gate {
+    pub port: u16,
+    state: Arc<(Mutex<GateState>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct GateState {
+    open: bool,
+    /// Requests that reached the gate.
+    waiting: usize,
+    /// A request gave up waiting.
+    timed_out: bool,
+}
+
+impl Gate {
+    pub fn start() -> Gate {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state: Arc<(Mutex<GateState>, std::sync::Condvar)> = Arc::default();
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let state = shared.clone();
+                std::thread::spawn(move || gate_answer(stream, &state));
+            }
+        });
+        Gate { port, state }
+    }
+
+    /// `127.0.0.1:PORT`, for `allow_hosts`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Waits (at most a minute) until `n` requests wait at the gate.
+    pub fn await_waiting(&self, n: usize) {
+        let (lock, signal) = &*self.state;
+        let state = lock.lock().unwrap();
+        let (state, _) = signal
+            .wait_timeout_while(state, Duration::from_secs(60), |s| s.waiting < n)
+            .unwrap();
+        assert!(
+            state.waiting >= n,
+            "{} requests reached the gate, not {n}",
+            state.waiting
+        );
+    }
+
+    /// Lets every held request (and every later one) through.
+    pub fn open(&self) {
+        let (lock, signal) = &*self.state;
+        lock.lock().unwrap().open = true;
+        signal.notify_all();
+    }
+
+    /// Whether a held request gave up before the gate opened.
+    pub fn timed_out(&self) -> bool {
+        self.state.0.lock().unwrap().timed_out
+    }
+}
+
+fn gate_answer(stream: std::net::TcpStream, state: &(Mutex<GateState>, std::sync::Condvar)) {
+    use std::io::Write;
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return;
+    }
+    // The headers, up to the blank line (GET: no body).
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
+            break;
+        }
+    }
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let mut status = "200 OK";
+    if path.starts_with("/held") {
+        let (lock, signal) = state;
+        let mut guard = lock.lock().unwrap();
+        guard.waiting += 1;
+        signal.notify_all();
+        let (mut guard, _) = signal
+            .wait_timeout_while(guard, Duration::from_secs(60), |s| !s.open)
+            .unwrap();
+        if !guard.open {
+            guard.timed_out = true;
+            status = "503 Service Unavailable";
+        }
+    }
+    let body = serde_json::json!({ "path": path }).to_string();
+    let mut stream = stream;
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }

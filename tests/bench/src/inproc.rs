@@ -141,13 +141,16 @@ where
 /// Everything the measurements share.
 struct Bench {
     smoke: bool,
-    raw: RawPlugin,
+    raw: Arc<RawPlugin>,
     noop: Arc<Plugin>,
     executor: Executor,
     service: Service,
     plans: BTreeMap<&'static str, Arc<Plan>>,
     /// The raw limit, µs per call.
     limit_us: f64,
+    /// The raw limit with a call on every worker thread at once, µs of wall
+    /// time per call: what a fan-out's items are compared with.
+    parallel_limit_us: f64,
     results: Vec<Measurement>,
     /// Keeps the service's dirs until the end.
     _dirs: tempfile::TempDir,
@@ -183,6 +186,7 @@ fn plugin_file(dir: &str, name: &str) -> anyhow::Result<PathBuf> {
 async fn measure(smoke: bool) -> anyhow::Result<Vec<Measurement>> {
     let mut bench = Bench::set_up(smoke).await?;
     bench.limit().await?;
+    bench.parallel_limit().await?;
     bench.sandbox().await?;
     let step1 = workloads::single();
     bench.step_overhead(&step1).await?;
@@ -290,12 +294,13 @@ impl Bench {
 
         Ok(Bench {
             smoke,
-            raw,
+            raw: Arc::new(raw),
             noop,
             executor,
             service,
             plans,
             limit_us: f64::NAN,
+            parallel_limit_us: f64::NAN,
             results: Vec::new(),
             _dirs: dirs,
         })
@@ -325,6 +330,61 @@ impl Bench {
                 .note(format!(
                     "fresh Store + instantiate (pooling) + run, fuel and epoch on; {note}"
                 )),
+        );
+        Ok(())
+    }
+
+    /// The raw limit with one call in flight per worker thread (the
+    /// runtime has one per core, as `trellis serve` has): µs of wall time
+    /// per call. A fan-out runs its items on every worker at once, so its
+    /// per-step time is compared with this, not with a call made alone
+    /// (on 2 cores a fan-out could otherwise look twice as cheap as the
+    /// floor).
+    async fn parallel_limit(&mut self) -> anyhow::Result<()> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let budget = self.budget(FAST_CALL);
+        let input = Arc::new(workloads::single().input.to_string());
+        // Every task warms up, then all start measuring together.
+        let start = Arc::new(tokio::sync::Barrier::new(threads));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..threads {
+            let (raw, input, start) = (self.raw.clone(), input.clone(), start.clone());
+            tasks.spawn(async move {
+                for _ in 0..budget.warmup.div_ceil(threads) {
+                    raw.call(&input).await?;
+                }
+                start.wait().await;
+                let began = Instant::now();
+                let (min, max) = (budget.min.div_ceil(threads), budget.max.div_ceil(threads));
+                let mut calls = 0;
+                while calls < min || (calls < max && began.elapsed() < budget.time) {
+                    let output = raw.call(&input).await?;
+                    ensure!(output == *input, "noop answered {output}");
+                    calls += 1;
+                }
+                anyhow::Ok((calls, began.elapsed()))
+            });
+        }
+        let (mut calls, mut wall) = (0, Duration::ZERO);
+        while let Some(done) = tasks.join_next().await {
+            let (n, took) = done??;
+            calls += n;
+            wall = wall.max(took);
+        }
+        let us = wall.as_secs_f64() * 1e6 / calls as f64;
+        self.parallel_limit_us = us;
+        self.report(
+            Measurement::new(
+                "limit",
+                format!("raw wasmtime calls, {threads} at once (noop)"),
+                us,
+                "µs",
+            )
+            .per_step_us(us)
+            .note(format!(
+                "wall time per call with one call in flight per worker thread ({threads}); {calls} calls in {:.2} s; fan-outs are compared with this",
+                wall.as_secs_f64()
+            )),
         );
         Ok(())
     }
@@ -474,6 +534,14 @@ impl Bench {
             let mut samples = sample(self.budget(normal), once).await?;
             let us = samples.median();
             let per_step = us / workload.steps as f64;
+            let (limit, against) = if workload.parallel {
+                (
+                    self.parallel_limit_us,
+                    "; ratio to the limit with as many calls at once",
+                )
+            } else {
+                (self.limit_us, "")
+            };
             let mut measurement = Measurement::new(
                 "workload",
                 format!("{} ({mode})", workload.name),
@@ -481,8 +549,12 @@ impl Bench {
                 "ms",
             )
             .per_step_us(per_step)
-            .ratio(per_step / self.limit_us)
-            .note(format!("{} steps; {}", workload.steps, samples.note("ms")));
+            .ratio(per_step / limit)
+            .note(format!(
+                "{} steps; {}{against}",
+                workload.steps,
+                samples.note("ms")
+            ));
             if let Some(target) = workload.target_ms {
                 measurement = measurement.target(format!("<= {target} ms"), us / 1000.0 <= target);
             }

@@ -27,6 +27,10 @@ pub struct Workload {
     pub steps: usize,
     /// Issue 6's target for one run, in ms.
     pub target_ms: Option<f64>,
+    /// Most of its steps run at once (a fan-out's items), on every worker
+    /// thread: its ratio is taken against the limit measured with as many
+    /// calls at once, not against one call alone.
+    pub parallel: bool,
 }
 
 /// One `noop` step.
@@ -47,6 +51,7 @@ result = "{{ steps.only.output }}"
         expected: json!({ "result": small_object() }),
         steps: 1,
         target_ms: None,
+        parallel: false,
     }
 }
 
@@ -78,6 +83,7 @@ pub fn chain(name: &'static str, n: usize, target_ms: Option<f64>) -> Workload {
         expected: json!({ "result": small_object() }),
         steps: n,
         target_ms,
+        parallel: false,
     }
 }
 
@@ -116,6 +122,7 @@ sum = "{{{{ steps.sum.output.sum }}}}"
         expected: json!({ "count": n, "sum": n * (n - 1) / 2 }),
         steps: n + 2,
         target_ms,
+        parallel: true,
     }
 }
 
@@ -153,6 +160,7 @@ result = "{{ steps.d.output }}"
         expected: json!({ "result": { "b": small_object(), "c": small_object() } }),
         steps: 4,
         target_ms: None,
+        parallel: false,
     }
 }
 

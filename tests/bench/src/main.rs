@@ -9,8 +9,8 @@
 //! - `soak` (`--soak`, its own mode; a small one in `--smoke`): 20,000 runs
 //!   from 128 clients, every output checked, RSS flat.
 //!
-//! Writes `results.json`, `results.md` (the table) and `per-step.svg` (the
-//! plot) to `--out`. `--smoke` runs a few iterations of each, to prove the
+//! Writes `results.json`, `results.md` (the machine, the filesystem of the
+//! data dirs and the table) and `per-step.svg` (the plot) to `--out`. `--smoke` runs a few iterations of each, to prove the
 //! harness works (CI), not to measure.
 
 mod inproc;
@@ -93,8 +93,12 @@ fn main() -> anyhow::Result<()> {
         results.extend(soak::run(&options)?);
     }
     let table = report::markdown(&results);
-    println!("{table}");
-    std::fs::write(options.out.join("results.md"), &table)?;
+    let machine = machine();
+    println!("{machine}\n\n{table}");
+    std::fs::write(
+        options.out.join("results.md"),
+        format!("{machine}\n\n{table}"),
+    )?;
     std::fs::write(
         options.out.join("results.json"),
         serde_json::to_string_pretty(&results)?,
@@ -106,7 +110,7 @@ fn main() -> anyhow::Result<()> {
     );
     if let Some(doc) = &options.update {
         let text = std::fs::read_to_string(doc)?;
-        let updated = splice(&text, &table, &machine())
+        let updated = splice(&text, &table, &machine)
             .ok_or_else(|| anyhow::anyhow!("{} has no results markers", doc.display()))?;
         std::fs::write(doc, updated)?;
         eprintln!("updated the table in {}", doc.display());
@@ -128,7 +132,9 @@ fn splice(text: &str, table: &str, machine: &str) -> Option<String> {
     ))
 }
 
-/// The machine, for the record: CPU model and count, memory, kernel, date.
+/// The machine, for the record: CPU model and count, memory, kernel, date,
+/// and the filesystem the data dirs were on (every durable figure depends
+/// on what a commit costs there: tmpfs makes it free).
 fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -154,10 +160,40 @@ fn machine() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
+    // The servers' and the durable service's data dirs are temporary dirs.
+    let data = std::env::temp_dir();
+    let data = std::fs::canonicalize(&data).unwrap_or(data);
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let filesystem = match filesystem(&mounts, &data) {
+        Some((kind, mount)) => format!("{kind} (mounted on {mount})"),
+        None => "an unknown filesystem".to_owned(),
+    };
     format!(
-        "Measured {when} on {cpus} x {model}, {memory} RAM, Linux {}.",
-        kernel.trim()
+        "Measured {when} on {cpus} x {model}, {memory} RAM, Linux {}; data dirs in {}, on {filesystem}.",
+        kernel.trim(),
+        data.display()
     )
+}
+
+/// The type and mount point of the filesystem holding `path`, from the text
+/// of /proc/mounts: the mount whose point is the longest prefix of the path
+/// (the last one wins when two share a point: it is mounted over the other).
+fn filesystem(mounts: &str, path: &std::path::Path) -> Option<(String, String)> {
+    let mut best: Option<(usize, String, String)> = None;
+    for line in mounts.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(_device), Some(point), Some(kind)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        // Spaces and tabs in mount points are written as octal escapes.
+        let point = point.replace("\\040", " ").replace("\\011", "\t");
+        if path.starts_with(&point) && best.as_ref().is_none_or(|(len, ..)| point.len() >= *len) {
+            best = Some((point.len(), kind.to_owned(), point));
+        }
+    }
+    best.map(|(_, kind, point)| (kind, point))
 }
 
 #[cfg(test)]
@@ -171,5 +207,19 @@ mod tests {
             "# B\n<!-- results:start -->\nOn M.\n\n| t |\n<!-- results:end -->\nafter\n"
         );
         assert!(super::splice("no markers", "x", "m").is_none());
+    }
+
+    #[test]
+    fn the_filesystem_is_the_longest_mount_point_holding_the_path() {
+        let mounts = "/dev/vda / ext4 rw,relatime 0 0\n\
+                      proc /proc proc rw 0 0\n\
+                      tmpfs /tmp tmpfs rw,nosuid 0 0\n\
+                      tmpfs /tmpdata tmpfs rw 0 0\n";
+        let at = |path: &str| super::filesystem(mounts, std::path::Path::new(path));
+        assert_eq!(at("/tmp/x/y"), Some(("tmpfs".into(), "/tmp".into())));
+        assert_eq!(at("/home/me"), Some(("ext4".into(), "/".into())));
+        // A prefix of the text is not a parent dir.
+        assert_eq!(at("/tmpx/a"), Some(("ext4".into(), "/".into())));
+        assert_eq!(super::filesystem("", std::path::Path::new("/tmp")), None);
     }
 }

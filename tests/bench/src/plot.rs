@@ -68,7 +68,11 @@ impl Figure {
         };
         for m in results {
             if m.group == "limit" {
-                figure.limit_us = Some(m.value);
+                // The first is the one-call limit the ratios mean; the
+                // parallel one is a row of the table only.
+                if figure.limit_us.is_none() {
+                    figure.limit_us = Some(m.value);
+                }
                 continue;
             }
             let Some(us) = m.per_step_us.filter(|us| us.is_finite() && *us > 0.0) else {

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use serde_json::{Value, json};
 
 use crate::Options;
 use crate::report::{Measurement, median, percentile, quantiles};
@@ -44,6 +45,13 @@ const TARGET_RSS_MIB: f64 = 1024.0;
 
 /// The small JSON object every chain passes on.
 const INPUT: &[u8] = br#"{"order":42,"customer":"acme","items":["a","b","c"],"total":99.5}"#;
+
+/// What a 3-step chain of `noop` answers for [`INPUT`]: its sink step's
+/// output, which is the input passed on.
+fn chain3_output() -> Value {
+    let input: Value = serde_json::from_slice(INPUT).expect("INPUT is JSON");
+    json!({ "s3": input })
+}
 
 /// How much of everything to do.
 struct Scale {
@@ -259,14 +267,18 @@ impl Load {
         )
     }
 
+    /// Fails the run on any error: a refused request, a lost connection, a
+    /// run that did not succeed or answered the wrong output. Figures of a
+    /// load with errors would not be comparable, and the smoke run in CI is
+    /// there to catch them.
     fn check(&self, what: &str) -> anyhow::Result<()> {
-        if let Some(error) = &self.first_error {
-            eprintln!(
-                "system: {what}: {} errors of {}; the first: {error}",
-                self.errors,
-                self.requests()
-            );
-        }
+        ensure!(
+            self.errors == 0,
+            "{what}: {} errors of {} requests; the first: {}",
+            self.errors,
+            self.requests(),
+            self.first_error.as_deref().unwrap_or("")
+        );
         Ok(())
     }
 }
@@ -276,11 +288,14 @@ fn cores() -> usize {
 }
 
 /// `clients` threads, each on its own keep-alive connection, POST `body` to
-/// `path` back to back until `max` requests in all or `max_time`.
+/// `path` back to back until `max` requests in all or `max_time`. A run
+/// answered finished (200) counts as an error unless it succeeded with
+/// `expected` as its output.
 fn load(
     server: &Server,
     path: &str,
     body: &[u8],
+    expected: &Value,
     clients: usize,
     max: usize,
     max_time: Duration,
@@ -295,7 +310,7 @@ fn load(
     let addr = server.addr;
     let per_client: Vec<anyhow::Result<Load>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..clients)
-            .map(|_| scope.spawn(|| client(addr, path, body, &issued, max, deadline)))
+            .map(|_| scope.spawn(|| client(addr, path, body, expected, &issued, max, deadline)))
             .collect();
         handles
             .into_iter()
@@ -338,6 +353,7 @@ fn client(
     addr: SocketAddr,
     path: &str,
     body: &[u8],
+    expected: &Value,
     issued: &AtomicUsize,
     max: usize,
     deadline: Instant,
@@ -360,19 +376,19 @@ fn client(
         let answer = conn.post_json(path, body);
         let latency = sent.elapsed();
         let problem = match answer {
-            Ok(answer) if answer.status == 200 || answer.status == 202 => {
-                if contains(&answer.body, br#""status":"failed""#) {
-                    Some(format!("a run failed: {}", answer.text()))
-                } else {
-                    if answer.status == 200 {
-                        mine.finished += 1;
-                    } else {
-                        mine.accepted += 1;
-                    }
+            Ok(answer) if answer.status == 202 => {
+                mine.accepted += 1;
+                mine.latencies.push(latency.as_secs_f64() * 1e3);
+                None
+            }
+            Ok(answer) if answer.status == 200 => match finished_run(&answer, expected) {
+                Ok(()) => {
+                    mine.finished += 1;
                     mine.latencies.push(latency.as_secs_f64() * 1e3);
                     None
                 }
-            }
+                Err(problem) => Some(problem),
+            },
             Ok(answer) => Some(format!("{} {}", answer.status, answer.text())),
             Err(error) => {
                 let _ = conn.reconnect();
@@ -387,8 +403,22 @@ fn client(
     Ok(mine)
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// A finished run as `?wait` answers it: succeeded, with `expected` as its
+/// output.
+fn finished_run(answer: &client::Response, expected: &Value) -> Result<(), String> {
+    let run: Value = serde_json::from_slice(&answer.body)
+        .map_err(|e| format!("the answer is not JSON ({e}): {}", answer.text()))?;
+    if run["status"] != "succeeded" {
+        return Err(format!("a run ended {}: {}", run["status"], answer.text()));
+    }
+    if run["output"] != *expected {
+        return Err(format!(
+            "a run gave {}, not {expected}: {}",
+            run["output"],
+            answer.text()
+        ));
+    }
+    Ok(())
 }
 
 /// Polls `/metrics` until nothing is in flight; how long that took, and the
@@ -422,11 +452,13 @@ fn http(env: &Env) -> anyhow::Result<Vec<Measurement>> {
     std::fs::write(workflows.join("chain3.toml"), chain_workflow(3))?;
     let mut server = env.serve(&work, "data", &workflows, &[])?;
     let waited = "/v1/workflows/chain3/runs?wait=10s";
+    let expected = chain3_output();
     // Warm up: plugins instantiated, SQLite pages and the allocator warm.
     let warm = load(
         &server,
         waited,
         INPUT,
+        &expected,
         16,
         scale.runs_per_level / 10,
         Duration::from_secs(3),
@@ -443,6 +475,7 @@ fn http(env: &Env) -> anyhow::Result<Vec<Measurement>> {
         &server,
         "/v1/workflows/chain3/runs",
         INPUT,
+        &expected,
         clients,
         scale.nowait_runs,
         Duration::from_secs(120),
@@ -503,6 +536,7 @@ fn http(env: &Env) -> anyhow::Result<Vec<Measurement>> {
         &quiet,
         waited,
         INPUT,
+        &expected,
         16,
         scale.runs_per_level / 10,
         Duration::from_secs(3),
@@ -529,6 +563,7 @@ fn waited_level(
         server,
         "/v1/workflows/chain3/runs?wait=10s",
         INPUT,
+        &chain3_output(),
         clients,
         scale.runs_per_level,
         scale.time_per_level,
@@ -829,11 +864,14 @@ fn memory(env: &Env) -> anyhow::Result<Vec<Measurement>> {
             &server,
             "/v1/workflows/inflight/runs",
             br#"{"ms":0}"#,
+            // Answered 202 (no `?wait`): the output is checked by the count
+            // of runs that succeeded once they drained.
+            &json!({ "c": { "slept_ms": 0 } }),
             CONNECTIONS,
             scale.in_flight - PERMITS,
             Duration::from_secs(600),
         )?;
-        load_ok(&flood, "flood")?;
+        flood.check("flood")?;
         let accept_time = blockers_took + flood.elapsed;
         // Sample while they wait.
         let mut rss: f64 = 0.0;
@@ -932,17 +970,6 @@ fn memory(env: &Env) -> anyhow::Result<Vec<Measurement>> {
     Ok(results)
 }
 
-fn load_ok(load: &Load, what: &str) -> anyhow::Result<()> {
-    ensure!(
-        load.errors == 0,
-        "{what}: {} errors of {} requests; the first: {}",
-        load.errors,
-        load.requests(),
-        load.first_error.as_deref().unwrap_or("")
-    );
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -953,5 +980,33 @@ mod tests {
         assert!(toml.contains("id = \"s1\"\nplugin = \"noop\"\ninput = \"{{ input }}\""));
         assert!(toml.contains("id = \"s3\"\nplugin = \"noop\"\ninput = \"{{ steps.s2.output }}\""));
         assert_eq!(toml.matches("[[step]]").count(), 3);
+    }
+
+    fn answer(body: &str) -> client::Response {
+        client::Response {
+            status: 200,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_finished_run_counts_only_with_the_expected_output() {
+        let expected = chain3_output();
+        let input = std::str::from_utf8(INPUT).unwrap();
+        let good = format!(r#"{{"status":"succeeded","output":{{"s3":{input}}}}}"#);
+        assert_eq!(finished_run(&answer(&good), &expected), Ok(()));
+        let wrong = r#"{"status":"succeeded","output":{"s3":{"order":41}}}"#;
+        assert!(
+            finished_run(&answer(wrong), &expected)
+                .unwrap_err()
+                .contains("a run gave")
+        );
+        let failed = r#"{"status":"failed","output":null}"#;
+        assert!(
+            finished_run(&answer(failed), &expected)
+                .unwrap_err()
+                .contains("ended \"failed\"")
+        );
+        assert!(finished_run(&answer("nope"), &expected).is_err());
     }
 }
