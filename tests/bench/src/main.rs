@@ -110,26 +110,25 @@ fn main() -> anyhow::Result<()> {
     );
     if let Some(doc) = &options.update {
         let text = std::fs::read_to_string(doc)?;
-        let updated = splice(&text, &table, &machine)
-            .ok_or_else(|| anyhow::anyhow!("{} has no results markers", doc.display()))?;
+        let updated = splice(&text, "results", &format!("{machine}\n\n{table}"))
+            .and_then(|text| splice(&text, "targets", &report::targets(&results)))
+            .ok_or_else(|| {
+                anyhow::anyhow!("{} lacks the results or targets markers", doc.display())
+            })?;
         std::fs::write(doc, updated)?;
         eprintln!("updated the table in {}", doc.display());
     }
     Ok(())
 }
 
-/// `text` with what is between the results markers replaced by `table`
-/// (headed by the machine it ran on).
-fn splice(text: &str, table: &str, machine: &str) -> Option<String> {
-    const START: &str = "<!-- results:start -->";
-    const END: &str = "<!-- results:end -->";
-    let start = text.find(START)? + START.len();
-    let end = start + text[start..].find(END)?;
-    Some(format!(
-        "{}\n{machine}\n\n{table}{}",
-        &text[..start],
-        &text[end..]
-    ))
+/// `text` with what is between the `<!-- NAME:start -->` and
+/// `<!-- NAME:end -->` markers replaced by `body`.
+fn splice(text: &str, name: &str, body: &str) -> Option<String> {
+    let start_marker = format!("<!-- {name}:start -->");
+    let end_marker = format!("<!-- {name}:end -->");
+    let start = text.find(&start_marker)? + start_marker.len();
+    let end = start + text[start..].find(&end_marker)?;
+    Some(format!("{}\n{body}{}", &text[..start], &text[end..]))
 }
 
 /// The machine, for the record: CPU model and count, memory, kernel, date,
@@ -201,12 +200,13 @@ mod tests {
     #[test]
     fn the_table_replaces_what_is_between_the_markers() {
         let doc = "# B\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n";
-        let out = super::splice(doc, "| t |\n", "On M.").unwrap();
+        let out = super::splice(doc, "results", "On M.\n\n| t |\n").unwrap();
         assert_eq!(
             out,
             "# B\n<!-- results:start -->\nOn M.\n\n| t |\n<!-- results:end -->\nafter\n"
         );
-        assert!(super::splice("no markers", "x", "m").is_none());
+        assert!(super::splice(doc, "targets", "x").is_none());
+        assert!(super::splice("no markers", "results", "x").is_none());
     }
 
     #[test]

@@ -117,6 +117,28 @@ pub fn markdown(measurements: &[Measurement]) -> String {
     out
 }
 
+/// The measurements that have a target, one row each: the figures are the
+/// results table's own (BENCHMARKS.md's targets table is this, spliced in
+/// by the same `--update`, so the two cannot disagree).
+pub fn targets(measurements: &[Measurement]) -> String {
+    let mut out = String::from("| target | measurement | measured | met |\n|---|---|---|---|\n");
+    for m in measurements {
+        let Some((target, met)) = &m.target else {
+            continue;
+        };
+        let measured = match m.ratio {
+            Some(ratio) => format!("{} ({ratio:.2}x the limit)", format_value(m.value, m.unit)),
+            None => format_value(m.value, m.unit),
+        };
+        let met = if *met { "✅" } else { "❌" };
+        out.push_str(&format!(
+            "| {target} | {} {} | {measured} | {met} |\n",
+            m.group, m.name
+        ));
+    }
+    out
+}
+
 fn format_value(value: f64, unit: &str) -> String {
     if value >= 100.0 {
         format!("{value:.0} {unit}")
@@ -130,6 +152,36 @@ fn format_value(value: f64, unit: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_targets_table_takes_its_figures_from_the_measurements() {
+        let row = |name: &str, value, ratio, target: Option<(&str, bool)>| Measurement {
+            group: "step",
+            name: name.to_owned(),
+            value,
+            unit: "µs",
+            per_step_us: None,
+            ratio,
+            target: target.map(|(t, met)| (t.to_owned(), met)),
+            note: String::new(),
+        };
+        let table = targets(&[
+            row(
+                "1 step (memory)",
+                14.04,
+                Some(1.83),
+                Some(("<= 1.5x", false)),
+            ),
+            row("no target", 3.0, None, None),
+            row("chain40", 740.0, None, Some(("<= 3 ms", true))),
+        ]);
+        assert_eq!(
+            table,
+            "| target | measurement | measured | met |\n|---|---|---|---|\n\
+             | <= 1.5x | step 1 step (memory) | 14.0 µs (1.83x the limit) | ❌ |\n\
+             | <= 3 ms | step chain40 | 740 µs | ✅ |\n"
+        );
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {
