@@ -611,267 +611,117 @@ pub(crate) fn install(env: &mut Environment<'static>) {
     use minijinja::filters as f;
     type Check = fn(&str, &[Value]) -> Result<(), Error>;
     let no_check: Check = |_, _| Ok(());
-    let filters: Vec<(&'static str, Value, Check, Walk)> = vec![
+    // Filters that look at their value's length or items only.
+    let shallow = [
+        ("safe", Value::from_function(f::safe)),
+        ("length", Value::from_function(f::length)),
+        ("count", Value::from_function(f::length)),
+        ("items", Value::from_function(f::items)),
+        ("reverse", Value::from_function(f::reverse)),
+        ("trim", Value::from_function(f::trim)),
+        ("split", Value::from_function(f::split)),
+        ("lines", Value::from_function(f::lines)),
+        ("default", Value::from_function(f::default)),
+        ("d", Value::from_function(f::default)),
+        ("round", Value::from_function(f::round)),
+        ("abs", Value::from_function(f::abs)),
+        ("int", Value::from_function(f::int)),
+        ("float", Value::from_function(f::float)),
+        ("attr", Value::from_function(f::attr)),
+        ("first", Value::from_function(f::first)),
+        ("last", Value::from_function(f::last)),
+        ("list", Value::from_function(f::list)),
+        ("bool", Value::from_function(f::bool)),
+        ("sum", Value::from_function(f::sum)),
+        ("select", Value::from_function(f::select)),
+        ("reject", Value::from_function(f::reject)),
+        ("selectattr", Value::from_function(f::selectattr)),
+        ("rejectattr", Value::from_function(f::rejectattr)),
+        ("map", Value::from_function(f::map)),
+        ("chain", Value::from_function(f::chain)),
+        ("zip", Value::from_function(f::zip)),
+    ];
+    // Filters that print, compare or serialise their arguments whole, and
+    // those that can make more than they are given, each group with its check.
+    type Group = (Walk, Check, Vec<(&'static str, Value)>);
+    let groups: Vec<Group> = vec![
         (
-            "safe",
-            Value::from_function(f::safe),
+            Walk::Deep,
             no_check,
-            Walk::Shallow,
+            vec![("string", Value::from_function(f::string))],
         ),
         (
-            "escape",
-            Value::from_function(f::escape),
-            grows_6x,
             Walk::Deep,
-        ),
-        ("e", Value::from_function(f::escape), grows_6x, Walk::Deep),
-        (
-            "lower",
-            Value::from_function(f::lower),
             grows_6x,
-            Walk::Deep,
+            vec![
+                ("escape", Value::from_function(f::escape)),
+                ("e", Value::from_function(f::escape)),
+                ("lower", Value::from_function(f::lower)),
+                ("upper", Value::from_function(f::upper)),
+                ("title", Value::from_function(f::title)),
+                ("capitalize", Value::from_function(f::capitalize)),
+            ],
         ),
         (
-            "upper",
-            Value::from_function(f::upper),
-            grows_6x,
             Walk::Deep,
-        ),
-        (
-            "title",
-            Value::from_function(f::title),
-            grows_6x,
-            Walk::Deep,
-        ),
-        (
-            "capitalize",
-            Value::from_function(f::capitalize),
-            grows_6x,
-            Walk::Deep,
-        ),
-        (
-            "replace",
-            Value::from_function(f::replace),
             check_replace,
+            vec![("replace", Value::from_function(f::replace))],
+        ),
+        (
             Walk::Deep,
-        ),
-        (
-            "length",
-            Value::from_function(f::length),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "count",
-            Value::from_function(f::length),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "dictsort",
-            Value::from_function(f::dictsort),
             check_sorting,
+            vec![
+                ("dictsort", Value::from_function(f::dictsort)),
+                ("min", Value::from_function(f::min)),
+                ("max", Value::from_function(f::max)),
+                ("sort", Value::from_function(f::sort)),
+                ("groupby", Value::from_function(f::groupby)),
+                ("unique", Value::from_function(f::unique)),
+            ],
+        ),
+        (
             Walk::Deep,
-        ),
-        (
-            "items",
-            Value::from_function(f::items),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "reverse",
-            Value::from_function(f::reverse),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "trim",
-            Value::from_function(f::trim),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "join",
-            Value::from_function(f::join),
             check_join,
-            Walk::Deep,
+            vec![("join", Value::from_function(f::join))],
         ),
         (
-            "split",
-            Value::from_function(f::split),
-            no_check,
             Walk::Shallow,
-        ),
-        (
-            "lines",
-            Value::from_function(f::lines),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "default",
-            Value::from_function(f::default),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "d",
-            Value::from_function(f::default),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "round",
-            Value::from_function(f::round),
-            no_check,
-            Walk::Shallow,
-        ),
-        ("abs", Value::from_function(f::abs), no_check, Walk::Shallow),
-        ("int", Value::from_function(f::int), no_check, Walk::Shallow),
-        (
-            "float",
-            Value::from_function(f::float),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "attr",
-            Value::from_function(f::attr),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "first",
-            Value::from_function(f::first),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "last",
-            Value::from_function(f::last),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "min",
-            Value::from_function(f::min),
-            check_sorting,
-            Walk::Deep,
-        ),
-        (
-            "max",
-            Value::from_function(f::max),
-            check_sorting,
-            Walk::Deep,
-        ),
-        (
-            "sort",
-            Value::from_function(f::sort),
-            check_sorting,
-            Walk::Deep,
-        ),
-        (
-            "list",
-            Value::from_function(f::list),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "string",
-            Value::from_function(f::string),
-            no_check,
-            Walk::Deep,
-        ),
-        (
-            "bool",
-            Value::from_function(f::bool),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "batch",
-            Value::from_function(f::batch),
             check_fill,
-            Walk::Shallow,
+            vec![
+                ("batch", Value::from_function(f::batch)),
+                ("slice", Value::from_function(f::slice)),
+            ],
         ),
         (
-            "slice",
-            Value::from_function(f::slice),
-            check_fill,
-            Walk::Shallow,
-        ),
-        ("sum", Value::from_function(f::sum), no_check, Walk::Shallow),
-        (
-            "indent",
-            Value::from_function(f::indent),
+            Walk::Deep,
             check_indent,
+            vec![("indent", Value::from_function(f::indent))],
+        ),
+        (
             Walk::Deep,
-        ),
-        (
-            "select",
-            Value::from_function(f::select),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "reject",
-            Value::from_function(f::reject),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "selectattr",
-            Value::from_function(f::selectattr),
-            no_check,
-            Walk::Shallow,
-        ),
-        (
-            "rejectattr",
-            Value::from_function(f::rejectattr),
-            no_check,
-            Walk::Shallow,
-        ),
-        ("map", Value::from_function(f::map), no_check, Walk::Shallow),
-        (
-            "groupby",
-            Value::from_function(f::groupby),
-            check_sorting,
-            Walk::Deep,
-        ),
-        (
-            "unique",
-            Value::from_function(f::unique),
-            check_sorting,
-            Walk::Deep,
-        ),
-        (
-            "chain",
-            Value::from_function(f::chain),
-            no_check,
-            Walk::Shallow,
-        ),
-        ("zip", Value::from_function(f::zip), no_check, Walk::Shallow),
-        (
-            "pprint",
-            Value::from_function(f::pprint),
             check_pretty,
-            Walk::Deep,
+            vec![("pprint", Value::from_function(f::pprint))],
         ),
         (
-            "format",
-            Value::from_function(f::format),
+            Walk::Deep,
             check_format,
-            Walk::Deep,
+            vec![("format", Value::from_function(f::format))],
         ),
         (
-            "tojson",
-            Value::from_function(f::tojson),
-            check_tojson,
             Walk::Deep,
+            check_tojson,
+            vec![("tojson", Value::from_function(f::tojson))],
         ),
     ];
-    for (name, filter, check, walk) in filters {
+    let filters = shallow
+        .into_iter()
+        .map(|(name, filter)| (name, filter, Walk::Shallow, no_check))
+        .chain(groups.into_iter().flat_map(|(walk, check, filters)| {
+            filters
+                .into_iter()
+                .map(move |(name, filter)| (name, filter, walk, check))
+        }));
+    for (name, filter, walk, check) in filters {
         env.add_filter(name, move |state: &State, args: Rest<Value>| {
             if let Walk::Deep = walk {
                 weigh_all(&args, "a value filtered")?;
