@@ -196,32 +196,20 @@ all = "{DOUBLING}"
 
 #[test]
 fn validate_refuses_a_constant_template_over_its_bounds_at_its_place() {
-    let sandbox = Sandbox::new();
-    let path = sandbox.write(
-        "flow.toml",
+    let (code, stderr, file) = crate::validation::validate(
         r#"[[step]]
 id = "echo"
 plugin = "noop"
 input = { x = "{{ 677729 * [] * 81511111729 * 77 * 81 }}" }
 "#,
     );
-    let outcome = exec(&[
-        "validate",
-        path.to_str().unwrap(),
-        "--plugin-dir",
-        EXAMPLE_PLUGINS,
-        "--plugin-dir",
-        FIXTURE_PLUGINS,
-    ]);
-    assert_eq!(outcome.code, 2, "{}", outcome.stderr);
-    let prefix = format!("{}:4:19: template_limit: ", path.display());
-    assert!(
-        outcome
-            .stderr
-            .lines()
-            .any(|line| line.starts_with(&prefix) && line.contains("the bound on one value")),
-        "no `{prefix}` in:\n{}",
-        outcome.stderr
+    assert_eq!(code, 2, "{stderr}");
+    crate::validation::assert_reports(
+        &stderr,
+        &file,
+        4,
+        19,
+        &["template_limit: ", "the bound on one value"],
     );
 }
 

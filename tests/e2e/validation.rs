@@ -5,7 +5,7 @@ use crate::support::*;
 
 /// Validates `text` and returns (exit code, stderr), with the file shown as
 /// its full path.
-fn validate(text: &str) -> (i32, String, String) {
+pub(crate) fn validate(text: &str) -> (i32, String, String) {
     let sandbox = Sandbox::new();
     let path = sandbox.write("flow.toml", text);
     let outcome = exec(&[
@@ -19,7 +19,7 @@ fn validate(text: &str) -> (i32, String, String) {
     (outcome.code, outcome.stderr, path.display().to_string())
 }
 
-fn assert_reports(stderr: &str, file: &str, line: usize, column: usize, words: &[&str]) {
+pub(crate) fn assert_reports(stderr: &str, file: &str, line: usize, column: usize, words: &[&str]) {
     let prefix = format!("{file}:{line}:{column}: ");
     let found = stderr.lines().find(|l| l.starts_with(&prefix));
     let Some(found) = found else {
