@@ -38,7 +38,6 @@
 //! for.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::LazyLock;
 
@@ -609,8 +608,10 @@ pub(crate) fn install(env: &mut Environment<'static>) {
     }
 
     use minijinja::filters as f;
-    type Check = fn(&str, &[Value]) -> Result<(), Error>;
-    let no_check: Check = |_, _| Ok(());
+    // A check gets the filter's name, its arguments and their weight (0
+    // for a filter that does not walk them).
+    type Check = fn(&str, &[Value], u64) -> Result<(), Error>;
+    let no_check: Check = |_, _, _| Ok(());
     // Filters that look at their value's length or items only.
     let shallow = [
         ("safe", Value::from_function(f::safe)),
@@ -723,10 +724,11 @@ pub(crate) fn install(env: &mut Environment<'static>) {
         }));
     for (name, filter, walk, check) in filters {
         env.add_filter(name, move |state: &State, args: Rest<Value>| {
-            if let Walk::Deep = walk {
-                weigh_all(&args, "a value filtered")?;
-            }
-            check(name, &args)?;
+            let weight = match walk {
+                Walk::Deep => weigh_all(&args, "a value filtered")?,
+                Walk::Shallow => 0,
+            };
+            check(name, &args, weight)?;
             filter.call(state, &args)
         });
     }
@@ -836,26 +838,21 @@ enum Walk {
 
 /// Filters whose text can grow a few times over (`escape` turns `"` into
 /// `&#34;`, `upper` can lengthen some letters).
-fn grows_6x(name: &str, args: &[Value]) -> Result<(), Error> {
+fn grows_6x(name: &str, args: &[Value], _weight: u64) -> Result<(), Error> {
     let weight = args.first().map_or(0, flat_weight).saturating_mul(6);
     at_most(weight, &format!("the text `{name}` makes"))
 }
 
 /// Sorting compares each item with about log2(n) others, each comparison
 /// walking both: charged as 16 more walks of the value.
-fn check_sorting(name: &str, args: &[Value]) -> Result<(), Error> {
-    let weight = weigh(
-        args.first().unwrap_or(&Value::UNDEFINED),
-        MAX_VALUE,
-        "a value sorted",
-    )?;
+fn check_sorting(name: &str, _args: &[Value], weight: u64) -> Result<(), Error> {
     charge_work(
         weight.saturating_mul(16),
         &format!("what `{name}` compares"),
     )
 }
 
-fn check_replace(_name: &str, args: &[Value]) -> Result<(), Error> {
+fn check_replace(_name: &str, args: &[Value], _weight: u64) -> Result<(), Error> {
     let (Some(text), Some(from), Some(to)) = (
         args.first().and_then(Value::as_str),
         args.get(1).and_then(Value::as_str),
@@ -872,14 +869,9 @@ fn check_replace(_name: &str, args: &[Value]) -> Result<(), Error> {
     at_most(weight, "the text `replace` makes")
 }
 
-fn check_join(_name: &str, args: &[Value]) -> Result<(), Error> {
+fn check_join(_name: &str, args: &[Value], weight: u64) -> Result<(), Error> {
     let items = args.first().and_then(Value::len).unwrap_or(0) as u64;
     let separator = args.get(1).map_or(0, flat_weight);
-    let weight = weigh(
-        args.first().unwrap_or(&Value::UNDEFINED),
-        MAX_VALUE,
-        "a list joined",
-    )?;
     at_most(
         weight.saturating_add(items.saturating_mul(separator)),
         "the text `join` makes",
@@ -887,7 +879,7 @@ fn check_join(_name: &str, args: &[Value]) -> Result<(), Error> {
 }
 
 /// `batch(n, fill_with)` and `slice(n, fill_with)`: at most `n` fills.
-fn check_fill(name: &str, args: &[Value]) -> Result<(), Error> {
+fn check_fill(name: &str, args: &[Value], _weight: u64) -> Result<(), Error> {
     check_sizes(name, args)?;
     let size = args.get(1).and_then(Value::as_i64).unwrap_or(0).max(0) as u64;
     let fill = args.get(2).map_or(0, |fill| NODE + flat_weight(fill));
@@ -897,7 +889,7 @@ fn check_fill(name: &str, args: &[Value]) -> Result<(), Error> {
     )
 }
 
-fn check_indent(name: &str, args: &[Value]) -> Result<(), Error> {
+fn check_indent(name: &str, args: &[Value], _weight: u64) -> Result<(), Error> {
     check_sizes(name, args)?;
     let text = args.first().and_then(Value::as_str).unwrap_or_default();
     let lines = text.bytes().filter(|&b| b == b'\n').count() as u64 + 1;
@@ -915,11 +907,11 @@ fn check_indent(name: &str, args: &[Value]) -> Result<(), Error> {
 }
 
 /// `tojson` and `pprint` indent every line by its depth: weigh with that.
-fn check_pretty(_name: &str, args: &[Value]) -> Result<(), Error> {
+fn check_pretty(_name: &str, args: &[Value], _weight: u64) -> Result<(), Error> {
     pretty_weight(args.first().unwrap_or(&Value::UNDEFINED), 4)
 }
 
-fn check_tojson(name: &str, args: &[Value]) -> Result<(), Error> {
+fn check_tojson(name: &str, args: &[Value], _weight: u64) -> Result<(), Error> {
     check_sizes(name, args)?;
     let indent = args
         .iter()
@@ -996,7 +988,7 @@ fn check_sizes(name: &str, args: &[Value]) -> Result<(), Error> {
 /// Refuses a printf-style `format` string (`%-8s`, `%(name)05.2f`), the
 /// value filtered, whose width or precision is over [`MAX_FILTER_SIZE`], or
 /// whose widths add up to more than one value may weigh.
-fn check_format(_name: &str, args: &[Value]) -> Result<(), Error> {
+fn check_format(_name: &str, args: &[Value], _weight: u64) -> Result<(), Error> {
     let Some(text) = args.first().and_then(Value::as_str) else {
         return Ok(());
     };
@@ -1052,11 +1044,6 @@ fn check_format(_name: &str, args: &[Value]) -> Result<(), Error> {
         }
     }
     at_most(total, "the text `format` makes")
-}
-
-/// Blocks of a compiled template, which [`check`] refuses: always empty.
-pub(crate) fn no_blocks<'s>() -> BTreeMap<&'s str, Instructions<'s>> {
-    BTreeMap::new()
 }
 
 // ---------------------------------------------------------------------------

@@ -432,11 +432,15 @@ impl Templates {
         if value.is_undefined() {
             return Err(self.undefined(template, context));
         }
-        // What is turned into JSON is weighed first: it may be a lazy value.
-        let (weighed, bound) = bounds::evaluate(|| {
-            bounds::weigh(&value, bounds::MAX_VALUE, "the value of the template")
-        });
-        weighed.map_err(|error| self.limit(template, &error, bound.unwrap_or(Bound::Value)))?;
+        // A lazy value (a filter's or an operator's result) is weighed before
+        // it is turned into JSON; lists and maps were weighed when they were
+        // built or came from the run as JSON, so they are not walked twice.
+        if value.kind() == ValueKind::Iterable {
+            let (weighed, bound) = bounds::evaluate(|| {
+                bounds::weigh(&value, bounds::MAX_VALUE, "the value of the template")
+            });
+            weighed.map_err(|error| self.limit(template, &error, bound.unwrap_or(Bound::Value)))?;
+        }
         Ok(value)
     }
 
@@ -580,7 +584,8 @@ fn run_code(
     text: &mut String,
 ) -> Result<Value, (minijinja::Error, Option<Bound>)> {
     use minijinja::machinery::{Vm, make_string_output};
-    let blocks = bounds::no_blocks();
+    // Blocks are refused by `bounds::check`: there are none.
+    let blocks = BTreeMap::new();
     let (result, bound) = bounds::evaluate(|| {
         let mut out = make_string_output(text);
         Vm::new(env)
