@@ -246,8 +246,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// `trellis serve`: a configuration problem (or an open bind without a
-/// token) exits 2 before anything starts; a failure to start or serve exits 1.
+/// `trellis serve`: a configuration problem (an open bind without a token, a
+/// database that cannot be used) exits 2 before anything serves; another
+/// failure to start or serve exits 1.
 async fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<ExitCode> {
     let flags = Settings {
         bind: args.bind.map(Settings::given),
@@ -264,14 +265,24 @@ async fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> Result<ExitCode> {
         Ok(service) => service,
         Err(err) => {
             eprintln!("error: cannot start: {err}");
-            return Ok(ExitCode::FAILURE);
+            // A database that cannot be used is the configuration's problem
+            // (or the network's), like a bad flag: 2.
+            let status = match err {
+                crate::service::StartError::StoreUnusable(_) => 2,
+                _ => 1,
+            };
+            return Ok(ExitCode::from(status));
         }
     };
     // Plugins and workflows dropped into their dirs are picked up live.
     if let Err(err) = service.watch() {
         tracing::warn!(error = %err, "cannot watch the plugin and workflow dirs; changes need a restart");
     }
-    if let Err(err) = crate::api::serve(service, &config, shutdown_signal()).await {
+    let served = crate::api::serve(service.clone(), &config, shutdown_signal()).await;
+    // A node of a cluster hands its unfinished runs to the others now,
+    // rather than when its lease runs out.
+    service.leave().await;
+    if let Err(err) = served {
         eprintln!("error: {err:#}");
         return Ok(ExitCode::FAILURE);
     }

@@ -126,6 +126,11 @@ pub struct Config {
     pub store: StoreKind,
     /// What a commit survives (DESIGN.md, "Storage").
     pub durability: Durability,
+    /// This node's name in a cluster (PostgreSQL); `None`: `<hostname>-<pid>`.
+    pub node_id: Option<String>,
+    /// How long a node's claims outlive its last renewal (PostgreSQL); it
+    /// renews every third of it.
+    pub lease: Duration,
     /// Where plugins are loaded from. Default: the example plugins the build
     /// put in [`builtin_plugin_dirs`], those that exist.
     pub plugin_dirs: Vec<PathBuf>,
@@ -160,6 +165,8 @@ impl Default for Config {
             data_dir: PathBuf::from("trellis-data"),
             store: StoreKind::Sqlite,
             durability: Durability::Normal,
+            node_id: None,
+            lease: Duration::from_secs(10),
             plugin_dirs,
             workflow_dirs: vec![PathBuf::from("workflows")],
             auth_token: None,
@@ -184,6 +191,8 @@ impl fmt::Debug for Config {
             .field("data_dir", &self.data_dir)
             .field("store", &self.store)
             .field("durability", &self.durability)
+            .field("node_id", &self.node_id)
+            .field("lease", &self.lease)
             .field("plugin_dirs", &self.plugin_dirs)
             .field("workflow_dirs", &self.workflow_dirs)
             .field(
@@ -238,24 +247,9 @@ impl fmt::Debug for StoreKind {
             StoreKind::Sqlite => f.write_str("Sqlite"),
             StoreKind::Postgres(url) => f
                 .debug_tuple("Postgres")
-                .field(&redact_password(url))
+                .field(&crate::store::redact_password(url))
                 .finish(),
         }
-    }
-}
-
-/// `postgres://user:secret@host/db` -> `postgres://user:<redacted>@host/db`.
-fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => match rest[..at].split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:<redacted>{}", &rest[at..]),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
     }
 }
 
@@ -296,6 +290,8 @@ pub struct Settings {
     pub data_dir: Option<PathBuf>,
     pub store: Option<Spanned<String>>,
     pub durability: Option<Spanned<String>>,
+    pub node_id: Option<Spanned<String>>,
+    pub lease: Option<Spanned<HumanDuration>>,
     pub plugin_dirs: Option<Vec<PathBuf>>,
     pub workflow_dirs: Option<Vec<PathBuf>>,
     pub auth_token: Option<String>,
@@ -319,6 +315,8 @@ const ENV_VARS: &[(&str, &str)] = &[
     ("data_dir", "TRELLIS_DATA_DIR"),
     ("store", "TRELLIS_STORE"),
     ("durability", "TRELLIS_DURABILITY"),
+    ("node_id", "TRELLIS_NODE_ID"),
+    ("lease", "TRELLIS_LEASE"),
     ("plugin_dirs", "TRELLIS_PLUGIN_DIRS"),
     ("workflow_dirs", "TRELLIS_WORKFLOW_DIRS"),
     ("auth_token", "TRELLIS_AUTH_TOKEN"),
@@ -348,6 +346,7 @@ impl Settings {
             data_dir: env.get("data_dir").map(PathBuf::from),
             store: env.get("store").map(Settings::given),
             durability: env.get("durability").map(Settings::given),
+            node_id: env.get("node_id").map(Settings::given),
             plugin_dirs: env.get("plugin_dirs").map(|dirs| split_paths(&dirs)),
             workflow_dirs: env.get("workflow_dirs").map(|dirs| split_paths(&dirs)),
             auth_token: env.get("auth_token"),
@@ -361,6 +360,7 @@ impl Settings {
             .parse("header_timeout", str::parse)?
             .map(Settings::given);
         settings.body_timeout = env.parse("body_timeout", str::parse)?.map(Settings::given);
+        settings.lease = env.parse("lease", str::parse)?.map(Settings::given);
         settings.max_connections = env
             .parse("max_connections", parse_count)?
             .map(Settings::given);
@@ -519,6 +519,18 @@ impl Config {
             let parsed = durability.get_ref().parse().map(|v| self.durability = v);
             check("durability", durability.span(), parsed);
         }
+        if let Some(node_id) = settings.node_id {
+            let span = node_id.span();
+            let value = node_id.into_inner();
+            let checked = check_node_id(&value).map(|()| self.node_id = Some(value));
+            check("node_id", span, checked);
+        }
+        if let Some(lease) = settings.lease {
+            let span = lease.span();
+            let value = lease.into_inner().0;
+            let checked = check_lease(value).map(|()| self.lease = value);
+            check("lease", span, checked);
+        }
         if let Some(dirs) = settings.plugin_dirs {
             self.plugin_dirs = dirs.into_iter().map(|dir| base.join(dir)).collect();
         }
@@ -651,6 +663,29 @@ fn check_server_timeout(key: &str, timeout: Duration) -> Result<(), String> {
     const MAX: Duration = Duration::from_secs(3600);
     if timeout.is_zero() || timeout > MAX {
         return Err(format!("`{key}` must be longer than 0s and at most 1h"));
+    }
+    Ok(())
+}
+
+fn check_node_id(id: &str) -> Result<(), String> {
+    let fits = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !fits {
+        return Err(format!(
+            "`node_id` {id:?} must be 1 to 64 letters, digits, `-`, `_` or `.`"
+        ));
+    }
+    Ok(())
+}
+
+fn check_lease(lease: Duration) -> Result<(), String> {
+    const MIN: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(600);
+    if !(MIN..=MAX).contains(&lease) {
+        return Err("`lease` must be at least 1s and at most 10m".to_owned());
     }
     Ok(())
 }
@@ -1021,7 +1056,7 @@ mod tests {
             "{debug}"
         );
         assert_eq!(
-            redact_password("postgres://u@db/x"),
+            crate::store::redact_password("postgres://u@db/x"),
             "postgres://u@db/x",
             "no password, nothing to hide"
         );
@@ -1067,6 +1102,41 @@ mod tests {
         assert_eq!(
             load_err("", &[("TRELLIS_BODY_TIMEOUT", "0s")]),
             "TRELLIS_BODY_TIMEOUT: `body_timeout` must be longer than 0s and at most 1h"
+        );
+    }
+
+    #[test]
+    fn the_cluster_keys_are_read_and_checked() {
+        let config = load_ok("", &[], Settings::default());
+        assert_eq!(
+            (config.node_id, config.lease),
+            (None, Duration::from_secs(10))
+        );
+        let config = load_ok(
+            "node_id = \"worker-a\"\nlease = \"30s\"\n",
+            &[],
+            Settings::default(),
+        );
+        assert_eq!(
+            (config.node_id.as_deref(), config.lease),
+            (Some("worker-a"), Duration::from_secs(30))
+        );
+        let config = load_ok(
+            "node_id = \"worker-a\"\n",
+            &[("TRELLIS_NODE_ID", "worker-b"), ("TRELLIS_LEASE", "2s")],
+            Settings::default(),
+        );
+        assert_eq!(
+            (config.node_id.as_deref(), config.lease),
+            (Some("worker-b"), Duration::from_secs(2))
+        );
+        assert_eq!(
+            load_err("lease = \"500ms\"\n", &[]),
+            "DIR/trellis.toml:1:9: `lease` must be at least 1s and at most 10m"
+        );
+        assert_eq!(
+            load_err("", &[("TRELLIS_NODE_ID", "a b")]),
+            "TRELLIS_NODE_ID: `node_id` \"a b\" must be 1 to 64 letters, digits, `-`, `_` or `.`"
         );
     }
 

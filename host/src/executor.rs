@@ -29,7 +29,7 @@ use crate::record::{
     StepRecord, StepStatus, new_run_id, now_rfc3339,
 };
 use crate::secrets::{Granted, Secrets};
-use crate::store::{Commit, ItemOutcome, ItemRecord, Queued, Store, StoredItems};
+use crate::store::{Commit, ItemOutcome, ItemRecord, Queued, Store, StoreError, StoredItems};
 use crate::telemetry;
 use crate::workflow::{OnFailure, Plan, Scope, TemplateError};
 
@@ -71,6 +71,8 @@ struct Inner {
     registry: Arc<PluginRegistry>,
     defaults: Limits,
     permits: Arc<Semaphore>,
+    /// The permits there are: `max_concurrent_steps`.
+    max_steps: usize,
     /// Attempts waiting for a permit (the queue-depth gauge).
     waiting: AtomicUsize,
     state: Arc<dyn StateStore>,
@@ -90,6 +92,7 @@ impl Executor {
                 registry,
                 defaults,
                 permits: Arc::new(Semaphore::new(max_concurrent_steps.max(1))),
+                max_steps: max_concurrent_steps.max(1),
                 waiting: AtomicUsize::new(0),
                 state,
                 secrets: Secrets::default(),
@@ -103,6 +106,13 @@ impl Executor {
             .expect("with_secrets is called before the executor is shared")
             .secrets = secrets;
         self
+    }
+
+    /// Step attempts running now, over all runs.
+    pub fn running_steps(&self) -> usize {
+        self.inner
+            .max_steps
+            .saturating_sub(self.inner.permits.available_permits())
     }
 
     /// The configured secrets.
@@ -743,11 +753,18 @@ impl RunContext {
     }
 
     /// Waits for a write of [`Self::save_progress`]; a failure is logged.
+    /// A write the store refused because another node holds the run now
+    /// (fenced) stops the run here: nothing more of it may land.
     async fn saved(&self, index: usize, write: Option<Queued>) {
         if let Some(write) = write
             && let Err(err) = write.await
         {
             let step = &self.plan.steps[index].id;
+            if let StoreError::Fenced(message) = &err {
+                tracing::warn!(run_id = %self.run_id, step, "{message}; stopping the run here");
+                self.cancel.cancel();
+                return;
+            }
             tracing::error!(run_id = %self.run_id, step, error = %err, "cannot store the step's attempts");
         }
     }
@@ -824,6 +841,13 @@ impl RunContext {
                 Commit::Now,
             );
             self.saved(index, write).await;
+            if self.cancel.is_cancelled() {
+                // Cancelled, or the store refused the start: another node
+                // holds the run now (fenced), and the plugin must not run.
+                drop(permit);
+                telemetry::steps_in_flight(-1);
+                return (Err(cancelled_error()), attempts);
+            }
             let outcome = self.plugins[index]
                 .invoke(Invocation {
                     run_id: self.run_id.clone(),

@@ -29,7 +29,7 @@ use crate::support::*;
 /// above its attempts. `nap` and each `fan` item log `sleeping N ms` once
 /// under way, then sleep, so a kill can be aimed at them; `flaky` fails
 /// twice on purpose and is retried.
-const CHAOS: &str = r#"
+pub(super) const CHAOS: &str = r#"
 name = "chaos"
 
 [[step]]
@@ -73,21 +73,21 @@ flaky = "{{ steps.flaky.status }}"
 const CLIENTS: usize = 8;
 
 /// One run to submit: its input, and the output it must end with.
-struct Job {
-    n: usize,
-    ms: u64,
-    words: Vec<String>,
+pub(super) struct Job {
+    pub(super) n: usize,
+    pub(super) ms: u64,
+    pub(super) words: Vec<String>,
     /// Submitted with `?wait=30s`: the request is open while the run goes,
     /// so a kill cuts it off and the client retries with the same key.
-    wait: bool,
+    pub(super) wait: bool,
 }
 
 impl Job {
-    fn input(&self) -> String {
+    pub(super) fn input(&self) -> String {
         json!({ "n": self.n, "ms": self.ms, "words": self.words }).to_string()
     }
 
-    fn key(&self) -> String {
+    pub(super) fn key(&self) -> String {
         format!("chaos-{}", self.n)
     }
 
@@ -96,7 +96,7 @@ impl Job {
         format!("{}-{}", self.words[index], self.n)
     }
 
-    fn expected_output(&self) -> Value {
+    pub(super) fn expected_output(&self) -> Value {
         let fan: Vec<String> = (0..self.words.len()).map(|i| self.item(i)).collect();
         json!({ "n": self.n, "fan": fan, "flaky": "succeeded" })
     }
@@ -104,7 +104,7 @@ impl Job {
 
 /// SplitMix64: a seeded generator, so a failing seed can be replayed (the
 /// test crate has no `rand`).
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -116,12 +116,12 @@ impl Rng {
     }
 
     /// Uniform in `0..n`.
-    fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
 }
 
-fn env_number(name: &str, default: u64) -> u64 {
+pub(super) fn env_number(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
         Ok(text) => text
             .parse()
@@ -586,7 +586,7 @@ fn count_fits(attempts: &[&Value], counter: &Value) -> bool {
 
 /// What a run's steps show that cannot have happened; counts the steps
 /// that a kill cut short and that were attempted again.
-fn impossible_steps(
+pub(super) fn impossible_steps(
     run: &Value,
     job: &Job,
     resumed: &mut usize,

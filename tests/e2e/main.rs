@@ -9,6 +9,7 @@ mod attack;
 mod c_plugin;
 mod chaos;
 mod cli;
+mod cluster;
 mod examples;
 mod hostile;
 mod hostile_serve;

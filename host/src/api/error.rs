@@ -99,6 +99,10 @@ pub enum ApiError {
     /// 503 `unavailable`: the server is shutting down.
     #[error("the server is shutting down and accepts no new runs")]
     ShuttingDown,
+    /// 503 `unavailable`: the store's database cannot be reached; nothing
+    /// was accepted, and the same request may be sent again.
+    #[error("the database is unavailable; nothing was done, try again shortly")]
+    StoreUnavailable(String),
     /// 500 `internal`: the detail is logged, not sent.
     #[error("internal error")]
     Internal(String),
@@ -120,7 +124,9 @@ impl ApiError {
             ApiError::InvalidInput(_)
             | ApiError::InvalidWorkflow { .. }
             | ApiError::InvalidPlugin(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ShuttingDown | ApiError::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -142,7 +148,7 @@ impl ApiError {
             ApiError::InvalidWorkflow { .. } => "invalid_workflow",
             ApiError::InvalidPlugin(_) => "invalid_plugin",
             ApiError::PluginConflict(_) => "plugin_conflict",
-            ApiError::ShuttingDown => "unavailable",
+            ApiError::ShuttingDown | ApiError::StoreUnavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -182,6 +188,7 @@ impl From<StoreError> for ApiError {
             StoreError::BadCursor(cursor) => ApiError::InvalidRequest(format!(
                 "`cursor` {cursor:?} is not a cursor this server gave out: pass the `next_cursor` of the previous page"
             )),
+            StoreError::Unavailable(error) => ApiError::StoreUnavailable(error.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -229,6 +236,12 @@ impl IntoResponse for ApiError {
         match self {
             ApiError::Internal(detail) => {
                 response.extensions_mut().insert(InternalDetail(detail));
+            }
+            ApiError::StoreUnavailable(detail) => {
+                tracing::warn!(error = %detail, "a request found the store unavailable");
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::Unauthorized => {
                 response

@@ -71,6 +71,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/plugins"),
     ("PUT", "/v1/plugins/{name}"),
     ("DELETE", "/v1/plugins/{name}"),
+    ("GET", "/v1/nodes"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),
@@ -174,6 +175,7 @@ fn build(service: Service, config: ApiConfig, stop: CancellationToken) -> Router
             "/v1/plugins/{name}",
             put(workflows::put_plugin).delete(workflows::delete_plugin),
         )
+        .route("/v1/nodes", get(system::nodes))
         .route(OPEN_ROUTE, get(system::healthz))
         .route("/metrics", get(system::metrics))
         .route("/v1/openapi.json", get(openapi::openapi))

@@ -29,6 +29,7 @@ use super::{runs, system, workflows};
         workflows::list_plugins,
         workflows::put_plugin,
         workflows::delete_plugin,
+        system::nodes,
         system::healthz,
         system::metrics,
         openapi,
@@ -39,7 +40,7 @@ use super::{runs, system, workflows};
         (name = "runs", description = "Trigger runs, follow and cancel them"),
         (name = "workflows", description = "The workflows the server runs"),
         (name = "plugins", description = "The task plugins (WASM components) loaded"),
-        (name = "system", description = "Liveness, metrics, this document"),
+        (name = "system", description = "Liveness, metrics, the nodes, this document"),
     ),
 )]
 pub struct ApiDoc;

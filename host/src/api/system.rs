@@ -1,4 +1,4 @@
-//! Liveness and metrics.
+//! Liveness, metrics and the nodes sharing the store.
 
 use std::sync::Once;
 
@@ -10,6 +10,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
+use super::error::ApiError;
 
 const RUNS_IN_FLIGHT: &str = "trellis_runs_in_flight";
 
@@ -54,4 +55,59 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render(),
     )
+}
+
+/// The nodes sharing the store (`GET /v1/nodes`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NodeList {
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// One node: a `trellis serve` process.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NodeInfo {
+    /// Its `node_id` (default `<hostname>-<pid>`).
+    #[schema(example = "worker-a")]
+    pub id: String,
+    /// This process of the node: a restarted node is a new incarnation.
+    pub incarnation: String,
+    pub started_at: String,
+    /// When it last renewed its lease.
+    pub last_seen: String,
+    /// Step attempts it was running then.
+    pub running_steps: u64,
+    /// The trellis version it runs.
+    pub version: String,
+    /// Whether its lease still runs; a node whose lease ran out has lost its
+    /// runs to the others. Nodes not seen for an hour are not listed.
+    pub alive: bool,
+}
+
+/// The nodes sharing this server's store: on PostgreSQL every node of the
+/// cluster seen in the last hour, on SQLite this one.
+#[utoipa::path(
+    get,
+    path = "/v1/nodes",
+    tag = "system",
+    responses(
+        (status = 200, description = "The nodes, by id", body = NodeList),
+        (status = 503, description = "The database is unavailable", body = super::error::ErrorBody),
+    ),
+)]
+pub async fn nodes(State(state): State<AppState>) -> Result<Json<NodeList>, ApiError> {
+    let nodes = state.service.nodes().await?;
+    Ok(Json(NodeList {
+        nodes: nodes
+            .into_iter()
+            .map(|node| NodeInfo {
+                id: node.id,
+                incarnation: node.incarnation,
+                started_at: node.started_at,
+                last_seen: node.last_seen,
+                running_steps: node.running_steps,
+                version: node.version,
+                alive: node.alive,
+            })
+            .collect(),
+    }))
 }

@@ -721,3 +721,40 @@ async fn the_openapi_document_matches_the_answers() {
     ));
     assert!(!jsonschema::is_valid(&data_schema, &message));
 }
+
+/// On SQLite the store has one node: this one, alive, running nothing.
+#[tokio::test]
+async fn the_nodes_of_a_single_server_are_itself() {
+    let fixture = fixture().await;
+    let app = fixture.app(None, 1 << 20);
+    let (status, body) = send(&app, get("/v1/nodes")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let nodes = body["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{body}");
+    let node = &nodes[0];
+    let id = node["id"].as_str().unwrap();
+    assert!(
+        id.ends_with(&format!("-{}", std::process::id())),
+        "the default node id is <hostname>-<pid>: {id}"
+    );
+    assert_eq!(node["alive"], true);
+    assert_eq!(node["running_steps"], 0);
+    assert_eq!(node["version"], env!("CARGO_PKG_VERSION"));
+    assert!(node["started_at"].as_str().unwrap() <= node["last_seen"].as_str().unwrap());
+}
+
+/// A store that cannot be reached answers 503 `unavailable` and says to
+/// try again; the detail (which names the database) stays in the log.
+#[test]
+fn an_unavailable_store_is_a_503_to_retry() {
+    let error = ApiError::from(crate::store::StoreError::Unavailable(
+        crate::store::DatabaseError::new(
+            "cannot connect to PostgreSQL at db:5432/x: connection refused",
+        ),
+    ));
+    assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error.code(), "unavailable");
+    assert!(!error.to_string().contains("db:5432"), "{error}");
+    let response = error.into_response();
+    assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+}

@@ -1,7 +1,10 @@
 //! Each run's live record and event stream while it runs in this process,
-//! and the events of a finished run rebuilt from its record.
+//! the events of a finished run rebuilt from its record, and those of a run
+//! another node of the cluster runs, followed through the store.
 
+use std::collections::HashSet;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
@@ -19,6 +22,9 @@ use crate::store::StoreError;
 const MAX_REPLAY_LOGS: usize = 10_000;
 /// Live events a slow subscriber may lag behind before it is cut off.
 const EVENT_BUFFER: usize = 1024;
+/// How often the record of a run another node runs is read again for its
+/// events.
+const REMOTE_POLL: Duration = Duration::from_millis(200);
 
 /// One event of a run, as the event stream sends it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -88,56 +94,126 @@ impl Service {
         if let Some(active) = active {
             return Ok(Some(active.subscribe()));
         }
-        Ok(self
-            .inner
-            .store
-            .get_run(id)
-            .await?
-            .map(|run| EventSubscription {
-                replay: replay(&run),
-                live: None,
-            }))
+        let Some(run) = self.inner.store.get_run(id).await? else {
+            return Ok(None);
+        };
+        let mut follower = Follower::default();
+        let replay = follower.events(&run);
+        if run.status.is_terminal() || self.inner.cluster.is_none() {
+            return Ok(Some(EventSubscription { replay, live: None }));
+        }
+        // Another node runs it: its progress shows in the store, as each
+        // attempt starts and ends.
+        let (live, receiver) = broadcast::channel(EVENT_BUFFER);
+        tokio::spawn(self.clone().follow(id.to_owned(), follower, live));
+        Ok(Some(EventSubscription {
+            replay,
+            live: Some(receiver),
+        }))
+    }
+
+    /// Reads the stored record of a run another node runs every
+    /// [`REMOTE_POLL`] and sends what is new, until it finishes or nobody
+    /// listens.
+    async fn follow(self, id: String, mut follower: Follower, live: broadcast::Sender<RunEvent>) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(REMOTE_POLL) => {}
+                () = self.inner.closing.cancelled() => return,
+            }
+            if live.receiver_count() == 0 {
+                return;
+            }
+            match self.inner.store.get_run(&id).await {
+                Ok(Some(run)) => {
+                    for event in follower.events(&run) {
+                        let _ = live.send(event);
+                    }
+                    if run.status.is_terminal() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(err) => {
+                    tracing::warn!(run_id = %id, error = %err, "cannot read a followed run; trying again")
+                }
+            }
+        }
+    }
+}
+
+/// The events a record shows, each once: a finished run's whole history,
+/// or, read again and again, what is new in a run another node runs.
+#[derive(Default)]
+struct Follower {
+    seen: HashSet<EventKey>,
+    seq: u64,
+}
+
+/// What makes an event the same one in two readings of a record.
+#[derive(PartialEq, Eq, Hash)]
+enum EventKey {
+    Started(String, u32, Option<usize>),
+    Log(String, u32, Option<usize>, usize),
+    Finished(String),
+    Run,
+}
+
+impl Follower {
+    fn events(&mut self, run: &RunRecord) -> Vec<RunEvent> {
+        let mut events = Vec::new();
+        for step in &run.steps {
+            for attempt in &step.attempts {
+                let (number, item) = (attempt.attempt, attempt.item);
+                if self.first(EventKey::Started(step.id.clone(), number, item)) {
+                    events.push(RunEvent::StepStarted {
+                        seq: self.next(),
+                        step: step.id.clone(),
+                        attempt: number,
+                        item,
+                    });
+                }
+                for (index, line) in attempt.logs.iter().enumerate() {
+                    if self.first(EventKey::Log(step.id.clone(), number, item, index)) {
+                        events.push(RunEvent::Log {
+                            seq: self.next(),
+                            step: step.id.clone(),
+                            line: line.clone(),
+                        });
+                    }
+                }
+            }
+            if !matches!(step.status, StepStatus::Pending | StepStatus::Running)
+                && self.first(EventKey::Finished(step.id.clone()))
+            {
+                events.push(RunEvent::StepFinished {
+                    seq: self.next(),
+                    step: step.clone(),
+                });
+            }
+        }
+        if run.status.is_terminal() && self.first(EventKey::Run) {
+            events.push(RunEvent::RunFinished {
+                seq: self.next(),
+                run: run.clone(),
+            });
+        }
+        events
+    }
+
+    fn first(&mut self, key: EventKey) -> bool {
+        self.seen.insert(key)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
     }
 }
 
 /// The events a finished run had, rebuilt from its record.
 fn replay(run: &RunRecord) -> Vec<RunEvent> {
-    let mut events = Vec::new();
-    let mut seq = 0;
-    let mut next = || {
-        seq += 1;
-        seq
-    };
-    for step in &run.steps {
-        for attempt in &step.attempts {
-            events.push(RunEvent::StepStarted {
-                seq: next(),
-                step: step.id.clone(),
-                attempt: attempt.attempt,
-                item: attempt.item,
-            });
-            for line in &attempt.logs {
-                events.push(RunEvent::Log {
-                    seq: next(),
-                    step: step.id.clone(),
-                    line: line.clone(),
-                });
-            }
-        }
-        if !matches!(step.status, StepStatus::Pending | StepStatus::Running) {
-            events.push(RunEvent::StepFinished {
-                seq: next(),
-                step: step.clone(),
-            });
-        }
-    }
-    if run.status.is_terminal() {
-        events.push(RunEvent::RunFinished {
-            seq: next(),
-            run: run.clone(),
-        });
-    }
-    events
+    Follower::default().events(run)
 }
 
 /// A run going on in this process: its live record and its event log.
@@ -360,6 +436,55 @@ mod tests {
         );
         let seqs: Vec<u64> = events.iter().map(RunEvent::seq).collect();
         assert_eq!(seqs, [1, 2, 3, 4]);
+    }
+
+    /// A record read again and again (a run another node runs) gives each
+    /// event once, in the order they appear, numbered on.
+    #[test]
+    fn a_followed_record_gives_each_event_once() {
+        let attempt = |number: u32, status, logs: Vec<LogLine>| AttemptRecord {
+            attempt: number,
+            item: None,
+            status,
+            error: None,
+            started_at: now_rfc3339(),
+            duration_ms: 1.0,
+            fuel_consumed: 0,
+            peak_memory: 0,
+            logs,
+            log_bytes_dropped: 0,
+            progress: None,
+        };
+        let mut step = StepRecord::pending("a", "p");
+        step.status = StepStatus::Running;
+        step.attempts
+            .push(attempt(1, StepStatus::Running, Vec::new()));
+        let mut run = record(RunStatus::Running, vec![step]);
+        let mut follower = Follower::default();
+        let names = |events: Vec<RunEvent>| {
+            events
+                .iter()
+                .map(|e| (e.name(), e.seq()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(follower.events(&run)), [("step_started", 1)]);
+        assert_eq!(names(follower.events(&run)), []);
+        // The attempt ended with a log line and failed; a second one runs.
+        run.steps[0].attempts[0] = attempt(1, StepStatus::Failed, vec![line("no")]);
+        run.steps[0]
+            .attempts
+            .push(attempt(2, StepStatus::Running, Vec::new()));
+        assert_eq!(
+            names(follower.events(&run)),
+            [("log", 2), ("step_started", 3)]
+        );
+        run.steps[0].status = StepStatus::Succeeded;
+        run.status = RunStatus::Succeeded;
+        assert_eq!(
+            names(follower.events(&run)),
+            [("step_finished", 4), ("run_finished", 5)]
+        );
+        assert_eq!(names(follower.events(&run)), []);
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@
 //! This file starts the service and holds what the three share.
 
 mod catalog;
+mod cluster;
 mod events;
 mod runs;
 
@@ -23,11 +24,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 use crate::engine::{CodeCache, Engine};
 use crate::executor::Executor;
 use crate::plugin::{PluginRegistry, StateStore};
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::{PgStore, SqliteStore, Store, StoreError};
 
 pub use catalog::{PutPluginError, PutWorkflowError, WorkflowEntry};
 use events::ActiveRun;
@@ -43,8 +44,11 @@ pub enum StartError {
     Plugins(#[from] crate::plugin::PluginError),
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
-    #[error("the `{0}` store is not supported yet: use store = \"sqlite\"")]
-    UnsupportedStore(String),
+    /// The configured database cannot be used (unreachable, refusing us, a
+    /// newer schema, another node on it): a problem of the configuration or
+    /// the environment, which `trellis serve` exits 2 on.
+    #[error("cannot use the store: {0}")]
+    StoreUnusable(#[source] StoreError),
     #[error("cannot create the data dir {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -87,18 +91,32 @@ struct Inner {
     active: Mutex<HashMap<String, Arc<ActiveRun>>>,
     /// Set when the service shuts down: no new runs start.
     closing: CancellationToken,
+    /// On PostgreSQL: this node's place in the cluster.
+    cluster: Option<cluster::Cluster>,
+    /// This node's name (`node_id`, or `<hostname>-<pid>`).
+    node_id: String,
+    started_at: String,
 }
 
 impl Service {
     /// Loads plugins and workflows, opens the store, resumes unfinished runs.
     pub async fn start(config: &Config) -> Result<Service, StartError> {
-        if let crate::config::StoreKind::Postgres(url) = &config.store {
-            return Err(StartError::UnsupportedStore(url.clone()));
-        }
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.clone(),
             source,
         })?;
+        // First, so that a database that cannot be reached fails the start
+        // at once, not after every plugin is compiled.
+        let (store, postgres) = open_store(config).await?;
+        let node_id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(cluster::default_node_id);
+        let cluster = postgres.map(|store| cluster::Cluster {
+            store,
+            node_id: node_id.clone(),
+            lease: config.lease,
+        });
         let engine = Engine::new()?;
         let registry =
             PluginRegistry::new(engine)?.with_cache(CodeCache::new(config.data_dir.join("cache")));
@@ -123,14 +141,6 @@ impl Service {
         tracing::info!(plugins = report.loaded, "plugins loaded");
         let registry = Arc::new(registry);
 
-        let durability = match config.durability {
-            crate::config::Durability::Normal => crate::store::Durability::Normal,
-            crate::config::Durability::Fsync => crate::store::Durability::Fsync,
-        };
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.data_dir.join("trellis.db"), durability)?
-                .with_state_quota(config.state_quota),
-        );
         let executor = Executor::new(
             registry.clone(),
             config.limits,
@@ -160,6 +170,9 @@ impl Service {
                 blobs: config.data_dir.join("plugins"),
                 active: Mutex::new(HashMap::new()),
                 closing: CancellationToken::new(),
+                cluster,
+                node_id,
+                started_at: crate::record::now_rfc3339(),
             }),
         };
         // A copy of every build a run may pin; read again only when there is
@@ -177,7 +190,11 @@ impl Service {
             }
         }
         service.rescan_workflows();
-        service.recover().await?;
+        if service.inner.cluster.is_some() {
+            service.join_cluster().await?;
+        } else {
+            service.recover().await?;
+        }
         Ok(service)
     }
 
@@ -189,6 +206,32 @@ impl Service {
     /// Stops accepting new work (for a graceful shutdown).
     pub fn close(&self) {
         self.inner.closing.cancel();
+    }
+}
+
+/// The configured store, opened and migrated; on PostgreSQL, the same store
+/// as the cluster's.
+async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<Arc<PgStore>>), StartError> {
+    match &config.store {
+        StoreKind::Sqlite => {
+            let durability = match config.durability {
+                crate::config::Durability::Normal => crate::store::Durability::Normal,
+                crate::config::Durability::Fsync => crate::store::Durability::Fsync,
+            };
+            let store = SqliteStore::open(&config.data_dir.join("trellis.db"), durability)?
+                .with_state_quota(config.state_quota);
+            Ok((Arc::new(store), None))
+        }
+        StoreKind::Postgres(url) => {
+            let store = Arc::new(
+                PgStore::connect(url)
+                    .await
+                    .map_err(StartError::StoreUnusable)?
+                    .with_state_quota(config.state_quota),
+            );
+            tracing::info!(at = store.location(), "store: PostgreSQL");
+            Ok((store.clone(), Some(store)))
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use super::catalog::{PinnedCatalog, WorkflowEntry};
 use super::events::ActiveRun;
 use crate::executor::{RunOptions, queued_record};
 use crate::record::{ErrorKind, RunError, RunRecord, RunStatus, new_run_id, now_rfc3339};
-use crate::store::{Created, NewRun, RunPage, RunQuery, StoreError, StoredItems};
+use crate::store::{Created, NewRun, RunPage, RunQuery, StoreError, StoredItems, UnfinishedRun};
 use crate::workflow::{self, Plan, SchemaViolation};
 
 /// Why a run was not accepted.
@@ -152,6 +152,12 @@ impl Service {
         if !unfinished.is_empty() {
             tracing::info!(runs = unfinished.len(), "resuming unfinished runs");
         }
+        self.resume(unfinished).await
+    }
+
+    /// Goes on with runs stored unfinished: after a restart, or claimed from
+    /// a node of the cluster whose lease ran out.
+    pub(super) async fn resume(&self, unfinished: Vec<UnfinishedRun>) -> Result<(), StoreError> {
         self.restore_pinned(&unfinished).await;
         for mut run in unfinished {
             // Before its live snapshot is made, so `GET /v1/runs/{id}` shows
@@ -178,6 +184,10 @@ impl Service {
                 },
             };
             let active = Arc::new(ActiveRun::new(run.record.clone()));
+            if run.cancel_requested {
+                // Asked while the node that ran it was gone: it stops at once.
+                active.cancel.cancel();
+            }
             self.inner
                 .active
                 .lock()
@@ -244,6 +254,10 @@ impl Service {
                     _ => None,
                 })
             }
+            None if self.inner.cluster.is_some() => Ok(self
+                .stored_until_finished(id, timeout)
+                .await?
+                .filter(|r| r.status.is_terminal())),
             None => Ok(self
                 .inner
                 .store
@@ -267,12 +281,47 @@ impl Service {
             }
             return Ok(active.snapshot());
         }
+        if self.request_cancel(id).await? {
+            // Another node runs it: it stops there once told (at once,
+            // through NOTIFY; at its next renewal if that was lost).
+            return self
+                .stored_until_finished(id, CANCEL_WAIT)
+                .await?
+                .ok_or_else(|| CancelError::NotFound(id.to_string()));
+        }
         match self.inner.store.get_run(id).await? {
             None => Err(CancelError::NotFound(id.to_string())),
             Some(run) => Err(CancelError::Finished {
                 id: id.to_string(),
                 status: run.status,
             }),
+        }
+    }
+}
+
+/// How long a cancel of a run another node runs waits for it to end.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+impl Service {
+    /// The stored run once it finished (another node runs it), or as
+    /// stored after `timeout`; `None` if there is no such run.
+    async fn stored_until_finished(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let Some(run) = self.inner.store.get_run(id).await? else {
+                return Ok(None);
+            };
+            if run.status.is_terminal() || tokio::time::Instant::now() >= deadline {
+                return Ok(Some(run));
+            }
+            // Another node's progress shows only in the store.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
 }

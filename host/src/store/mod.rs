@@ -5,6 +5,10 @@
 //! Every method is async; implementations may batch writes (group commit),
 //! but a method returns only once its write is committed.
 
+#[cfg(test)]
+mod contract;
+mod postgres;
+mod rows;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -19,7 +23,23 @@ use serde_json::Value;
 
 use crate::record::{AttemptRecord, ErrorKind, ErrorRecord, RunRecord, RunStatus, StepRecord};
 
+pub use postgres::{Listener, PgStore, Renewal};
 pub use sqlite::{Durability, SqliteStore};
+
+/// `postgres://user:secret@host/db` -> `postgres://user:<redacted>@host/db`.
+pub fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:<redacted>{}", &rest[at..]),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -28,10 +48,18 @@ pub enum StoreError {
     Database(#[source] DatabaseError),
     #[error("the store holds data it cannot read: {0}")]
     Corrupt(String),
+    /// The database cannot be reached (down, refusing connections, or the
+    /// connection broke): the API answers 503 and the caller may try again.
+    #[error("the store's database is unavailable: {0}")]
+    Unavailable(#[source] DatabaseError),
     #[error("the store is closed")]
     Closed,
     #[error("the run cursor {0:?} is not valid")]
     BadCursor(String),
+    /// A write of a run this node no longer holds: another node claimed it
+    /// after this one's lease ran out. The write is dropped.
+    #[error("{0}")]
+    Fenced(String),
     /// A `state_set` would take a workflow's state past its [`StateQuota`].
     #[error("{0}")]
     StateFull(String),
@@ -153,6 +181,28 @@ pub struct UnfinishedRun {
     /// The stored items of its running `for_each` steps, by (step index,
     /// item position).
     pub items: StoredItems,
+    /// Someone asked to cancel it before this process took it over (a
+    /// cluster's node that died while running it).
+    pub cancel_requested: bool,
+}
+
+/// A node of the cluster (`GET /v1/nodes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Its `node_id`.
+    pub id: String,
+    /// This process of it (a node restarted is a new incarnation).
+    pub incarnation: String,
+    pub started_at: String,
+    /// Its last lease renewal.
+    pub last_seen: String,
+    /// Step attempts it was running at that renewal.
+    pub running_steps: u64,
+    /// The trellis version it runs.
+    pub version: String,
+    /// Whether its lease still runs; a node whose lease ran out has lost its
+    /// runs to the others.
+    pub alive: bool,
 }
 
 /// `for_each` items stored while their step runs, by (step index, position).

@@ -9,7 +9,10 @@
 //!   limiter, captured output, the outcome), no executor;
 //! - **memory**: `Executor::run` with no store;
 //! - **durable**: `Service::submit` + `Service::wait` with the SQLite store
-//!   in a temporary data dir: what a caller of the API waits for, minus HTTP.
+//!   in a temporary data dir: what a caller of the API waits for, minus HTTP;
+//! - **postgres**: the same on PostgreSQL (a node of a cluster of one, in a
+//!   schema of its own), when `TRELLIS_BENCH_POSTGRES` (or
+//!   `TRELLIS_TEST_POSTGRES`) names a server: 1 step, chain10 and chain40.
 //!
 //! Each figure is the median of many runs after a warm-up; the note gives the
 //! sample count and the p99 (or the range, for few samples). The limit is
@@ -145,6 +148,8 @@ struct Bench {
     noop: Arc<Plugin>,
     executor: Executor,
     service: Service,
+    /// The same service on PostgreSQL, when a server is named.
+    postgres: Option<Service>,
     plans: BTreeMap<&'static str, Arc<Plan>>,
     /// The raw limit, µs per call.
     limit_us: f64,
@@ -171,6 +176,31 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Measurement>> {
         if smoke { " (smoke)" } else { "" }
     );
     Ok(results)
+}
+
+/// The store of the `postgres` rows: a fresh schema on the server that
+/// `TRELLIS_BENCH_POSTGRES` (else `TRELLIS_TEST_POSTGRES`) names; `None`
+/// (said once) without one.
+async fn postgres_store() -> anyhow::Result<Option<trellis::config::StoreKind>> {
+    let Some(url) = ["TRELLIS_BENCH_POSTGRES", "TRELLIS_TEST_POSTGRES"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|url| !url.is_empty()))
+    else {
+        eprintln!("inproc: no PostgreSQL named (TRELLIS_BENCH_POSTGRES): no postgres rows");
+        return Ok(None);
+    };
+    let schema = format!("trellis_bench_{}", uuid::Uuid::now_v7().simple());
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .context("connecting to TRELLIS_BENCH_POSTGRES")?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await?;
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Ok(Some(trellis::config::StoreKind::Postgres(format!(
+        "{url}{separator}options=-c%20search_path%3D{schema}"
+    ))))
 }
 
 fn plugin_file(dir: &str, name: &str) -> anyhow::Result<PathBuf> {
@@ -283,12 +313,25 @@ impl Bench {
             ..Config::default()
         };
         let service = Service::start(&config).await?;
-        for workload in &all {
-            let entry = service
-                .workflow(workload.name)
-                .ok_or_else(|| anyhow!("the service did not load {}", workload.name))?;
-            if let Err(diagnostics) = entry.plan {
-                bail!("the service refused {}: {diagnostics}", workload.name);
+        let postgres = match postgres_store().await? {
+            Some(store) => Some(
+                Service::start(&Config {
+                    data_dir: dirs.path().join("data-postgres"),
+                    store,
+                    ..config.clone()
+                })
+                .await?,
+            ),
+            None => None,
+        };
+        for service in std::iter::once(&service).chain(&postgres) {
+            for workload in &all {
+                let entry = service
+                    .workflow(workload.name)
+                    .ok_or_else(|| anyhow!("the service did not load {}", workload.name))?;
+                if let Err(diagnostics) = entry.plan {
+                    bail!("the service refused {}: {diagnostics}", workload.name);
+                }
             }
         }
 
@@ -298,6 +341,7 @@ impl Bench {
             noop,
             executor,
             service,
+            postgres,
             plans,
             limit_us: f64::NAN,
             parallel_limit_us: f64::NAN,
@@ -473,9 +517,13 @@ impl Bench {
         }
     }
 
-    /// One run of `workload` through the service (durable), checked.
-    fn durable_run(&self, workload: &Workload) -> impl Fn() -> RunFuture + use<> {
-        let service = self.service.clone();
+    /// One run of `workload` through `service` (durable), checked.
+    fn durable_run(
+        &self,
+        service: &Service,
+        workload: &Workload,
+    ) -> impl Fn() -> RunFuture + use<> {
+        let service = service.clone();
         let name = workload.name;
         let input = workload.input.clone();
         let expected = Arc::new(workload.expected.clone());
@@ -492,33 +540,47 @@ impl Bench {
         }
     }
 
-    /// One step, in memory and durable, as a ratio to the limit.
+    /// One step, in memory and durable (and on PostgreSQL), as a ratio to
+    /// the limit.
     async fn step_overhead(&mut self, workload: &Workload) -> anyhow::Result<()> {
-        for (mode, target) in [
-            ("memory", STEP_MEMORY_TARGET),
-            ("durable", STEP_DURABLE_TARGET),
-        ] {
+        for mode in self.modes(true) {
             let once = self.run_fn(workload, mode);
             let mut samples = sample(self.budget(SHORT_RUN), once).await?;
             let us = samples.median();
             let ratio = us / self.limit_us;
             let note = samples.note("µs");
-            self.report(
-                Measurement::new("step", format!("1 step ({mode})"), us, "µs")
-                    .per_step_us(us)
-                    .ratio(ratio)
-                    .target(format!("<= {target}x"), ratio <= target)
-                    .note(note),
-            );
+            let mut measurement = Measurement::new("step", format!("1 step ({mode})"), us, "µs")
+                .per_step_us(us)
+                .ratio(ratio)
+                .note(note);
+            let target = match mode {
+                "memory" => Some(STEP_MEMORY_TARGET),
+                "durable" => Some(STEP_DURABLE_TARGET),
+                _ => None,
+            };
+            if let Some(target) = target {
+                measurement = measurement.target(format!("<= {target}x"), ratio <= target);
+            }
+            self.report(measurement);
         }
         Ok(())
     }
 
+    /// `memory` and `durable` (SQLite), and `postgres` where `with_postgres`
+    /// and a server is named.
+    fn modes(&self, with_postgres: bool) -> Vec<&'static str> {
+        let mut modes = vec!["memory", "durable"];
+        if with_postgres && self.postgres.is_some() {
+            modes.push("postgres");
+        }
+        modes
+    }
+
     fn run_fn(&self, workload: &Workload, mode: &str) -> Box<dyn Fn() -> RunFuture + Send + Sync> {
-        if mode == "memory" {
-            Box::new(self.memory_run(workload))
-        } else {
-            Box::new(self.durable_run(workload))
+        match (mode, &self.postgres) {
+            ("memory", _) => Box::new(self.memory_run(workload)),
+            ("postgres", Some(postgres)) => Box::new(self.durable_run(postgres, workload)),
+            _ => Box::new(self.durable_run(&self.service, workload)),
         }
     }
 
@@ -529,7 +591,8 @@ impl Bench {
             11..=200 => MEDIUM_RUN,
             _ => LONG_RUN,
         };
-        for mode in ["memory", "durable"] {
+        let with_postgres = workload.name.starts_with("chain");
+        for mode in self.modes(with_postgres) {
             let once = self.run_fn(workload, mode);
             let mut samples = sample(self.budget(normal), once).await?;
             let us = samples.median();
@@ -593,7 +656,7 @@ impl Bench {
             let once: Arc<dyn Fn() -> RunFuture + Send + Sync> = if mode == "memory" {
                 Arc::new(self.memory_run(workload))
             } else {
-                Arc::new(self.durable_run(workload))
+                Arc::new(self.durable_run(&self.service, workload))
             };
             let budget = self.budget(RUNS_PER_SECOND);
             let (runs, elapsed, mut latencies) = concurrently(once, budget, self.smoke).await?;

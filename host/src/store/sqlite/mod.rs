@@ -29,11 +29,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
+use super::rows::{
+    DEFAULT_PAGE, MAX_PAGE, NewRunRow, decode_cursor, decode_json, encode_cursor, encode_json,
+    over_quota, step_index,
+};
 use super::{
     Commit, Created, DatabaseError, ItemRecord, LINGER, NewRun, Queued, RunPage, RunQuery,
     StateQuota, Store, StoreError, StoredItems, UnfinishedRun,
@@ -67,9 +69,6 @@ const MAX_IDLE_READERS: usize = 4;
 const STATEMENT_CACHE: usize = 64;
 /// After a checkpoint the WAL file is truncated to this size.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
-/// `list_runs` page sizes.
-const DEFAULT_PAGE: usize = 50;
-const MAX_PAGE: usize = 1000;
 
 /// Columns of `runs` that make a [`RunRecord`] (without steps), in the order
 /// [`run_from_row`] reads them.
@@ -524,6 +523,7 @@ impl Store for SqliteStore {
                     workflow_source: row.get(10)?,
                     workflow_file: row.get(11)?,
                     items,
+                    cancel_requested: false,
                 });
             }
             Ok(unfinished)
@@ -563,19 +563,14 @@ impl Store for SqliteStore {
                 ),
                 None => (keys + 1, bytes + (key.len() + value.len()) as u64),
             };
-            if after_keys > quota.max_keys && after_keys > keys {
-                return Err(StoreError::StateFull(format!(
-                    "the state of workflow `{workflow}` holds {keys} keys, the most it may \
-                     (state_max_keys); delete keys or raise the limit"
-                )));
-            }
-            if after_bytes > quota.max_bytes && after_bytes > bytes {
-                return Err(StoreError::StateFull(format!(
-                    "setting `{key}` would take the state of workflow `{workflow}` to \
-                     {after_bytes} bytes, more than the {} it may keep (state_max_bytes); \
-                     delete keys or raise the limit",
-                    quota.max_bytes
-                )));
+            if let Some(message) = over_quota(
+                quota,
+                &workflow,
+                &key,
+                (keys, bytes),
+                (after_keys, after_bytes),
+            ) {
+                return Err(StoreError::StateFull(message));
             }
             conn.prepare_cached(
                 "INSERT INTO state (workflow, key, value) VALUES (?1, ?2, ?3)
@@ -646,59 +641,6 @@ impl ReaderPool {
 }
 
 // ---- rows -------------------------------------------------------------------
-
-/// A new run, encoded for its rows before it goes to the writer (the JSON
-/// and the digest cost CPU the writer thread should not spend).
-struct NewRunRow {
-    id: String,
-    workflow: String,
-    status: &'static str,
-    created_at: String,
-    started_at: Option<String>,
-    finished_at: Option<String>,
-    duration_ms: Option<f64>,
-    input: String,
-    output: String,
-    error: Option<String>,
-    idempotency_key: Option<String>,
-    workflow_digest: String,
-    workflow_source: String,
-    workflow_file: String,
-    steps: Vec<String>,
-}
-
-impl NewRunRow {
-    fn encode(run: &NewRun<'_>) -> Result<NewRunRow, StoreError> {
-        let record = run.record;
-        let id = &record.id;
-        Ok(NewRunRow {
-            id: id.clone(),
-            workflow: record.workflow.clone(),
-            status: record.status.as_str(),
-            created_at: record.created_at.clone(),
-            started_at: record.started_at.clone(),
-            finished_at: record.finished_at.clone(),
-            duration_ms: record.duration_ms,
-            input: encode_json(&record.input, || format!("run {id}: input"))?,
-            output: encode_json(&record.output, || format!("run {id}: output"))?,
-            error: record
-                .error
-                .as_ref()
-                .map(|error| encode_json(error, || format!("run {id}: error")))
-                .transpose()?,
-            idempotency_key: run.idempotency_key.map(str::to_owned),
-            workflow_digest: hex::encode(Sha256::digest(run.workflow_source.as_bytes())),
-            workflow_source: run.workflow_source.to_owned(),
-            workflow_file: run.workflow_file.to_owned(),
-            steps: record
-                .steps
-                .iter()
-                .enumerate()
-                .map(|(index, step)| encode_json(step, || format!("run {id}: step {index}")))
-                .collect::<Result<_, _>>()?,
-        })
-    }
-}
 
 /// The run and its steps, or `None`. Call inside a transaction.
 fn load_run(conn: &Connection, id: &str) -> Result<Option<RunRecord>, StoreError> {
@@ -820,45 +762,4 @@ fn require_run(conn: &Connection, id: &str) -> Result<(), StoreError> {
             "there is no run {id}"
         ))))
     }
-}
-
-fn step_index(index: usize) -> Result<i64, StoreError> {
-    i64::try_from(index).map_err(|_| {
-        StoreError::Database(DatabaseError::new(format!(
-            "step index {index} is too large"
-        )))
-    })
-}
-
-fn encode_json<T: Serialize + ?Sized>(
-    value: &T,
-    what: impl FnOnce() -> String,
-) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| {
-        StoreError::Database(DatabaseError::with_source(
-            format!("cannot encode {}: {e}", what()),
-            e,
-        ))
-    })
-}
-
-fn decode_json<T: DeserializeOwned>(
-    text: &str,
-    what: impl FnOnce() -> String,
-) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))
-}
-
-/// A page cursor: the last id of the page, hex-encoded (URL-safe, and
-/// opaque so its form can change).
-fn encode_cursor(last_id: &str) -> String {
-    hex::encode(last_id)
-}
-
-fn decode_cursor(cursor: &str) -> Result<String, StoreError> {
-    hex::decode(cursor)
-        .ok()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .filter(|id| !id.is_empty())
-        .ok_or_else(|| StoreError::BadCursor(cursor.to_owned()))
 }

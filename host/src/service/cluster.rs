@@ -1,0 +1,201 @@
+//! This service as a node of a cluster (several `trellis serve` on one
+//! PostgreSQL; DESIGN.md "Storage and scale-out").
+//!
+//! The node joins under its `node_id`, resumes the runs it can claim (those
+//! of nodes whose lease ran out, or that were released), then keeps its lease
+//! in the background: every `lease`/3 it renews the lease, stops the runs it
+//! lost or was asked to cancel, and claims what is claimable. A `NOTIFY` on
+//! the work channel (runs released, a cancel asked) does the same at once;
+//! the periodic sweep only catches what a lost notification or an expired
+//! lease leaves. Leaving (a graceful stop) releases its unfinished runs so
+//! the others take them at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Service;
+use crate::store::{Listener, Node, PgStore, Renewal, StoreError};
+
+/// Runs claimed in one transaction.
+const CLAIM_BATCH: i64 = 64;
+/// How long a broken `LISTEN` connection waits before it is made again.
+const RELISTEN_AFTER: Duration = Duration::from_secs(1);
+
+/// The node's place in the cluster.
+pub(super) struct Cluster {
+    pub(super) store: Arc<PgStore>,
+    pub(super) node_id: String,
+    pub(super) lease: Duration,
+}
+
+/// `<hostname>-<pid>`: the default `node_id`, unique among the processes
+/// of one machine.
+pub(super) fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "node".to_owned());
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(48)
+        .collect();
+    format!("{host}-{}", std::process::id())
+}
+
+impl Service {
+    /// Joins the cluster, resumes every run it can claim, and keeps the
+    /// lease from then on.
+    pub(super) async fn join_cluster(&self) -> Result<(), StoreError> {
+        let Some(cluster) = &self.inner.cluster else {
+            return Ok(());
+        };
+        cluster
+            .store
+            .join(&cluster.node_id, env!("CARGO_PKG_VERSION"), cluster.lease)
+            .await?;
+        tracing::info!(
+            node_id = %cluster.node_id,
+            incarnation = cluster.store.incarnation().unwrap_or_default(),
+            lease = ?cluster.lease,
+            "joined the cluster"
+        );
+        self.claim_all(cluster).await?;
+        tokio::spawn(self.clone().keep_lease());
+        Ok(())
+    }
+
+    /// Claims and resumes batches of runs until none is left to claim.
+    async fn claim_all(&self, cluster: &Cluster) -> Result<usize, StoreError> {
+        let mut claimed = 0;
+        while !self.inner.closing.is_cancelled() {
+            let runs = cluster.store.claim(CLAIM_BATCH).await?;
+            let batch = runs.len();
+            if batch > 0 {
+                tracing::info!(runs = batch, "claimed runs to resume");
+            }
+            self.resume(runs).await?;
+            claimed += batch;
+            if batch < CLAIM_BATCH as usize {
+                break;
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// Renews the lease, acts on what it finds, claims: every lease/3 and
+    /// at each notification, until the service closes.
+    async fn keep_lease(self) {
+        let Some(cluster) = &self.inner.cluster else {
+            return;
+        };
+        let period = cluster.lease / 3;
+        let mut listener: Option<Listener> = None;
+        let mut relisten = tokio::time::Instant::now();
+        let mut sweep = tokio::time::Instant::now() + period;
+        loop {
+            if listener.is_none() && tokio::time::Instant::now() >= relisten {
+                match cluster.store.listen().await {
+                    Ok(listening) => listener = Some(listening),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot listen for work; the sweep still runs");
+                        relisten = tokio::time::Instant::now() + RELISTEN_AFTER;
+                    }
+                }
+            }
+            tokio::select! {
+                () = self.inner.closing.cancelled() => return,
+                () = tokio::time::sleep_until(sweep) => {
+                    sweep = tokio::time::Instant::now() + period;
+                }
+                note = next_note(&mut listener) => {
+                    if note.is_none() {
+                        listener = None;
+                        relisten = tokio::time::Instant::now() + RELISTEN_AFTER;
+                    }
+                }
+            }
+            let running = self.inner.executor.running_steps() as u64;
+            match cluster.store.renew(cluster.lease, running).await {
+                Ok(renewal) => self.act_on(renewal),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot renew the lease; trying again");
+                    continue;
+                }
+            }
+            if let Err(err) = self.claim_all(cluster).await {
+                tracing::warn!(error = %err, "cannot claim runs; trying again");
+            }
+        }
+    }
+
+    /// Stops here the runs another node took over (their late writes are
+    /// fenced anyway) and those someone asked to cancel.
+    fn act_on(&self, renewal: Renewal) {
+        let active = self.inner.active.lock().unwrap();
+        for id in &renewal.lost {
+            if let Some(run) = active.get(id) {
+                tracing::warn!(run_id = %id, "another node took this run over (this node's lease ran out): stopping it here");
+                run.cancel.cancel();
+            }
+        }
+        for id in &renewal.cancel {
+            if let Some(run) = active.get(id) {
+                tracing::info!(run_id = %id, "cancel asked on another node");
+                run.cancel.cancel();
+            }
+        }
+    }
+
+    /// Leaves the cluster (a graceful stop): the unfinished runs this node
+    /// holds are released for the others to claim at once.
+    pub async fn leave(&self) {
+        let Some(cluster) = &self.inner.cluster else {
+            return;
+        };
+        self.close();
+        match cluster.store.leave().await {
+            Ok(released) => tracing::info!(released, "left the cluster"),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot leave the cluster; its runs move when the lease runs out")
+            }
+        }
+    }
+
+    /// The nodes sharing the store: the cluster's, or this one alone.
+    pub async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+        match &self.inner.cluster {
+            Some(cluster) => cluster.store.nodes().await,
+            None => {
+                let now = crate::record::now_rfc3339();
+                Ok(vec![Node {
+                    id: self.inner.node_id.clone(),
+                    incarnation: self.inner.node_id.clone(),
+                    started_at: self.inner.started_at.clone(),
+                    last_seen: now,
+                    running_steps: self.inner.executor.running_steps() as u64,
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    alive: true,
+                }])
+            }
+        }
+    }
+
+    /// Asks the node that runs `id` to cancel it: `false` when no such run is
+    /// unfinished. Only a cluster has other nodes to ask.
+    pub(super) async fn request_cancel(&self, id: &str) -> Result<bool, StoreError> {
+        match &self.inner.cluster {
+            Some(cluster) => cluster.store.request_cancel(id).await,
+            None => Ok(false),
+        }
+    }
+}
+
+async fn next_note(listener: &mut Option<Listener>) -> Option<String> {
+    match listener {
+        Some(listener) => listener.next().await,
+        None => std::future::pending().await,
+    }
+}

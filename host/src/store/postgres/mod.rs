@@ -1,0 +1,664 @@
+//! The scale-out store: PostgreSQL (13 or later), through `tokio-postgres`
+//! with a `deadpool` pool.
+//!
+//! Writes go through one writer task on one connection, which commits every
+//! write already queued in one transaction (a group commit, as SQLite's
+//! writer does) in the order they were queued. Reads take any pooled
+//! connection; a read of several tables is one `REPEATABLE READ` snapshot.
+//!
+//! Files: `writer` (the group commit and every write's SQL), `schema`
+//! (migrations under an advisory lock); here the store, its reads and the
+//! connection setup.
+
+mod cluster;
+mod schema;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+pub use cluster::{Listener, Renewal};
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, NoTls, Row};
+
+use super::rows::{
+    DEFAULT_PAGE, MAX_PAGE, NewRunRow, decode_cursor, decode_json, encode_cursor, encode_json,
+    step_index,
+};
+use super::{
+    Commit, Created, DatabaseError, ItemRecord, LINGER, NewRun, Queued, RunPage, RunQuery,
+    StateQuota, Store, StoreError, StoredItems, UnfinishedRun,
+};
+use crate::record::{RunRecord, RunStatus, StepRecord};
+use writer::{FinishedRun, Write, WriteCommand, Written, writer_loop};
+
+/// The fence of a run this node does not hold (any more): no run's epoch.
+const LOST: i64 = -1;
+
+/// Connections the pool keeps at most: the writer's and the readers'.
+const POOL_SIZE: usize = 16;
+/// How long opening a connection may take, unless the URL says
+/// (`connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a read waits for a pooled connection.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+
+/// Columns of `runs` that make a [`RunRecord`] (without steps), in the order
+/// [`run_from_row`] reads them.
+pub(super) const RUN_COLUMNS: &str =
+    "id, workflow, status, input, output, error, created_at, started_at, finished_at, duration_ms";
+
+/// Where the database is, for messages: `host:port/dbname`, never the
+/// password.
+#[derive(Debug)]
+pub(super) struct Label(String);
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Label {
+    fn of(config: &tokio_postgres::Config) -> Label {
+        use tokio_postgres::config::Host;
+        let ports = config.get_ports();
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                match host {
+                    Host::Tcp(name) => format!("{name}:{port}"),
+                    Host::Unix(dir) => format!("{}:{port}", dir.display()),
+                }
+            })
+            .collect();
+        let hosts = if hosts.is_empty() {
+            "localhost:5432".to_owned()
+        } else {
+            hosts.join(",")
+        };
+        match config.get_dbname() {
+            Some(db) => Label(format!("{hosts}/{db}")),
+            None => Label(hosts),
+        }
+    }
+}
+
+/// The PostgreSQL [`Store`].
+pub struct PgStore {
+    pool: Pool,
+    /// For connections of their own (`LISTEN`).
+    config: tokio_postgres::Config,
+    label: Arc<Label>,
+    /// `None` only while dropping: closing it stops the writer.
+    inbox: Option<mpsc::UnboundedSender<WriteCommand>>,
+    state_quota: StateQuota,
+    /// Set once this store joined a cluster ([`PgStore::join`]).
+    member: OnceLock<Member>,
+    /// The runs this node holds, with the epoch of its claim: every write of
+    /// one checks it (fencing). A run it lost stays, as [`LOST`], so that
+    /// nothing more of it is written from here.
+    claims: Mutex<HashMap<String, i64>>,
+}
+
+/// This process as a node of the cluster.
+#[derive(Debug)]
+struct Member {
+    incarnation: String,
+    node_id: String,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("at", &self.label.0)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user:pw@host:port/db`),
+    /// brings its schema up to date and starts the writer. A failure names
+    /// the host, never the password.
+    pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StoreError::Database(DatabaseError::with_source(
+                format!(
+                    "the store URL {} is not a PostgreSQL URL: {e}",
+                    super::redact_password(url)
+                ),
+                e,
+            ))
+        })?;
+        PgStore::connect_with(config).await
+    }
+
+    /// [`PgStore::connect`] with a parsed configuration (the tests add a
+    /// `search_path` of their own).
+    pub async fn connect_with(mut config: tokio_postgres::Config) -> Result<PgStore, StoreError> {
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("trellis");
+        }
+        let label = Arc::new(Label::of(&config));
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT + Duration::from_secs(1)))
+            .build()
+            .map_err(|e| {
+                StoreError::Database(DatabaseError::with_source(
+                    format!("cannot set up connections to PostgreSQL at {label}: {e}"),
+                    e,
+                ))
+            })?;
+        let mut conn = pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(unavailable(&label, e)))?;
+        let (inbox, messages) = mpsc::unbounded_channel();
+        let store = PgStore {
+            pool: pool.clone(),
+            config,
+            label: Arc::clone(&label),
+            inbox: Some(inbox),
+            state_quota: StateQuota::default(),
+            member: OnceLock::new(),
+            claims: Mutex::new(HashMap::new()),
+        };
+        schema::migrate(&mut conn, &store).await?;
+        drop(conn);
+        tokio::spawn(writer_loop(pool, label, messages, LINGER));
+        Ok(store)
+    }
+
+    /// The most state a workflow may keep (default: [`StateQuota::default`]).
+    pub fn with_state_quota(mut self, quota: StateQuota) -> PgStore {
+        self.state_quota = quota;
+        self
+    }
+
+    /// Where the database is: `host:port/dbname`.
+    pub fn location(&self) -> &str {
+        &self.label.0
+    }
+
+    /// Queues a write and waits for the commit that holds it.
+    async fn write(&self, write: Write) -> Result<Written, StoreError> {
+        self.queue(write, Commit::Now).await
+    }
+
+    /// Queues a write now; the future resolves once its commit is done.
+    fn queue(
+        &self,
+        write: Write,
+        commit: Commit,
+    ) -> impl Future<Output = Result<Written, StoreError>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let sent = match &self.inbox {
+            Some(inbox) => inbox
+                .send(WriteCommand {
+                    write,
+                    reply,
+                    commit,
+                })
+                .map_err(|_| StoreError::Closed),
+            None => Err(StoreError::Closed),
+        };
+        async move {
+            sent?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        }
+    }
+
+    /// [`Self::queue`] as a [`Queued`]; `prepared` failing fails it at once.
+    fn queued(&self, prepared: Result<Write, StoreError>, commit: Commit) -> Queued {
+        match prepared {
+            Ok(write) => {
+                let commit = self.queue(write, commit);
+                Queued::new(async move { commit.await.map(drop) })
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "a store write could not be queued");
+                Queued::new(std::future::ready(Err(err)))
+            }
+        }
+    }
+
+    /// What a write of run `id` is fenced with: the epoch this node claimed
+    /// it under. A node of a cluster writes only the runs it holds: one it
+    /// lost, or never held, gets [`LOST`], which no run has. `None` when this
+    /// store is not a cluster's node.
+    fn fence(&self, id: &str) -> Option<i64> {
+        self.member.get()?;
+        Some(self.claims.lock().unwrap().get(id).copied().unwrap_or(LOST))
+    }
+
+    async fn reader(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(unavailable(&self.label, e)))
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_run(&self, run: NewRun<'_>) -> Result<Created, StoreError> {
+        let row = NewRunRow::encode(&run)?;
+        // A node of a cluster runs what it accepts: it holds the run from
+        // the start, at epoch 1.
+        let owner = self.incarnation().map(str::to_owned);
+        let id = row.id.clone();
+        let created = self
+            .write(Write::CreateRun {
+                row: Box::new(row),
+                owner: owner.clone(),
+            })
+            .await?
+            .created()?;
+        if owner.is_some() && matches!(created, Created::New) {
+            self.claims.lock().unwrap().insert(id, 1);
+        }
+        Ok(created)
+    }
+
+    async fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        let mut conn = self.reader().await?;
+        let failed = |e| pg_error(&self.label, "a read", e);
+        // One snapshot: the run and its steps from the same commit.
+        let tx = conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(failed)?;
+        let record = load_run(&tx, &self.label, id).await?;
+        tx.commit().await.map_err(failed)?;
+        Ok(record)
+    }
+
+    async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
+        let limit = match query.limit {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let before = query.cursor.as_deref().map(decode_cursor).transpose()?;
+        let mut conditions = Vec::new();
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        if let Some(workflow) = &query.workflow {
+            params.push(Box::new(workflow.clone()));
+            conditions.push(format!("workflow = ${}", params.len()));
+        }
+        if let Some(status) = query.status {
+            params.push(Box::new(status.as_str()));
+            conditions.push(format!("status = ${}", params.len()));
+        }
+        if let Some(before) = before {
+            params.push(Box::new(before));
+            conditions.push(format!("id < ${}", params.len()));
+        }
+        // One more than asked: whether it comes tells if there is a next page.
+        params.push(Box::new(limit as i64 + 1));
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs {filter} ORDER BY id DESC LIMIT ${}",
+            params.len()
+        );
+        let conn = self.reader().await?;
+        let params: Vec<&(dyn ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = query_cached(&conn, &self.label, &sql, &params).await?;
+        let mut runs = rows
+            .iter()
+            .map(run_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = if runs.len() > limit {
+            runs.truncate(limit);
+            runs.last().map(|run| encode_cursor(&run.id))
+        } else {
+            None
+        };
+        Ok(RunPage { runs, next_cursor })
+    }
+
+    fn run_started(&self, id: &str, started_at: &str) -> Queued {
+        self.queued(
+            Ok(Write::RunStarted {
+                id: id.to_owned(),
+                started_at: started_at.to_owned(),
+                fence: self.fence(id),
+            }),
+            Commit::Soon,
+        )
+    }
+
+    fn save_step(&self, run_id: &str, index: usize, step: &StepRecord, commit: Commit) -> Queued {
+        let prepared = step_index(index).and_then(|index| {
+            Ok(Write::SaveStep {
+                run_id: run_id.to_owned(),
+                index,
+                record: encode_json(step, || format!("run {run_id}: step {index}"))?,
+                finished: step.status.is_done(),
+                fence: self.fence(run_id),
+            })
+        });
+        self.queued(prepared, commit)
+    }
+
+    fn save_item(
+        &self,
+        run_id: &str,
+        index: usize,
+        position: usize,
+        item: &ItemRecord,
+        commit: Commit,
+    ) -> Queued {
+        let prepared = step_index(index).and_then(|index| {
+            let position = step_index(position)?;
+            Ok(Write::SaveItem {
+                run_id: run_id.to_owned(),
+                index,
+                position,
+                record: encode_json(item, || {
+                    format!("run {run_id}: step {index}: item {position}")
+                })?,
+                fence: self.fence(run_id),
+            })
+        });
+        self.queued(prepared, commit)
+    }
+
+    async fn finish_run(&self, record: &RunRecord) -> Result<(), StoreError> {
+        let id = &record.id;
+        let steps = record
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(index, step)| {
+                let index = step_index(index)?;
+                Ok((
+                    index,
+                    encode_json(step, || format!("run {id}: step {index}"))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let finished = FinishedRun {
+            id: id.clone(),
+            status: record.status.as_str(),
+            output: encode_json(&record.output, || format!("run {id}: output"))?,
+            error: record
+                .error
+                .as_ref()
+                .map(|error| encode_json(error, || format!("run {id}: error")))
+                .transpose()?,
+            started_at: record.started_at.clone(),
+            finished_at: record.finished_at.clone(),
+            duration_ms: record.duration_ms,
+            steps,
+            fence: self.fence(id),
+        };
+        let written = self.write(Write::FinishRun(Box::new(finished))).await;
+        let mut claims = self.claims.lock().unwrap();
+        match &written {
+            Ok(_) => {
+                claims.remove(id);
+            }
+            Err(StoreError::Fenced(_)) => {
+                claims.insert(id.clone(), LOST);
+            }
+            Err(_) => {}
+        }
+        written.map(drop)
+    }
+
+    async fn unfinished_runs(&self) -> Result<Vec<UnfinishedRun>, StoreError> {
+        let mut conn = self.reader().await?;
+        let failed = |e| pg_error(&self.label, "a read", e);
+        let tx = conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(failed)?;
+        let rows = query_cached(
+            &tx,
+            &self.label,
+            &format!(
+                "SELECT {RUN_COLUMNS}, source, workflow_file
+                 FROM runs JOIN workflow_sources ON digest = workflow_digest
+                 WHERE status IN ('queued', 'running')
+                 ORDER BY id"
+            ),
+            &[],
+        )
+        .await?;
+        let mut unfinished = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut record = run_from_row(row)?;
+            record.steps = load_steps(&tx, &self.label, &record.id).await?;
+            let items = load_items(&tx, &self.label, &record.id).await?;
+            unfinished.push(UnfinishedRun {
+                record,
+                workflow_source: row.get(10),
+                workflow_file: row.get(11),
+                items,
+                cancel_requested: false,
+            });
+        }
+        tx.commit().await.map_err(failed)?;
+        Ok(unfinished)
+    }
+
+    async fn state_get(&self, workflow: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let conn = self.reader().await?;
+        let rows = query_cached(
+            &conn,
+            &self.label,
+            "SELECT value FROM state WHERE workflow = $1 AND key = $2",
+            &[&workflow, &key],
+        )
+        .await?;
+        Ok(rows.first().map(|row| row.get(0)))
+    }
+
+    async fn state_set(&self, workflow: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write(Write::StateSet {
+            workflow: workflow.to_owned(),
+            key: key.to_owned(),
+            value: value.to_owned(),
+            quota: self.state_quota,
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn state_delete(&self, workflow: &str, key: &str) -> Result<(), StoreError> {
+        self.write(Write::StateDelete {
+            workflow: workflow.to_owned(),
+            key: key.to_owned(),
+        })
+        .await
+        .map(drop)
+    }
+}
+
+impl Drop for PgStore {
+    /// Closes the queue: the writer commits what it holds, then ends.
+    fn drop(&mut self) {
+        self.inbox = None;
+    }
+}
+
+/// A statement prepared once per connection, then run.
+pub(super) async fn query_cached(
+    conn: &impl GenericClient,
+    label: &Label,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, StoreError> {
+    let statement = conn
+        .prepare_cached(sql)
+        .await
+        .map_err(|e| pg_error(label, "a read", e))?;
+    conn.query(&statement, params)
+        .await
+        .map_err(|e| pg_error(label, "a read", e))
+}
+
+/// The run and its steps, or `None`. Call inside a transaction.
+pub(super) async fn load_run(
+    conn: &impl GenericClient,
+    label: &Label,
+    id: &str,
+) -> Result<Option<RunRecord>, StoreError> {
+    let rows = query_cached(
+        conn,
+        label,
+        &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"),
+        &[&id],
+    )
+    .await?;
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    let mut record = run_from_row(row)?;
+    record.steps = load_steps(conn, label, id).await?;
+    Ok(Some(record))
+}
+
+pub(super) async fn load_steps(
+    conn: &impl GenericClient,
+    label: &Label,
+    run_id: &str,
+) -> Result<Vec<StepRecord>, StoreError> {
+    let rows = query_cached(
+        conn,
+        label,
+        "SELECT idx, record FROM steps WHERE run_id = $1 ORDER BY idx",
+        &[&run_id],
+    )
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let index: i64 = row.get(0);
+            decode_json(row.get(1), || format!("run {run_id}: step {index}"))
+        })
+        .collect()
+}
+
+pub(super) async fn load_items(
+    conn: &impl GenericClient,
+    label: &Label,
+    run_id: &str,
+) -> Result<StoredItems, StoreError> {
+    let rows = query_cached(
+        conn,
+        label,
+        "SELECT idx, position, record FROM step_items WHERE run_id = $1",
+        &[&run_id],
+    )
+    .await?;
+    let mut items = StoredItems::new();
+    for row in &rows {
+        let (index, position): (i64, i64) = (row.get(0), row.get(1));
+        let what = || format!("run {run_id}: step {index}: item {position}");
+        let record = decode_json(row.get(2), what)?;
+        let (Ok(index), Ok(position)) = (usize::try_from(index), usize::try_from(position)) else {
+            return Err(StoreError::Corrupt(format!("{}: negative index", what())));
+        };
+        items.insert((index, position), record);
+    }
+    Ok(items)
+}
+
+/// A [`RunRecord`] without steps from the [`RUN_COLUMNS`] of a row.
+pub(super) fn run_from_row(row: &Row) -> Result<RunRecord, StoreError> {
+    let id: String = row.get(0);
+    let status: &str = row.get(2);
+    let status: RunStatus = status
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("run {id}: unknown status {status:?}")))?;
+    let input = decode_json(row.get(3), || format!("run {id}: input"))?;
+    let output = decode_json(row.get(4), || format!("run {id}: output"))?;
+    let error = match row.get::<_, Option<&str>>(5) {
+        Some(error) => Some(decode_json(error, || format!("run {id}: error"))?),
+        None => None,
+    };
+    Ok(RunRecord {
+        workflow: row.get(1),
+        status,
+        input,
+        output,
+        error,
+        created_at: row.get(6),
+        started_at: row.get(7),
+        finished_at: row.get(8),
+        duration_ms: row.get(9),
+        steps: Vec::new(),
+        id,
+    })
+}
+
+/// A driver error, in words that say where and doing what: unavailable when
+/// the connection is gone (the API answers 503), else a database failure.
+pub(super) fn pg_error(label: &Label, doing: &str, e: tokio_postgres::Error) -> StoreError {
+    let detail = match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{}: {} ({detail})", db.severity(), db.message()),
+            None => format!("{}: {}", db.severity(), db.message()),
+        },
+        None => e.to_string(),
+    };
+    let message = format!("PostgreSQL at {label}: {doing}: {detail}");
+    if e.is_closed() || (e.as_db_error().is_none() && e.code().is_none()) {
+        StoreError::Unavailable(DatabaseError::with_source(message, e))
+    } else {
+        StoreError::Database(DatabaseError::with_source(message, e))
+    }
+}
+
+/// No connection could be had from the pool (the database is down, refuses
+/// us, or every connection is busy past the wait).
+pub(super) fn unavailable(label: &Label, e: deadpool_postgres::PoolError) -> DatabaseError {
+    let reason = match &e {
+        deadpool_postgres::PoolError::Backend(e) => match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.severity(), db.message()),
+            None => e.to_string(),
+        },
+        other => other.to_string(),
+    };
+    DatabaseError::with_source(
+        format!("cannot connect to PostgreSQL at {label}: {reason}"),
+        e,
+    )
+}

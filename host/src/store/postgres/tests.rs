@@ -1,0 +1,415 @@
+//! The PostgreSQL store's tests: the contract every [`Store`] passes
+//! (`store/contract.rs`), then what is PostgreSQL's own (migrations under a
+//! lock, a newer schema refused, an unreachable database named).
+//!
+//! They need a server: `TRELLIS_TEST_POSTGRES` is its URL (`.ci/run` starts
+//! a throwaway one). Each test works in a schema of its own, made fresh, so
+//! tests run in parallel on one database. Without the variable each test
+//! says in one line that it is skipped.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::store::contract::{self, Backend, contract_tests};
+
+/// The variable that names the test server.
+const URL_VARIABLE: &str = "TRELLIS_TEST_POSTGRES";
+
+/// A fresh schema on the test server.
+struct PgBackend {
+    /// The server's URL with the schema as `search_path`.
+    config: tokio_postgres::Config,
+}
+
+impl PgBackend {
+    async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.config).await
+    }
+}
+
+async fn connect(config: &tokio_postgres::Config) -> tokio_postgres::Client {
+    let (client, connection) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+#[async_trait]
+impl Backend for PgBackend {
+    async fn fresh() -> Option<Self> {
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("a postgres test")
+            .to_owned();
+        let Ok(url) = std::env::var(URL_VARIABLE) else {
+            contract::skipped(&test, &format!("{URL_VARIABLE} is not set"));
+            return None;
+        };
+        let mut config: tokio_postgres::Config = url.parse().unwrap();
+        let schema = format!("trellis_test_{}", uuid::Uuid::now_v7().simple());
+        connect(&config)
+            .await
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        config.options(format!("-c search_path={schema}"));
+        Some(PgBackend { config })
+    }
+
+    async fn open(&self, quota: StateQuota) -> Arc<dyn Store> {
+        Arc::new(
+            PgStore::connect_with(self.config.clone())
+                .await
+                .unwrap()
+                .with_state_quota(quota),
+        )
+    }
+
+    async fn execute(&self, sql: &str) {
+        self.client().await.batch_execute(sql).await.unwrap();
+    }
+
+    async fn scalar(&self, sql: &str) -> Option<i64> {
+        let row = self.client().await.query_opt(sql, &[]).await.unwrap()?;
+        Some(
+            row.try_get::<_, i64>(0)
+                .or_else(|_| row.try_get::<_, i32>(0).map(i64::from))
+                .unwrap(),
+        )
+    }
+}
+
+contract_tests!(PgBackend);
+
+/// Nodes starting at once on a new database: each sees the schema whole
+/// and it is migrated once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_at_once_migrate_once() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    let opens: Vec<_> = (0..6)
+        .map(|_| {
+            let config = backend.config.clone();
+            tokio::spawn(async move { PgStore::connect_with(config).await })
+        })
+        .collect();
+    for open in opens {
+        let store = open.await.unwrap().unwrap();
+        let page = store.list_runs(&RunQuery::default()).await.unwrap();
+        assert!(page.runs.is_empty());
+    }
+    assert_eq!(
+        backend.scalar("SELECT version FROM trellis_schema").await,
+        Some(schema::MIGRATIONS.len() as i64)
+    );
+    assert_eq!(
+        backend.scalar("SELECT count(*) FROM trellis_schema").await,
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused_not_migrated_down() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    drop(backend.open(StateQuota::default()).await);
+    backend
+        .execute("UPDATE trellis_schema SET version = 99")
+        .await;
+    match PgStore::connect_with(backend.config.clone()).await {
+        Err(StoreError::Database(message)) => {
+            assert!(message.contains("schema version 99"), "{message}");
+            assert!(message.contains("newer trellis"), "{message}");
+        }
+        other => panic!("opened a database from the future: {other:?}"),
+    }
+    assert_eq!(
+        backend.scalar("SELECT version FROM trellis_schema").await,
+        Some(99),
+        "left as it was"
+    );
+}
+
+/// Nothing listens on the port: the error says where, is `Unavailable`
+/// (so a request answers 503), and never shows the password.
+#[tokio::test]
+async fn an_unreachable_database_is_named_without_its_password() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let url = format!("postgres://trellis:s3cret-pw@127.0.0.1:{port}/trellis?connect_timeout=2");
+    match PgStore::connect(&url).await {
+        Err(StoreError::Unavailable(error)) => {
+            let message = error.to_string();
+            assert!(
+                message.starts_with(&format!(
+                    "cannot connect to PostgreSQL at 127.0.0.1:{port}/trellis: "
+                )),
+                "{message}"
+            );
+            assert!(!message.contains("s3cret-pw"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match PgStore::connect("postgres://u:pw@db:notaport/x").await {
+        Err(StoreError::Database(error)) => {
+            assert!(
+                error.starts_with("the store URL postgres://u:<redacted>@db:notaport/x is not"),
+                "{}",
+                &*error
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+// ---- the cluster: claims, leases, fencing ----------------------------------
+
+use crate::record::{RunRecord, StepStatus};
+use crate::store::contract::{finished_step, new_run, pending_step, queued_run};
+
+const LEASE: Duration = Duration::from_secs(30);
+
+/// A store of the backend's database that joined the cluster as `node`.
+async fn node(backend: &PgBackend, node: &str) -> PgStore {
+    let store = PgStore::connect_with(backend.config.clone()).await.unwrap();
+    store.join(node, "test", LEASE).await.unwrap();
+    store
+}
+
+/// Ends `node`'s lease now, as if it had stopped renewing (no waiting).
+async fn expire(backend: &PgBackend, node: &str) {
+    backend
+        .execute(&format!(
+            "UPDATE nodes SET lease_until = clock_timestamp() - interval '1 second' \
+             WHERE id = '{node}'"
+        ))
+        .await;
+}
+
+async fn create_held(store: &PgStore) -> RunRecord {
+    let record = queued_run("orders");
+    let created = store.create_run(new_run(&record, None)).await.unwrap();
+    assert!(matches!(created, Created::New));
+    record
+}
+
+fn ids(runs: &[UnfinishedRun]) -> Vec<&str> {
+    runs.iter().map(|run| run.record.id.as_str()).collect()
+}
+
+/// A run is held by the node that accepted it; another node claims it only
+/// once that node's lease ran out, and gets it as stored.
+#[tokio::test]
+async fn a_claim_takes_only_runs_whose_holder_is_gone() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    let a = node(&backend, "a").await;
+    let b = node(&backend, "b").await;
+    let mut record = create_held(&a).await;
+    a.run_started(&record.id, "t1").await.unwrap();
+    let done = finished_step("parse");
+    a.save_step(&record.id, 0, &done, Commit::Now)
+        .await
+        .unwrap();
+    assert!(b.claim(10).await.unwrap().is_empty(), "a is alive");
+
+    expire(&backend, "a").await;
+    let claimed = b.claim(10).await.unwrap();
+    assert_eq!(ids(&claimed), [record.id.as_str()]);
+    record.status = RunStatus::Running;
+    record.started_at = Some("t1".into());
+    record.steps[0] = done;
+    assert_eq!(claimed[0].record, record);
+    assert_eq!(claimed[0].workflow_source, contract::SOURCE);
+    assert!(!claimed[0].cancel_requested);
+    assert!(b.claim(10).await.unwrap().is_empty(), "claimed once");
+    assert!(a.claim(10).await.unwrap().is_empty(), "b is alive");
+    assert_eq!(
+        backend
+            .scalar(&format!(
+                "SELECT epoch FROM runs WHERE id = '{}'",
+                record.id
+            ))
+            .await,
+        Some(2)
+    );
+}
+
+/// Once another node claimed a run, nothing the old holder writes of it
+/// lands; its next renewal says it lost the run.
+#[tokio::test]
+async fn a_node_that_lost_a_run_writes_nothing_of_it() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    let a = node(&backend, "a").await;
+    let b = node(&backend, "b").await;
+    let record = create_held(&a).await;
+    expire(&backend, "a").await;
+    assert_eq!(b.claim(10).await.unwrap().len(), 1);
+    let mut running = pending_step("price");
+    running.status = StepStatus::Running;
+    b.save_step(&record.id, 1, &running, Commit::Now)
+        .await
+        .unwrap();
+    let held_by_b = b.get_run(&record.id).await.unwrap().unwrap();
+
+    let late = [
+        a.save_step(&record.id, 1, &finished_step("price"), Commit::Now)
+            .await,
+        a.run_started(&record.id, "t9").await,
+        a.save_item(
+            &record.id,
+            1,
+            0,
+            &ItemRecord {
+                item: serde_json::json!(1),
+                attempts: Vec::new(),
+                outcome: None,
+            },
+            Commit::Soon,
+        )
+        .await,
+    ];
+    for result in late {
+        match result {
+            Err(StoreError::Fenced(message)) => assert!(
+                message.contains("late write is dropped") && message.contains(&record.id),
+                "{message}"
+            ),
+            other => panic!("a fenced write: {other:?}"),
+        }
+    }
+    // Its next renewal tells it; from then on it writes nothing of the run.
+    let renewal = a.renew(LEASE, 0).await.unwrap();
+    assert_eq!(renewal.lost, std::slice::from_ref(&record.id));
+    assert!(renewal.cancel.is_empty());
+    assert_eq!(a.renew(LEASE, 0).await.unwrap(), Renewal::default());
+    let mut finished = held_by_b.clone();
+    finished.status = RunStatus::Failed;
+    assert!(matches!(
+        a.finish_run(&finished).await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert_eq!(b.get_run(&record.id).await.unwrap().unwrap(), held_by_b);
+    assert_eq!(
+        backend
+            .scalar(&format!(
+                "SELECT count(*) FROM step_items WHERE run_id = '{}'",
+                record.id
+            ))
+            .await,
+        Some(0)
+    );
+    // A late write in a batch with others fails alone.
+    let other = create_held(&a).await;
+    let fenced = a.save_step(&record.id, 0, &finished_step("parse"), Commit::Soon);
+    let fine = a.save_step(&other.id, 0, &finished_step("parse"), Commit::Now);
+    assert!(matches!(fenced.await, Err(StoreError::Fenced(_))));
+    fine.await.unwrap();
+}
+
+/// Nodes claiming at once share the claimable runs: each is claimed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_claiming_at_once_claim_each_run_once() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    let gone = node(&backend, "gone").await;
+    let mut all = Vec::new();
+    for _ in 0..60 {
+        all.push(create_held(&gone).await.id);
+    }
+    expire(&backend, "gone").await;
+    let claimers: Vec<_> = ["b", "c", "d"]
+        .into_iter()
+        .map(|name| {
+            let config = backend.config.clone();
+            tokio::spawn(async move {
+                let store = PgStore::connect_with(config).await.unwrap();
+                store.join(name, "test", LEASE).await.unwrap();
+                let mut mine = Vec::new();
+                loop {
+                    let batch = store.claim(7).await.unwrap();
+                    if batch.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(batch.into_iter().map(|run| run.record.id));
+                }
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for claimer in claimers {
+        claimed.extend(claimer.await.unwrap());
+    }
+    claimed.sort();
+    all.sort();
+    assert_eq!(claimed, all, "every run claimed exactly once");
+}
+
+/// A node that leaves releases its runs: another claims them at once,
+/// and a listener hears of it.
+#[tokio::test]
+async fn leaving_releases_runs_at_once() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    let a = node(&backend, "a").await;
+    let b = node(&backend, "b").await;
+    let mut listener = b.listen().await.unwrap();
+    let record = create_held(&a).await;
+    assert_eq!(a.leave().await.unwrap(), 1);
+    let note = tokio::time::timeout(Duration::from_secs(10), listener.next())
+        .await
+        .expect("no notification");
+    assert_eq!(note.as_deref(), Some("released"));
+    assert_eq!(ids(&b.claim(10).await.unwrap()), [record.id.as_str()]);
+    let nodes = b.nodes().await.unwrap();
+    assert_eq!(
+        nodes
+            .iter()
+            .map(|n| (n.id.as_str(), n.alive))
+            .collect::<Vec<_>>(),
+        [("b", true)]
+    );
+}
+
+/// A cancel asked on any node reaches the holder at its renewal (and at
+/// once through the work channel); a run claimed after it comes marked.
+#[tokio::test]
+async fn a_cancel_request_reaches_whoever_holds_the_run() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    let a = node(&backend, "a").await;
+    let b = node(&backend, "b").await;
+    let mut listener = a.listen().await.unwrap();
+    let record = create_held(&a).await;
+    assert!(b.request_cancel(&record.id).await.unwrap());
+    let note = tokio::time::timeout(Duration::from_secs(10), listener.next())
+        .await
+        .expect("no notification");
+    assert_eq!(note.as_deref(), Some("cancel"));
+    let renewal = a.renew(LEASE, 3).await.unwrap();
+    assert_eq!(renewal.cancel, std::slice::from_ref(&record.id));
+    assert!(renewal.lost.is_empty());
+    expire(&backend, "a").await;
+    let claimed = b.claim(10).await.unwrap();
+    assert!(claimed[0].cancel_requested);
+
+    let mut finished = claimed[0].record.clone();
+    finished.status = RunStatus::Cancelled;
+    b.finish_run(&finished).await.unwrap();
+    assert!(!b.request_cancel(&record.id).await.unwrap(), "finished");
+    assert!(!b.request_cancel("no-such-run").await.unwrap());
+    let nodes = b.nodes().await.unwrap();
+    let a_row = nodes.iter().find(|n| n.id == "a").unwrap();
+    assert_eq!((a_row.alive, a_row.running_steps), (false, 3));
+}

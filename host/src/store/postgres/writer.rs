@@ -1,0 +1,583 @@
+//! The group-commit writer: one task on one connection takes every write
+//! already queued (up to [`MAX_BATCH`]) and commits them in one transaction,
+//! in the order they were queued (a step's later record wins). If the batch
+//! fails, each of its writes is tried again in a transaction of its own, so
+//! a write that fails fails alone. A [`Commit::Soon`] batch may wait up to the
+//! linger for company, as SQLite's writer does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Object, Pool, Transaction};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+
+use super::{Label, pg_error, unavailable};
+use crate::store::rows::{NewRunRow, over_quota, step_index};
+use crate::store::{Commit, Created, DatabaseError, StateQuota, StoreError};
+
+/// The most writes one transaction takes.
+const MAX_BATCH: usize = 256;
+
+/// One write, as the store's methods prepared it.
+///
+/// A write of a run carries the `fence` of this node's claim on it: the
+/// epoch it was claimed under, which the run must still have for the write
+/// to land (`None`: this store is not a cluster's node, or does not hold the
+/// run).
+pub(super) enum Write {
+    CreateRun {
+        row: Box<NewRunRow>,
+        /// The node incarnation that holds the run from the start.
+        owner: Option<String>,
+    },
+    RunStarted {
+        id: String,
+        started_at: String,
+        fence: Option<i64>,
+    },
+    SaveStep {
+        run_id: String,
+        index: i64,
+        record: String,
+        /// A finished step's record drops its items.
+        finished: bool,
+        fence: Option<i64>,
+    },
+    SaveItem {
+        run_id: String,
+        index: i64,
+        position: i64,
+        record: String,
+        fence: Option<i64>,
+    },
+    FinishRun(Box<FinishedRun>),
+    StateSet {
+        workflow: String,
+        key: String,
+        value: Vec<u8>,
+        quota: StateQuota,
+    },
+    StateDelete {
+        workflow: String,
+        key: String,
+    },
+}
+
+/// The columns `finish_run` sets, and every step's record.
+pub(super) struct FinishedRun {
+    pub(super) id: String,
+    pub(super) status: &'static str,
+    pub(super) output: String,
+    pub(super) error: Option<String>,
+    pub(super) started_at: Option<String>,
+    pub(super) finished_at: Option<String>,
+    pub(super) duration_ms: Option<f64>,
+    pub(super) steps: Vec<(i64, String)>,
+    pub(super) fence: Option<i64>,
+}
+
+/// What a write gives back.
+pub(super) enum Written {
+    Run(Created),
+    Done,
+}
+
+pub(super) struct WriteCommand {
+    pub(super) write: Write,
+    pub(super) reply: oneshot::Sender<Result<Written, StoreError>>,
+    pub(super) commit: Commit,
+}
+
+/// Takes what is queued, commits it as one batch, answers, repeats; ends once
+/// the store is dropped and the queue is empty.
+pub(super) async fn writer_loop(
+    pool: Pool,
+    label: Arc<Label>,
+    mut inbox: mpsc::UnboundedReceiver<WriteCommand>,
+    linger: Duration,
+) {
+    let mut conn: Option<Object> = None;
+    while let Some(first) = inbox.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match inbox.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        let urgent = |batch: &[WriteCommand]| batch.iter().any(|c| c.commit == Commit::Now);
+        if !urgent(&batch) {
+            let deadline = tokio::time::Instant::now() + linger;
+            while !urgent(&batch) && batch.len() < MAX_BATCH {
+                match tokio::time::timeout_at(deadline, inbox.recv()).await {
+                    Ok(Some(command)) => batch.push(command),
+                    // The deadline passed, or the store is gone.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        commit_batch(&pool, &label, &mut conn, batch).await;
+    }
+}
+
+/// Commits `batch` in one transaction, or, if that fails, each write in its
+/// own; answers each.
+async fn commit_batch(
+    pool: &Pool,
+    label: &Label,
+    conn: &mut Option<Object>,
+    batch: Vec<WriteCommand>,
+) {
+    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        *conn = None;
+        match pool.get().await {
+            Ok(fresh) => *conn = Some(fresh),
+            Err(e) => {
+                let error = unavailable(label, e);
+                for command in batch {
+                    answer(command.reply, Err(StoreError::Unavailable(error.clone())));
+                }
+                return;
+            }
+        }
+    }
+    let Some(client) = conn.as_mut() else {
+        return;
+    };
+    let writes: Vec<&Write> = batch.iter().map(|command| &command.write).collect();
+    match run(client, label, &writes).await {
+        Ok(written) => {
+            for (command, written) in batch.into_iter().zip(written) {
+                answer(command.reply, Ok(written));
+            }
+        }
+        Err(error) if batch.len() == 1 => {
+            if let Some(command) = batch.into_iter().next() {
+                answer(command.reply, Err(error));
+            }
+        }
+        Err(_) => {
+            for command in batch {
+                let result = run(client, label, &[&command.write])
+                    .await
+                    .map(|mut written| written.pop().unwrap_or(Written::Done));
+                answer(command.reply, result);
+            }
+        }
+    }
+}
+
+fn answer(
+    reply: oneshot::Sender<Result<Written, StoreError>>,
+    result: Result<Written, StoreError>,
+) {
+    // Nobody waits for a write whose [`Queued`] was dropped (the executor's
+    // writes it goes on from): its failure is logged here.
+    match reply.send(result) {
+        Err(Err(StoreError::Fenced(message))) => tracing::warn!("{message}"),
+        Err(Err(err)) => tracing::error!(error = %err, "a store write nobody waited for failed"),
+        _ => {}
+    }
+}
+
+/// `writes` in one transaction.
+async fn run(
+    client: &mut Object,
+    label: &Label,
+    writes: &[&Write],
+) -> Result<Vec<Written>, StoreError> {
+    let failed = |e| pg_error(label, "a write", e);
+    let tx = client.transaction().await.map_err(failed)?;
+    let mut written = Vec::with_capacity(writes.len());
+    for write in writes {
+        written.push(apply(&tx, label, write).await?);
+    }
+    tx.commit().await.map_err(failed)?;
+    Ok(written)
+}
+
+async fn execute(
+    tx: &Transaction<'_>,
+    label: &Label,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, StoreError> {
+    let statement = tx
+        .prepare_cached(sql)
+        .await
+        .map_err(|e| pg_error(label, "a write", e))?;
+    tx.execute(&statement, params)
+        .await
+        .map_err(|e| pg_error(label, "a write", e))
+}
+
+/// Fails unless run `id` still has the epoch `fence` this node claimed it
+/// under. The row lock (`FOR SHARE`) holds until the commit, and a claim
+/// (`FOR UPDATE`) waits for it: a write that passed here lands before any
+/// claim that would fence it, and none lands after.
+async fn fenced(
+    tx: &Transaction<'_>,
+    label: &Label,
+    id: &str,
+    fence: Option<i64>,
+) -> Result<(), StoreError> {
+    let Some(epoch) = fence else {
+        return Ok(());
+    };
+    let held = execute(
+        tx,
+        label,
+        "SELECT 1 FROM runs WHERE id = $1 AND epoch = $2 FOR SHARE",
+        &[&id, &epoch],
+    )
+    .await?;
+    if held == 0 {
+        let why = if epoch < 0 {
+            "this node no longer holds it".to_owned()
+        } else {
+            format!("this node held it at epoch {epoch}")
+        };
+        return Err(StoreError::Fenced(format!(
+            "run {id} was taken over by another node after this node's lease ran out \
+             ({why}): this node's late write is dropped"
+        )));
+    }
+    Ok(())
+}
+
+/// Fails unless the run exists.
+async fn require_run(tx: &Transaction<'_>, label: &Label, id: &str) -> Result<(), StoreError> {
+    let rows = execute(tx, label, "SELECT 1 FROM runs WHERE id = $1", &[&id]).await?;
+    if rows == 0 {
+        return Err(no_such_run(id));
+    }
+    Ok(())
+}
+
+fn no_such_run(id: &str) -> StoreError {
+    StoreError::Database(DatabaseError::new(format!("there is no run {id}")))
+}
+
+/// A foreign-key failure on `run_id` says the run is not there.
+fn or_no_run(result: Result<u64, StoreError>, run_id: &str) -> Result<u64, StoreError> {
+    match result {
+        Err(StoreError::Database(error)) if is_foreign_key_violation(&error) => {
+            Err(no_such_run(run_id))
+        }
+        other => other,
+    }
+}
+
+fn is_foreign_key_violation(error: &DatabaseError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<tokio_postgres::Error>())
+        .and_then(tokio_postgres::Error::code)
+        == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
+}
+
+async fn upsert_step(
+    tx: &Transaction<'_>,
+    label: &Label,
+    run_id: &str,
+    index: i64,
+    record: &str,
+) -> Result<(), StoreError> {
+    let result = execute(
+        tx,
+        label,
+        "INSERT INTO steps (run_id, idx, record) VALUES ($1, $2, $3)
+         ON CONFLICT (run_id, idx) DO UPDATE SET record = excluded.record",
+        &[&run_id, &index, &record],
+    )
+    .await;
+    or_no_run(result, run_id).map(drop)
+}
+
+async fn apply(tx: &Transaction<'_>, label: &Label, write: &Write) -> Result<Written, StoreError> {
+    match write {
+        Write::CreateRun { row, owner } => create_run(tx, label, row, owner.as_deref()).await,
+        Write::RunStarted {
+            id,
+            started_at,
+            fence,
+        } => {
+            fenced(tx, label, id, *fence).await?;
+            // A run that already finished (cancelled while it was being
+            // started) stays finished: a restart must not resume it.
+            let changed = execute(
+                tx,
+                label,
+                "UPDATE runs SET status = 'running', started_at = $2
+                 WHERE id = $1 AND status IN ('queued', 'running')",
+                &[id, started_at],
+            )
+            .await?;
+            if changed == 0 {
+                require_run(tx, label, id).await?;
+            }
+            Ok(Written::Done)
+        }
+        Write::SaveStep {
+            run_id,
+            index,
+            record,
+            finished,
+            fence,
+        } => {
+            fenced(tx, label, run_id, *fence).await?;
+            upsert_step(tx, label, run_id, *index, record).await?;
+            if *finished {
+                execute(
+                    tx,
+                    label,
+                    "DELETE FROM step_items WHERE run_id = $1 AND idx = $2",
+                    &[run_id, index],
+                )
+                .await?;
+            }
+            Ok(Written::Done)
+        }
+        Write::SaveItem {
+            run_id,
+            index,
+            position,
+            record,
+            fence,
+        } => {
+            fenced(tx, label, run_id, *fence).await?;
+            let result = execute(
+                tx,
+                label,
+                "INSERT INTO step_items (run_id, idx, position, record) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (run_id, idx, position) DO UPDATE SET record = excluded.record",
+                &[run_id, index, position, record],
+            )
+            .await;
+            or_no_run(result, run_id)?;
+            Ok(Written::Done)
+        }
+        Write::FinishRun(run) => {
+            fenced(tx, label, &run.id, run.fence).await?;
+            let changed = execute(
+                tx,
+                label,
+                "UPDATE runs SET status = $2, output = $3, error = $4, started_at = $5,
+                     finished_at = $6, duration_ms = $7
+                 WHERE id = $1",
+                &[
+                    &run.id,
+                    &run.status,
+                    &run.output,
+                    &run.error,
+                    &run.started_at,
+                    &run.finished_at,
+                    &run.duration_ms,
+                ],
+            )
+            .await?;
+            if changed == 0 {
+                return Err(no_such_run(&run.id));
+            }
+            for (index, record) in &run.steps {
+                upsert_step(tx, label, &run.id, *index, record).await?;
+            }
+            execute(
+                tx,
+                label,
+                "DELETE FROM step_items WHERE run_id = $1",
+                &[&run.id],
+            )
+            .await?;
+            Ok(Written::Done)
+        }
+        Write::StateSet {
+            workflow,
+            key,
+            value,
+            quota,
+        } => state_set(tx, label, workflow, key, value, *quota).await,
+        Write::StateDelete { workflow, key } => {
+            let statement = tx
+                .prepare_cached(
+                    "DELETE FROM state WHERE workflow = $1 AND key = $2
+                     RETURNING octet_length(key) + octet_length(value)",
+                )
+                .await
+                .map_err(|e| pg_error(label, "a write", e))?;
+            let deleted = tx
+                .query_opt(&statement, &[workflow, key])
+                .await
+                .map_err(|e| pg_error(label, "a write", e))?;
+            if let Some(row) = deleted {
+                let bytes: i32 = row.get(0);
+                execute(
+                    tx,
+                    label,
+                    "UPDATE state_usage SET keys = keys - 1, bytes = bytes - $2
+                     WHERE workflow = $1",
+                    &[workflow, &i64::from(bytes)],
+                )
+                .await?;
+            }
+            Ok(Written::Done)
+        }
+    }
+}
+
+async fn create_run(
+    tx: &Transaction<'_>,
+    label: &Label,
+    row: &NewRunRow,
+    owner: Option<&str>,
+) -> Result<Written, StoreError> {
+    let epoch: i64 = if owner.is_some() { 1 } else { 0 };
+    execute(
+        tx,
+        label,
+        "INSERT INTO workflow_sources (digest, source) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        &[&row.workflow_digest, &row.workflow_source],
+    )
+    .await?;
+    // Without a key, or with a new one, the run is inserted; with a key
+    // another run holds (on this node or any other), nothing is, and the
+    // earlier run is the answer.
+    let inserted = execute(
+        tx,
+        label,
+        "INSERT INTO runs (id, workflow, status, created_at, started_at, finished_at,
+             duration_ms, input, output, error, idempotency_key, workflow_digest, workflow_file,
+             owner, epoch)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+         ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+        &[
+            &row.id,
+            &row.workflow,
+            &row.status,
+            &row.created_at,
+            &row.started_at,
+            &row.finished_at,
+            &row.duration_ms,
+            &row.input,
+            &row.output,
+            &row.error,
+            &row.idempotency_key,
+            &row.workflow_digest,
+            &row.workflow_file,
+            &owner,
+            &epoch,
+        ],
+    )
+    .await?;
+    if inserted == 0 {
+        let statement = tx
+            .prepare_cached("SELECT id FROM runs WHERE workflow = $1 AND idempotency_key = $2")
+            .await
+            .map_err(|e| pg_error(label, "a write", e))?;
+        let earlier = tx
+            .query_opt(&statement, &[&row.workflow, &row.idempotency_key])
+            .await
+            .map_err(|e| pg_error(label, "a write", e))?
+            .map(|r| r.get::<_, String>(0));
+        let Some(id) = earlier else {
+            return Err(StoreError::Corrupt(format!(
+                "run {}: its idempotency key conflicts with a run that cannot be found",
+                row.id
+            )));
+        };
+        let record = super::load_run(tx, label, &id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("run {id} vanished while being read")))?;
+        return Ok(Written::Run(Created::Existing(Box::new(record))));
+    }
+    for (index, step) in row.steps.iter().enumerate() {
+        let index = step_index(index)?;
+        execute(
+            tx,
+            label,
+            "INSERT INTO steps (run_id, idx, record) VALUES ($1, $2, $3)",
+            &[&row.id, &index, step],
+        )
+        .await?;
+    }
+    Ok(Written::Run(Created::New))
+}
+
+async fn state_set(
+    tx: &Transaction<'_>,
+    label: &Label,
+    workflow: &str,
+    key: &str,
+    value: &[u8],
+    quota: StateQuota,
+) -> Result<Written, StoreError> {
+    let failed = |e| pg_error(label, "a write", e);
+    // The usage row, locked: one workflow's sets and deletes on any node
+    // take their turn here, so the quota holds across nodes.
+    execute(
+        tx,
+        label,
+        "INSERT INTO state_usage (workflow, keys, bytes) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
+        &[&workflow],
+    )
+    .await?;
+    let usage = tx
+        .prepare_cached("SELECT keys, bytes FROM state_usage WHERE workflow = $1 FOR UPDATE")
+        .await
+        .map_err(failed)?;
+    let row = tx.query_one(&usage, &[&workflow]).await.map_err(failed)?;
+    let (keys, bytes): (i64, i64) = (row.get(0), row.get(1));
+    let old = tx
+        .prepare_cached("SELECT octet_length(value) FROM state WHERE workflow = $1 AND key = $2")
+        .await
+        .map_err(failed)?;
+    let old: Option<i32> = tx
+        .query_opt(&old, &[&workflow, &key])
+        .await
+        .map_err(failed)?
+        .map(|row| row.get(0));
+    let (keys, bytes) = (keys.max(0) as u64, bytes.max(0) as u64);
+    let (after_keys, after_bytes) = match old {
+        Some(old) => (
+            keys,
+            bytes - (old.max(0) as u64).min(bytes) + value.len() as u64,
+        ),
+        None => (keys + 1, bytes + (key.len() + value.len()) as u64),
+    };
+    if let Some(message) = over_quota(
+        quota,
+        workflow,
+        key,
+        (keys, bytes),
+        (after_keys, after_bytes),
+    ) {
+        return Err(StoreError::StateFull(message));
+    }
+    execute(
+        tx,
+        label,
+        "INSERT INTO state (workflow, key, value) VALUES ($1, $2, $3)
+         ON CONFLICT (workflow, key) DO UPDATE SET value = excluded.value",
+        &[&workflow, &key, &value],
+    )
+    .await?;
+    execute(
+        tx,
+        label,
+        "UPDATE state_usage SET keys = $2, bytes = $3 WHERE workflow = $1",
+        &[&workflow, &(after_keys as i64), &(after_bytes as i64)],
+    )
+    .await?;
+    Ok(Written::Done)
+}
+
+impl Written {
+    pub(super) fn created(self) -> Result<Created, StoreError> {
+        match self {
+            Written::Run(created) => Ok(created),
+            Written::Done => Err(StoreError::Database(DatabaseError::new(
+                "the writer answered create_run with nothing",
+            ))),
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! Several `trellis serve` nodes on one PostgreSQL (DESIGN.md "Storage and
+//! scale-out"): a killed node's runs finish on another, a paused node that
+//! lost its lease writes nothing, a cancel reaches the node that runs the
+//! run, a node that stops gracefully hands its runs over at once.
+//!
+//! They need a server: `TRELLIS_TEST_POSTGRES` is its URL (`.ci/run` starts
+//! one); without it each test says in one line that it is skipped. Each
+//! test's nodes share a schema of their own.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// `first` and `last` count their own executions in plugin state, which the
+/// nodes share through the database, so a step run again on another node
+/// shows as a count higher than its attempts. `nap` logs `sleeping N ms`
+/// once its attempt is stored as started, then sleeps.
+const DURABLE: &str = r#"
+name = "durable"
+
+[[step]]
+id = "first"
+plugin = "probe"
+input = { counter = "{{ run.id }}-first" }
+
+[[step]]
+id = "nap"
+plugin = "probe"
+needs = ["first"]
+input = { sleep_ms = "{{ input.ms }}" }
+
+[[step]]
+id = "last"
+plugin = "probe"
+needs = ["nap"]
+input = { counter = "{{ run.id }}-last", n = "{{ input.n }}" }
+
+[output]
+n = "{{ steps.last.output.input.n }}"
+"#;
+
+/// A store URL on a fresh schema of the test server; `None`, said in one
+/// line, without `TRELLIS_TEST_POSTGRES`.
+fn fresh_store(test: &str) -> Option<String> {
+    let Ok(url) = std::env::var("TRELLIS_TEST_POSTGRES") else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "cluster::{test}: skipped: TRELLIS_TEST_POSTGRES is not set"
+        );
+        return None;
+    };
+    let schema = format!("trellis_e2e_{}", uuid::Uuid::now_v7().simple());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+    });
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Some(format!(
+        "{url}{separator}options=-c%20search_path%3D{schema}"
+    ))
+}
+
+fn node(store: &str, id: &str, lease: &str) -> Server {
+    Serve::new()
+        .workflow("durable.toml", DURABLE)
+        .env("TRELLIS_STORE", store)
+        .env("TRELLIS_NODE_ID", id)
+        .env("TRELLIS_LEASE", lease)
+        .start()
+}
+
+fn submit(server: &Server, n: usize, ms: u64) -> String {
+    let reply = server.post(
+        "/v1/workflows/durable/runs",
+        &format!(r#"{{"n": {n}, "ms": {ms}}}"#),
+    );
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    reply.json()["id"].as_str().unwrap().to_owned()
+}
+
+/// Each run succeeded with its own output, and no step that finished ran
+/// again: its executions (counted in shared state) are its attempts, or one
+/// fewer when the last cut-short attempt had not reached the counter.
+/// Returns how many attempts were cut short and made again.
+fn check_runs(server: &Server, ids: &[String]) -> usize {
+    let mut resumed = 0;
+    for (n, id) in ids.iter().enumerate() {
+        let run = server.wait_for_run(id);
+        assert_eq!(run["status"], "succeeded", "run {n}: {run:#}");
+        assert_eq!(run["output"]["n"], n, "run {n}: {run:#}");
+        for step_id in ["first", "last"] {
+            let step = step(&run, step_id);
+            let attempts = step["attempts"].as_array().unwrap();
+            let (last, earlier) = attempts.split_last().expect("at least one attempt");
+            assert_eq!(last["status"], "succeeded", "run {n} {step_id}: {step:#}");
+            for attempt in earlier {
+                assert_eq!(
+                    attempt["error"]["kind"], "interrupted",
+                    "run {n} {step_id}: {step:#}"
+                );
+            }
+            let executions = step["output"]["counter"].as_u64().unwrap() as usize;
+            assert!(
+                executions == attempts.len() || executions + 1 == attempts.len(),
+                "run {n} {step_id}: ran {executions} times, {} attempts: {step:#}",
+                attempts.len()
+            );
+            resumed += attempts.len() - 1;
+        }
+        // `nap` counts nothing; a kill during its sleep shows as an
+        // interrupted attempt before the one that succeeded.
+        let nap = step(&run, "nap");
+        let attempts = nap["attempts"].as_array().unwrap();
+        let (last, earlier) = attempts.split_last().expect("at least one attempt");
+        assert_eq!(last["status"], "succeeded", "run {n} nap: {nap:#}");
+        assert!(
+            earlier.iter().all(|a| a["error"]["kind"] == "interrupted"),
+            "run {n} nap: {nap:#}"
+        );
+        resumed += earlier.len();
+    }
+    resumed
+}
+
+fn nodes(server: &Server) -> Vec<(String, bool)> {
+    let reply = server.get("/v1/nodes");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.json()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| {
+            (
+                node["id"].as_str().unwrap().to_owned(),
+                node["alive"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_nodes_runs_finish_on_another() {
+    let Some(store) = fresh_store("a_killed_nodes_runs_finish_on_another") else {
+        return;
+    };
+    let a = node(&store, "a", "2s");
+    let b = node(&store, "b", "2s");
+    assert_eq!(nodes(&b), [("a".to_owned(), true), ("b".to_owned(), true)]);
+    let ids: Vec<String> = (0..30)
+        .map(|n| submit(&a, n, 300 + (n as u64 * 97) % 1200))
+        .collect();
+    // Every run of `a` is held by `a`: it is killed while some are in flight.
+    a.await_log(&ids[ids.len() - 1], "nap", "sleeping", 1);
+    let killed = Instant::now();
+    drop(a.crash());
+    let resumed = check_runs(&b, &ids);
+    let took = killed.elapsed();
+    assert!(resumed > 0, "the kill interrupted nothing");
+    // The lease (2 s), a sweep (lease/3), the longest nap (1.5 s), with room
+    // for a slow machine.
+    assert!(took < Duration::from_secs(20), "took {took:?} to finish");
+    assert_eq!(nodes(&b), [("a".to_owned(), false), ("b".to_owned(), true)]);
+    let all = b.get("/v1/runs?workflow=durable&limit=1000").json();
+    assert_eq!(all["runs"].as_array().unwrap().len(), ids.len());
+    eprintln!("{resumed} steps re-attempted on b; all done {took:?} after the kill");
+}
+
+#[test]
+fn a_paused_node_that_lost_its_lease_writes_nothing() {
+    let Some(store) = fresh_store("a_paused_node_that_lost_its_lease_writes_nothing") else {
+        return;
+    };
+    let a = node(&store, "a", "2s");
+    let b = node(&store, "b", "2s");
+    let ids: Vec<String> = (0..8).map(|n| submit(&a, n, 3000)).collect();
+    for id in &ids {
+        a.await_log(id, "nap", "sleeping", 1);
+    }
+    a.signal("STOP");
+    // `b` takes every run over and finishes it while `a` sleeps.
+    check_runs(&b, &ids);
+    let finished: Vec<Value> = ids
+        .iter()
+        .map(|id| b.get(&format!("/v1/runs/{id}")).json())
+        .collect();
+    a.signal("CONT");
+    // Woken, `a` finds out (at its next write or renewal) that its runs
+    // are gone and stops them; every write it still tries is refused and
+    // logged, and no plugin of theirs runs again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.stderr().matches("late write is dropped").count() < ids.len() {
+        assert!(
+            Instant::now() < deadline,
+            "a's late writes were not all refused:\n{}",
+            a.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (id, before) in ids.iter().zip(&finished) {
+        let after = b.get(&format!("/v1/runs/{id}")).json();
+        assert_eq!(&after, before, "run {id} changed after `a` woke");
+    }
+}
+
+#[test]
+fn a_cancel_on_one_node_stops_the_run_on_another() {
+    let Some(store) = fresh_store("a_cancel_on_one_node_stops_the_run_on_another") else {
+        return;
+    };
+    let a = node(&store, "a", "10s");
+    let b = node(&store, "b", "10s");
+    let id = submit(&a, 0, 60_000);
+    a.await_log(&id, "nap", "sleeping", 1);
+    let asked = Instant::now();
+    let reply = b.post(&format!("/v1/runs/{id}/cancel"), "");
+    let took = asked.elapsed();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let run = reply.json();
+    assert_eq!(run["status"], "cancelled", "{run:#}");
+    assert_eq!(step(&run, "nap")["status"], "cancelled", "{run:#}");
+    // Told through NOTIFY, `a` stops the step at once, well before its
+    // next renewal (lease/3 = 3.3 s).
+    assert!(took < Duration::from_secs(3), "the cancel took {took:?}");
+}
+
+#[test]
+fn a_node_stopped_gracefully_hands_its_runs_over_at_once() {
+    let Some(store) = fresh_store("a_node_stopped_gracefully_hands_its_runs_over_at_once") else {
+        return;
+    };
+    // A lease far longer than the test may wait: only a release moves the
+    // runs in time.
+    let mut a = node(&store, "a", "60s");
+    let b = node(&store, "b", "60s");
+    let ids: Vec<String> = (0..6).map(|n| submit(&a, n, 1500)).collect();
+    for id in &ids {
+        a.await_log(id, "nap", "sleeping", 1);
+    }
+    let stopped = Instant::now();
+    assert_eq!(a.terminate(), 0, "{}", a.stderr());
+    assert!(a.stderr().contains("left the cluster"), "{}", a.stderr());
+    check_runs(&b, &ids);
+    let took = stopped.elapsed();
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_eq!(nodes(&b), [("b".to_owned(), true)]);
+}
+
+/// A client of one node follows, live, a run another node runs: every step
+/// starts and finishes in its stream, which ends with the finished run.
+#[test]
+fn events_of_a_run_on_one_node_stream_from_another() {
+    let Some(store) = fresh_store("events_of_a_run_on_one_node_stream_from_another") else {
+        return;
+    };
+    let a = node(&store, "a", "10s");
+    let b = node(&store, "b", "10s");
+    let id = submit(&a, 7, 1500);
+    a.await_log(&id, "nap", "sleeping", 1);
+    let events = b.events(&id, &[]);
+    let seen: Vec<(String, String)> = events
+        .iter()
+        .map(|event| {
+            let step = match event.event.as_str() {
+                "step_started" => event.data["step"].as_str().unwrap_or_default(),
+                "step_finished" => event.data["step"]["id"].as_str().unwrap_or_default(),
+                _ => "",
+            };
+            (event.event.clone(), step.to_owned())
+        })
+        .filter(|(name, _)| name != "log")
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("step_started", "first"),
+        ("step_finished", "first"),
+        ("step_started", "nap"),
+        ("step_finished", "nap"),
+        ("step_started", "last"),
+        ("step_finished", "last"),
+        ("run_finished", ""),
+    ]
+    .iter()
+    .map(|(name, step)| (name.to_string(), step.to_string()))
+    .collect();
+    assert_eq!(seen, expected);
+    let last = events.last().unwrap();
+    assert_eq!(last.data["run"]["status"], "succeeded", "{:#}", last.data);
+    assert_eq!(last.data["run"]["output"]["n"], 7);
+    let ids: Vec<u64> = events.iter().map(|e| e.id.unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+}
+
+/// Chaos on a cluster: three nodes, runs submitted to all of them, nodes
+/// killed with SIGKILL and restarted, one paused past its lease and resumed.
+/// Every accepted run must succeed with the output its input implies, none
+/// missing or doubled, and no step or `for_each` item may show a history a
+/// fenced write or a re-run of finished work would leave (the checks of
+/// `chaos.rs`). `TRELLIS_CLUSTER_CHAOS_RUNS=500 TRELLIS_CLUSTER_CHAOS_KILLS=10`
+/// for the long version; `TRELLIS_CHAOS_SEED` replays the choices.
+#[test]
+fn a_cluster_loses_nothing_under_kills_and_a_pause() {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use crate::chaos::{CHAOS, Job, Rng, env_number, impossible_steps};
+
+    let Some(store) = fresh_store("a_cluster_loses_nothing_under_kills_and_a_pause") else {
+        return;
+    };
+    let runs = env_number("TRELLIS_CLUSTER_CHAOS_RUNS", 150) as usize;
+    let kills = env_number("TRELLIS_CLUSTER_CHAOS_KILLS", 3) as usize;
+    let seed = env_number(
+        "TRELLIS_CHAOS_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
+    eprintln!("cluster chaos: seed {seed}, {runs} runs, {kills} kills and a pause");
+    let mut rng = Rng(seed);
+    let jobs: Arc<Vec<Job>> = Arc::new(
+        (0..runs)
+            .map(|n| Job {
+                n,
+                ms: 20 + rng.below(600),
+                words: (0..1 + rng.below(3))
+                    .map(|_| format!("w{}", rng.below(1000)))
+                    .collect(),
+                wait: false,
+            })
+            .collect(),
+    );
+    let start = |dir: Option<tempfile::TempDir>, id: usize| {
+        let serve = match dir {
+            Some(dir) => Serve::in_dir(dir),
+            None => Serve::new().workflow("chaos.toml", CHAOS),
+        };
+        serve
+            .env("TRELLIS_STORE", &store)
+            .env("TRELLIS_NODE_ID", &format!("c{id}"))
+            .env("TRELLIS_LEASE", "2s")
+            .start()
+    };
+    let mut servers: Vec<Option<Server>> = (0..3).map(|id| Some(start(None, id))).collect();
+    fn server(servers: &[Option<Server>], i: usize) -> &Server {
+        servers[i]
+            .as_ref()
+            .expect("every node is up between rounds")
+    }
+    let bases: Arc<Mutex<Vec<Option<String>>>> = Arc::new(Mutex::new(
+        servers
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.base.clone()))
+            .collect(),
+    ));
+    let next = Arc::new(AtomicUsize::new(0));
+    let accepted: Arc<Mutex<BTreeMap<usize, String>>> = Arc::default();
+    let refusals: Arc<Mutex<Vec<String>>> = Arc::default();
+    // Four clients, the load spread over about 12 s; each job goes to a
+    // node by its number, and to the next one when that node does not
+    // answer (same idempotency key).
+    let pace = Duration::from_secs_f64(12.0 * 4.0 / runs as f64);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (jobs, bases, next) = (jobs.clone(), bases.clone(), next.clone());
+            let (accepted, refusals) = (accepted.clone(), refusals.clone());
+            std::thread::spawn(move || {
+                let agent = agent();
+                loop {
+                    let index = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(job) = jobs.get(index) else { return };
+                    let mut turn = index;
+                    loop {
+                        let base = bases.lock().unwrap()[turn % 3].clone();
+                        turn += 1;
+                        let Some(base) = base else { continue };
+                        let answer = agent
+                            .post(format!("{base}/v1/workflows/chaos/runs"))
+                            .header("content-type", "application/json")
+                            .header("idempotency-key", &job.key())
+                            .send(job.input().as_bytes())
+                            .and_then(|mut r| {
+                                Ok((r.status().as_u16(), r.body_mut().read_to_string()?))
+                            });
+                        match answer {
+                            Ok((200 | 202, body)) => {
+                                let run: Value = serde_json::from_str(&body).unwrap();
+                                let id = run["id"].as_str().unwrap().to_owned();
+                                accepted.lock().unwrap().insert(index, id);
+                                break;
+                            }
+                            Ok((status, body)) => {
+                                refusals
+                                    .lock()
+                                    .unwrap()
+                                    .push(format!("job {index}: {status} {body}"));
+                                break;
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                        }
+                    }
+                    std::thread::sleep(pace);
+                }
+            })
+        })
+        .collect();
+
+    let paused_round = rng.below(kills as u64 + 1) as usize;
+    for round in 0..=kills {
+        // Spread over the load: each round waits for its share of it.
+        let target = (round + 1) * runs / (kills + 3);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while accepted.lock().unwrap().len() < target {
+            assert!(Instant::now() < deadline, "round {round}: the load stalled");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let victim = rng.below(3) as usize;
+        if round == paused_round {
+            // Paused until another node sees its lease run out, then woken.
+            server(&servers, victim).signal("STOP");
+            let witness = server(&servers, (victim + 1) % 3);
+            let name = format!("c{victim}");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while nodes(witness)
+                .iter()
+                .any(|(id, alive)| *id == name && *alive)
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "c{victim} stayed alive while paused"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            server(&servers, victim).signal("CONT");
+            eprintln!("round {round}: c{victim} paused past its lease, then resumed");
+        } else {
+            bases.lock().unwrap()[victim] = None;
+            let dir = servers[victim].take().unwrap().crash();
+            let restarted = start(Some(dir), victim);
+            bases.lock().unwrap()[victim] = Some(restarted.base.clone());
+            servers[victim] = Some(restarted);
+            eprintln!("round {round}: c{victim} killed and restarted");
+        }
+    }
+    for client in clients {
+        client.join().unwrap();
+    }
+    assert_eq!(*refusals.lock().unwrap(), Vec::<String>::new());
+    let accepted = accepted.lock().unwrap().clone();
+    assert_eq!(accepted.len(), runs);
+    let reader = server(&servers, 0);
+    let (mut resumed, mut flaky_interrupted) = (0, 0);
+    for (index, id) in &accepted {
+        let job = &jobs[*index];
+        let run = reader.wait_for_run(id);
+        assert_eq!(run["status"], "succeeded", "job {index}: {run:#}");
+        assert_eq!(run["output"], job.expected_output(), "job {index}: {run:#}");
+        let problems = impossible_steps(&run, job, &mut resumed, &mut flaky_interrupted);
+        assert!(
+            problems.is_empty(),
+            "job {index} ({id}): {problems:#?}\n{run:#}"
+        );
+    }
+    let listed = reader.get("/v1/runs?workflow=chaos&limit=1000").json();
+    assert_eq!(
+        listed["runs"].as_array().unwrap().len(),
+        runs,
+        "runs lost or doubled"
+    );
+    assert!(resumed > 0, "no kill or pause interrupted anything");
+    eprintln!("cluster chaos: {resumed} steps or items re-attempted after kills and the pause");
+}
+
+/// A database that cannot be reached stops `serve` at once with status 2
+/// and a message that names where it looked, never the password. Needs no
+/// server.
+#[test]
+fn serve_refuses_an_unreachable_database_with_status_2() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let started = Instant::now();
+    let outcome = Serve::new()
+        .env(
+            "TRELLIS_STORE",
+            &format!("postgres://trellis:hunter2@127.0.0.1:{port}/orders?connect_timeout=2"),
+        )
+        .exec();
+    assert_eq!(outcome.code, 2, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains(&format!(
+            "error: cannot start: cannot use the store: the store's database is unavailable: \
+             cannot connect to PostgreSQL at 127.0.0.1:{port}/orders: "
+        )),
+        "{}",
+        outcome.stderr
+    );
+    assert!(!outcome.stderr.contains("hunter2"), "{}", outcome.stderr);
+    // Before any plugin is compiled: the store is opened first.
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
