@@ -513,3 +513,69 @@ fn serve_refuses_an_unreachable_database_with_status_2() {
     // Before any plugin is compiled: the store is opened first.
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+/// An upload to one node is active on every node within 2 s: a plugin, a
+/// workflow that uses it (a run of it on the other node gets its output),
+/// and the plugin's removal.
+#[test]
+fn uploads_to_one_node_are_active_on_every_node() {
+    let Some(store) = fresh_store("uploads_to_one_node_are_active_on_every_node") else {
+        return;
+    };
+    let a = node(&store, "a", "10s");
+    let b = node(&store, "b", "10s");
+    let has_plugin = |server: &Server| {
+        server.get("/v1/plugins").json()["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "versioned")
+    };
+    let within = |what: &str, mut done: Box<dyn FnMut() -> bool + '_>| {
+        let started = Instant::now();
+        while !done() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{what}: not on the other node after 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        started.elapsed()
+    };
+    assert!(!has_plugin(&b));
+    let bytes = std::fs::read(
+        std::path::Path::new(env!("TRELLIS_SWAP_PLUGIN_DIR")).join("versioned-v1.wasm"),
+    )
+    .unwrap();
+    let reply = a.call(
+        "PUT",
+        "/v1/plugins/versioned",
+        &[("content-type", "application/wasm")],
+        Some(&bytes),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let plugin = within("the plugin", Box::new(|| has_plugin(&b)));
+
+    let workflow = "[[step]]\nid = \"v\"\nplugin = \"versioned\"\ninput = \"{{ input.n }}\"\n\n[output]\nversion = \"{{ steps.v.output.version }}\"\n";
+    let reply = a.call(
+        "PUT",
+        "/v1/workflows/shared",
+        &[("content-type", "application/toml")],
+        Some(workflow.as_bytes()),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let flow = within(
+        "the workflow",
+        Box::new(|| b.get("/v1/workflows/shared").status == 200),
+    );
+    let reply = b.post("/v1/workflows/shared/runs?wait=30s", r#"{"n": 3}"#);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["output"]["version"], "1.0.0", "{}", reply.body);
+
+    let reply = a.call("DELETE", "/v1/plugins/versioned", &[], None);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let removed = within("the removal", Box::new(|| !has_plugin(&b)));
+    for (what, took) in [("plugin", plugin), ("workflow", flow), ("removal", removed)] {
+        assert!(took < Duration::from_secs(2), "{what} took {took:?}");
+    }
+}

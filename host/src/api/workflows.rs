@@ -12,6 +12,7 @@ use super::error::WorkflowError;
 use super::extract::{ApiPath, ApiQuery, TomlBody, WasmBody};
 use super::{ApiError, AppState};
 use crate::service::{PutPluginError, PutWorkflowError, WorkflowEntry};
+use crate::store::CatalogChange;
 use crate::workflow::{Diagnostic, Diagnostics};
 
 /// The request body example of `PUT /v1/workflows/{name}`.
@@ -160,6 +161,13 @@ pub async fn put_workflow(
     match state.service.put_workflow(&name, &source) {
         Ok(entry) => {
             tracing::info!(workflow = %entry.name, "workflow added or replaced");
+            state
+                .service
+                .share(CatalogChange::PutWorkflow {
+                    name: name.clone(),
+                    source: source.clone(),
+                })
+                .await;
             Ok(Json(detail(&entry)))
         }
         Err(PutWorkflowError::Save(message)) => Err(ApiError::Internal(message)),
@@ -336,8 +344,17 @@ pub async fn put_plugin(
     WasmBody(bytes): WasmBody,
 ) -> Result<(axum::http::StatusCode, Json<PluginSummary>), ApiError> {
     check_plugin_name(&name)?;
-    match state.service.put_plugin(&name, bytes).await {
+    match state.service.put_plugin(&name, bytes.clone()).await {
         Ok((plugin, created)) => {
+            if created {
+                state
+                    .service
+                    .share(CatalogChange::PutPlugin {
+                        name: name.clone(),
+                        bytes,
+                    })
+                    .await;
+            }
             let status = if created {
                 axum::http::StatusCode::CREATED
             } else {
@@ -404,6 +421,13 @@ pub async fn delete_plugin(
             None => format!("no plugin named `{name}`"),
         }));
     }
+    state
+        .service
+        .share(CatalogChange::DeletePlugin {
+            name: name.clone(),
+            version: version.as_ref().map(ToString::to_string),
+        })
+        .await;
     Ok(Json(Removed {
         removed: removed.iter().map(|p| plugin_summary(p)).collect(),
     }))

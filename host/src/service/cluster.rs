@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Service;
-use crate::store::{Listener, Node, PgStore, Renewal, StoreError};
+use crate::store::{CatalogChange, Listener, Node, PgStore, Renewal, StoreError};
 
 /// Runs claimed in one transaction.
 const CLAIM_BATCH: i64 = 64;
@@ -26,6 +26,9 @@ pub(super) struct Cluster {
     pub(super) store: Arc<PgStore>,
     pub(super) node_id: String,
     pub(super) lease: Duration,
+    /// The last upload of the shared catalog this node applied (one sync
+    /// at a time).
+    pub(super) catalog_seq: tokio::sync::Mutex<i64>,
 }
 
 /// `<hostname>-<pid>`: the default `node_id`, unique among the processes
@@ -62,9 +65,73 @@ impl Service {
             lease = ?cluster.lease,
             "joined the cluster"
         );
+        // Uploads made on other nodes first: a run claimed next may need them.
+        self.sync_catalog(cluster).await?;
         self.claim_all(cluster).await?;
         tokio::spawn(self.clone().keep_lease());
         Ok(())
+    }
+
+    /// Applies the uploads other nodes made since the last sync: each goes
+    /// through the same validation as an upload to this node.
+    async fn sync_catalog(&self, cluster: &Cluster) -> Result<(), StoreError> {
+        let mut applied = cluster.catalog_seq.lock().await;
+        let (changes, newest) = cluster.store.catalog_since(*applied).await?;
+        for (seq, change) in changes {
+            self.apply_change(seq, change).await;
+        }
+        *applied = newest;
+        Ok(())
+    }
+
+    async fn apply_change(&self, seq: i64, change: CatalogChange) {
+        match change {
+            CatalogChange::PutPlugin { name, bytes } => match self.put_plugin(&name, bytes).await {
+                Ok((plugin, true)) => {
+                    tracing::info!(seq, plugin = %plugin.label(), "plugin uploaded on another node activated")
+                }
+                Ok((_, false)) => {}
+                Err(err) => {
+                    tracing::warn!(seq, plugin = %name, error = %err, "a plugin uploaded on another node is not usable here")
+                }
+            },
+            CatalogChange::DeletePlugin { name, version } => {
+                let version = version
+                    .as_deref()
+                    .and_then(|v| semver::Version::parse(v).ok());
+                let removed = self.delete_plugin(&name, version.as_ref());
+                if !removed.is_empty() {
+                    tracing::info!(seq, plugin = %name, "plugin removed on another node");
+                }
+            }
+            CatalogChange::PutWorkflow { name, source } => {
+                let unchanged = self
+                    .workflow(&name)
+                    .is_some_and(|entry| entry.source == source);
+                if unchanged {
+                    return;
+                }
+                match self.put_workflow(&name, &source) {
+                    Ok(_) => {
+                        tracing::info!(seq, workflow = %name, "workflow uploaded on another node")
+                    }
+                    Err(err) => {
+                        tracing::warn!(seq, workflow = %name, error = %err, "a workflow uploaded on another node is not usable here")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Shares an upload made on this node with the others (on PostgreSQL;
+    /// nothing to do alone). A failure leaves it active here only, and is
+    /// logged.
+    pub async fn share(&self, change: CatalogChange) {
+        if let Some(cluster) = &self.inner.cluster
+            && let Err(err) = cluster.store.publish(&change).await
+        {
+            tracing::error!(error = %err, "an upload could not be shared: it is active on this node only");
+        }
     }
 
     /// Claims and resumes batches of runs until none is left to claim.
@@ -116,6 +183,9 @@ impl Service {
                         relisten = tokio::time::Instant::now() + RELISTEN_AFTER;
                     }
                 }
+            }
+            if let Err(err) = self.sync_catalog(cluster).await {
+                tracing::warn!(error = %err, "cannot read the uploads of other nodes; trying again");
             }
             let running = self.inner.executor.running_steps() as u64;
             match cluster.store.renew(cluster.lease, running).await {

@@ -116,6 +116,7 @@ impl Service {
             store,
             node_id: node_id.clone(),
             lease: config.lease,
+            catalog_seq: tokio::sync::Mutex::new(0),
         });
         let engine = Engine::new()?;
         let registry =

@@ -186,6 +186,24 @@ pub struct UnfinishedRun {
     pub cancel_requested: bool,
 }
 
+/// An upload made on one node of a cluster, which every other node applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatalogChange {
+    PutPlugin {
+        name: String,
+        bytes: Vec<u8>,
+    },
+    /// Every version of `name`, or one.
+    DeletePlugin {
+        name: String,
+        version: Option<String>,
+    },
+    PutWorkflow {
+        name: String,
+        source: String,
+    },
+}
+
 /// A node of the cluster (`GET /v1/nodes`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {

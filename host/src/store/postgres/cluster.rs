@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::{LOST, Member, PgStore, load_items, load_steps, pg_error, query_cached, run_from_row};
-use crate::store::{DatabaseError, Node, StoreError, UnfinishedRun};
+use crate::store::{CatalogChange, DatabaseError, Node, StoreError, UnfinishedRun};
 
 /// The channel of `LISTEN/NOTIFY` that says work may be waiting: runs
 /// released, a cancel asked.
@@ -260,6 +260,88 @@ impl PgStore {
         }
         tx.commit().await.map_err(failed)?;
         Ok(asked > 0)
+    }
+
+    /// Records an upload this node made, for the others to apply (they are
+    /// told at once).
+    pub async fn publish(&self, change: &CatalogChange) -> Result<(), StoreError> {
+        let member = self.member()?;
+        let (kind, name, version, content): (&str, &str, Option<&str>, Option<&[u8]>) = match change
+        {
+            CatalogChange::PutPlugin { name, bytes } => ("put_plugin", name, None, Some(bytes)),
+            CatalogChange::DeletePlugin { name, version } => {
+                ("delete_plugin", name, version.as_deref(), None)
+            }
+            CatalogChange::PutWorkflow { name, source } => {
+                ("put_workflow", name, None, Some(source.as_bytes()))
+            }
+        };
+        let mut conn = self.reader().await?;
+        let failed = |e| pg_error(&self.label, "sharing an upload", e);
+        let tx = conn.transaction().await.map_err(failed)?;
+        tx.execute(
+            "INSERT INTO catalog (change, name, version, content, incarnation)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&kind, &name, &version, &content, &member.incarnation],
+        )
+        .await
+        .map_err(failed)?;
+        tx.execute("SELECT pg_notify($1, 'catalog')", &[&WORK_CHANNEL])
+            .await
+            .map_err(failed)?;
+        tx.commit().await.map_err(failed)
+    }
+
+    /// The uploads after `seq` that other nodes made, oldest first, with
+    /// their sequence numbers; and the newest sequence number seen.
+    pub async fn catalog_since(
+        &self,
+        seq: i64,
+    ) -> Result<(Vec<(i64, CatalogChange)>, i64), StoreError> {
+        let member = self.member()?;
+        let conn = self.reader().await?;
+        let rows = query_cached(
+            &conn,
+            &self.label,
+            "SELECT seq, change, name, version, content, incarnation = $2
+             FROM catalog WHERE seq > $1 ORDER BY seq",
+            &[&seq, &member.incarnation],
+        )
+        .await?;
+        let mut newest = seq;
+        let mut changes = Vec::new();
+        for row in &rows {
+            let seq: i64 = row.get(0);
+            newest = newest.max(seq);
+            if row.get::<_, bool>(5) {
+                continue;
+            }
+            let name: String = row.get(2);
+            let content: Option<Vec<u8>> = row.get(4);
+            let change = match row.get::<_, &str>(1) {
+                "put_plugin" => CatalogChange::PutPlugin {
+                    name,
+                    bytes: content.unwrap_or_default(),
+                },
+                "delete_plugin" => CatalogChange::DeletePlugin {
+                    name,
+                    version: row.get(3),
+                },
+                "put_workflow" => CatalogChange::PutWorkflow {
+                    name,
+                    source: String::from_utf8(content.unwrap_or_default()).map_err(|_| {
+                        StoreError::Corrupt(format!("catalog {seq}: a workflow that is not UTF-8"))
+                    })?,
+                },
+                other => {
+                    return Err(StoreError::Corrupt(format!(
+                        "catalog {seq}: unknown change {other:?}"
+                    )));
+                }
+            };
+            changes.push((seq, change));
+        }
+        Ok((changes, newest))
     }
 
     /// The nodes seen in the last hour, by id; `alive` while their lease runs.

@@ -94,6 +94,19 @@ pub(super) const MIGRATIONS: &[&str] = &[
         bytes    bigint NOT NULL                      -- of keys and values
     );
     "#,
+    // 2: uploads (plugins, workflows, deletions) as a log every node applies,
+    // so an upload to one node is active on all.
+    r#"
+    CREATE TABLE catalog (
+        seq         bigserial PRIMARY KEY,
+        change      text NOT NULL,                    -- put_plugin, delete_plugin, put_workflow
+        name        text NOT NULL,
+        version     text,                             -- delete_plugin of one version
+        content     bytea,                            -- the component, or the workflow's TOML
+        incarnation text NOT NULL,                    -- the node it was made on
+        made_at     timestamptz NOT NULL DEFAULT clock_timestamp()
+    );
+    "#,
 ];
 
 /// Applies the migrations the database lacks, in one transaction holding the

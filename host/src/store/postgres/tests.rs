@@ -170,6 +170,7 @@ async fn an_unreachable_database_is_named_without_its_password() {
 // ---- the cluster: claims, leases, fencing ----------------------------------
 
 use crate::record::{RunRecord, StepStatus};
+use crate::store::CatalogChange;
 use crate::store::contract::{finished_step, new_run, pending_step, queued_run};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -412,4 +413,51 @@ async fn a_cancel_request_reaches_whoever_holds_the_run() {
     let nodes = b.nodes().await.unwrap();
     let a_row = nodes.iter().find(|n| n.id == "a").unwrap();
     assert_eq!((a_row.alive, a_row.running_steps), (false, 3));
+}
+
+/// Uploads made on one node come to the others in order, not back to it.
+#[tokio::test]
+async fn uploads_are_shared_in_order_with_the_other_nodes() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    let a = node(&backend, "a").await;
+    let b = node(&backend, "b").await;
+    let mut listener = b.listen().await.unwrap();
+    let changes = [
+        CatalogChange::PutPlugin {
+            name: "p".into(),
+            bytes: vec![0, 97, 115, 109],
+        },
+        CatalogChange::PutWorkflow {
+            name: "w".into(),
+            source: "[[step]]\nid = \"ä\"\n".into(),
+        },
+        CatalogChange::DeletePlugin {
+            name: "p".into(),
+            version: Some("1.0.0".into()),
+        },
+        CatalogChange::DeletePlugin {
+            name: "q".into(),
+            version: None,
+        },
+    ];
+    for change in &changes {
+        a.publish(change).await.unwrap();
+    }
+    let note = tokio::time::timeout(Duration::from_secs(10), listener.next())
+        .await
+        .expect("no notification");
+    assert_eq!(note.as_deref(), Some("catalog"));
+    let (seen, newest) = b.catalog_since(0).await.unwrap();
+    assert_eq!(
+        seen.iter()
+            .map(|(_, change)| change.clone())
+            .collect::<Vec<_>>(),
+        changes
+    );
+    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(newest, seen.last().unwrap().0);
+    assert_eq!(a.catalog_since(0).await.unwrap(), (Vec::new(), newest));
+    assert_eq!(b.catalog_since(newest).await.unwrap(), (Vec::new(), newest));
 }
