@@ -307,8 +307,9 @@ fn events_of_a_run_on_one_node_stream_from_another() {
 /// Every accepted run must succeed with the output its input implies, none
 /// missing or doubled, and no step or `for_each` item may show a history a
 /// fenced write or a re-run of finished work would leave (the checks of
-/// `chaos.rs`). `TRELLIS_CLUSTER_CHAOS_RUNS=500 TRELLIS_CLUSTER_CHAOS_KILLS=10`
-/// for the long version; `TRELLIS_CHAOS_SEED` replays the choices.
+/// `chaos.rs`). 500 runs and 4 kills by default; the long version is
+/// `TRELLIS_CLUSTER_CHAOS_RUNS=2000 TRELLIS_CLUSTER_CHAOS_KILLS=20`;
+/// `TRELLIS_CHAOS_SEED` replays the choices.
 #[test]
 fn a_cluster_loses_nothing_under_kills_and_a_pause() {
     use std::collections::BTreeMap;
@@ -320,8 +321,8 @@ fn a_cluster_loses_nothing_under_kills_and_a_pause() {
     let Some(store) = fresh_store("a_cluster_loses_nothing_under_kills_and_a_pause") else {
         return;
     };
-    let runs = env_number("TRELLIS_CLUSTER_CHAOS_RUNS", 150) as usize;
-    let kills = env_number("TRELLIS_CLUSTER_CHAOS_KILLS", 3) as usize;
+    let runs = env_number("TRELLIS_CLUSTER_CHAOS_RUNS", 500) as usize;
+    let kills = env_number("TRELLIS_CLUSTER_CHAOS_KILLS", 4) as usize;
     let seed = env_number(
         "TRELLIS_CHAOS_SEED",
         std::time::SystemTime::now()
