@@ -121,6 +121,17 @@ impl Rng {
     }
 }
 
+/// `TRELLIS_CHAOS_SEED`, else one from the clock.
+pub(super) fn seed() -> u64 {
+    env_number(
+        "TRELLIS_CHAOS_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    )
+}
+
 pub(super) fn env_number(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
         Ok(text) => text
@@ -228,13 +239,7 @@ fn client(load: &Load, jobs: &[Job], pace: Duration) {
 fn accepted_runs_survive_repeated_sigkill() {
     let rounds = env_number("TRELLIS_CHAOS_ROUNDS", 5) as usize;
     let runs = env_number("TRELLIS_CHAOS_RUNS", 300) as usize;
-    let seed = env_number(
-        "TRELLIS_CHAOS_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    );
+    let seed = seed();
     eprintln!(
         "chaos: seed {seed} (replay with TRELLIS_CHAOS_SEED={seed}), {rounds} rounds, {runs} runs"
     );

@@ -14,33 +14,11 @@ use serde_json::Value;
 
 use crate::support::*;
 
-/// `first` and `last` count their own executions in plugin state, which the
-/// nodes share through the database, so a step run again on another node
-/// shows as a count higher than its attempts. `nap` logs `sleeping N ms`
-/// once its attempt is stored as started, then sleeps.
-const DURABLE: &str = r#"
-name = "durable"
-
-[[step]]
-id = "first"
-plugin = "probe"
-input = { counter = "{{ run.id }}-first" }
-
-[[step]]
-id = "nap"
-plugin = "probe"
-needs = ["first"]
-input = { sleep_ms = "{{ input.ms }}" }
-
-[[step]]
-id = "last"
-plugin = "probe"
-needs = ["nap"]
-input = { counter = "{{ run.id }}-last", n = "{{ input.n }}" }
-
-[output]
-n = "{{ steps.last.output.input.n }}"
-"#;
+// `durable` (recovery.rs): `first` and `last` count their executions in
+// plugin state, which the nodes share through the database, so a step run
+// again on another node shows as a count above its attempts; `nap` logs
+// `sleeping N ms` once its attempt is stored as started, then sleeps.
+use crate::recovery::DURABLE;
 
 /// A store URL on a fresh schema of the test server; `None`, said in one
 /// line, without `TRELLIS_TEST_POSTGRES`.
@@ -316,20 +294,14 @@ fn a_cluster_loses_nothing_under_kills_and_a_pause() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
-    use crate::chaos::{CHAOS, Job, Rng, env_number, impossible_steps};
+    use crate::chaos::{CHAOS, Job, Rng, env_number, impossible_steps, seed};
 
     let Some(store) = fresh_store("a_cluster_loses_nothing_under_kills_and_a_pause") else {
         return;
     };
     let runs = env_number("TRELLIS_CLUSTER_CHAOS_RUNS", 500) as usize;
     let kills = env_number("TRELLIS_CLUSTER_CHAOS_KILLS", 4) as usize;
-    let seed = env_number(
-        "TRELLIS_CHAOS_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    );
+    let seed = seed();
     eprintln!("cluster chaos: seed {seed}, {runs} runs, {kills} kills and a pause");
     let mut rng = Rng(seed);
     let jobs: Arc<Vec<Job>> = Arc::new(

@@ -12,7 +12,7 @@ use crate::support::*;
 /// (one key per run and step), so a hidden re-execution shows as a count
 /// higher than the attempts the record shows. `nap` logs `sleeping N ms`
 /// once its attempt is under way (stored as started), then sleeps.
-const DURABLE: &str = r#"
+pub(super) const DURABLE: &str = r#"
 name = "durable"
 
 [[step]]

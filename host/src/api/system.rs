@@ -11,6 +11,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::ApiError;
+use crate::store::Node;
 
 const RUNS_IN_FLIGHT: &str = "trellis_runs_in_flight";
 
@@ -60,27 +61,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 /// The nodes sharing the store (`GET /v1/nodes`).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct NodeList {
-    pub nodes: Vec<NodeInfo>,
-}
-
-/// One node: a `trellis serve` process.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct NodeInfo {
-    /// Its `node_id` (default `<hostname>-<pid>`).
-    #[schema(example = "worker-a")]
-    pub id: String,
-    /// This process of the node: a restarted node is a new incarnation.
-    pub incarnation: String,
-    pub started_at: String,
-    /// When it last renewed its lease.
-    pub last_seen: String,
-    /// Step attempts it was running then.
-    pub running_steps: u64,
-    /// The trellis version it runs.
-    pub version: String,
-    /// Whether its lease still runs; a node whose lease ran out has lost its
-    /// runs to the others. Nodes not seen for an hour are not listed.
-    pub alive: bool,
+    pub nodes: Vec<Node>,
 }
 
 /// The nodes sharing this server's store: on PostgreSQL every node of the
@@ -95,19 +76,7 @@ pub struct NodeInfo {
     ),
 )]
 pub async fn nodes(State(state): State<AppState>) -> Result<Json<NodeList>, ApiError> {
-    let nodes = state.service.nodes().await?;
     Ok(Json(NodeList {
-        nodes: nodes
-            .into_iter()
-            .map(|node| NodeInfo {
-                id: node.id,
-                incarnation: node.incarnation,
-                started_at: node.started_at,
-                last_seen: node.last_seen,
-                running_steps: node.running_steps,
-                version: node.version,
-                alive: node.alive,
-            })
-            .collect(),
+        nodes: state.service.nodes().await?,
     }))
 }

@@ -12,7 +12,6 @@ use super::error::WorkflowError;
 use super::extract::{ApiPath, ApiQuery, TomlBody, WasmBody};
 use super::{ApiError, AppState};
 use crate::service::{PutPluginError, PutWorkflowError, WorkflowEntry};
-use crate::store::CatalogChange;
 use crate::workflow::{Diagnostic, Diagnostics};
 
 /// The request body example of `PUT /v1/workflows/{name}`.
@@ -158,16 +157,9 @@ pub async fn put_workflow(
 ) -> Result<Json<WorkflowDetail>, ApiError> {
     check_name(&name)?;
     check_declared_name(&name, &source)?;
-    match state.service.put_workflow(&name, &source) {
+    match state.service.put_workflow(&name, &source).await {
         Ok(entry) => {
             tracing::info!(workflow = %entry.name, "workflow added or replaced");
-            state
-                .service
-                .share(CatalogChange::PutWorkflow {
-                    name: name.clone(),
-                    source: source.clone(),
-                })
-                .await;
             Ok(Json(detail(&entry)))
         }
         Err(PutWorkflowError::Save(message)) => Err(ApiError::Internal(message)),
@@ -344,17 +336,8 @@ pub async fn put_plugin(
     WasmBody(bytes): WasmBody,
 ) -> Result<(axum::http::StatusCode, Json<PluginSummary>), ApiError> {
     check_plugin_name(&name)?;
-    match state.service.put_plugin(&name, bytes.clone()).await {
+    match state.service.put_plugin(&name, bytes).await {
         Ok((plugin, created)) => {
-            if created {
-                state
-                    .service
-                    .share(CatalogChange::PutPlugin {
-                        name: name.clone(),
-                        bytes,
-                    })
-                    .await;
-            }
             let status = if created {
                 axum::http::StatusCode::CREATED
             } else {
@@ -414,20 +397,13 @@ pub async fn delete_plugin(
         })?),
         None => None,
     };
-    let removed = state.service.delete_plugin(&name, version.as_ref());
+    let removed = state.service.delete_plugin(&name, version.as_ref()).await;
     if removed.is_empty() {
         return Err(ApiError::NotFound(match &query.version {
             Some(version) => format!("no plugin `{name}` at version {version}"),
             None => format!("no plugin named `{name}`"),
         }));
     }
-    state
-        .service
-        .share(CatalogChange::DeletePlugin {
-            name: name.clone(),
-            version: version.as_ref().map(ToString::to_string),
-        })
-        .await;
     Ok(Json(Removed {
         removed: removed.iter().map(|p| plugin_summary(p)).collect(),
     }))

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::Service;
 use crate::plugin::{Plugin, PluginRef, PluginRegistry};
-use crate::store::UnfinishedRun;
+use crate::store::{CatalogChange, UnfinishedRun};
 use crate::workflow::{self, Diagnostics, Plan, PluginCatalog};
 
 /// How long a watched dir must be quiet before it is rescanned.
@@ -90,8 +90,24 @@ impl Service {
 
     /// Adds or replaces a workflow from TOML text; refuses one with errors
     /// (the previous version stays). A valid one is written to the first
-    /// workflow dir before it is used, so a restart still has it.
-    pub fn put_workflow(
+    /// workflow dir before it is used, so a restart still has it, and is
+    /// shared with the other nodes of a cluster.
+    pub async fn put_workflow(
+        &self,
+        name: &str,
+        source: &str,
+    ) -> Result<WorkflowEntry, PutWorkflowError> {
+        let entry = self.activate_workflow(name, source)?;
+        self.share(CatalogChange::PutWorkflow {
+            name: name.to_owned(),
+            source: source.to_owned(),
+        })
+        .await;
+        Ok(entry)
+    }
+
+    /// [`Service::put_workflow`] on this node only.
+    pub(super) fn activate_workflow(
         &self,
         name: &str,
         source: &str,
@@ -341,7 +357,26 @@ impl Service {
     /// Validates and activates an uploaded plugin: compiled, checked against
     /// the world, `info()` answered, then written to the plugin dir and made
     /// visible. New runs use it at once; runs in flight keep what they have.
+    /// A new build is shared with the other nodes of a cluster.
     pub async fn put_plugin(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(Arc<Plugin>, bool), PutPluginError> {
+        let shared = self.is_clustered().then(|| bytes.clone());
+        let (plugin, created) = self.activate_plugin(name, bytes).await?;
+        if created && let Some(bytes) = shared {
+            self.share(CatalogChange::PutPlugin {
+                name: name.to_owned(),
+                bytes,
+            })
+            .await;
+        }
+        Ok((plugin, created))
+    }
+
+    /// [`Service::put_plugin`] on this node only.
+    pub(super) async fn activate_plugin(
         &self,
         name: &str,
         bytes: Vec<u8>,
@@ -380,8 +415,30 @@ impl Service {
     }
 
     /// Removes every version of `name`, or one; their files go too. Runs in
-    /// flight that use them finish with them.
-    pub fn delete_plugin(&self, name: &str, version: Option<&semver::Version>) -> Vec<Arc<Plugin>> {
+    /// flight that use them finish with them. The other nodes of a cluster
+    /// remove them too.
+    pub async fn delete_plugin(
+        &self,
+        name: &str,
+        version: Option<&semver::Version>,
+    ) -> Vec<Arc<Plugin>> {
+        let removed = self.remove_plugin(name, version);
+        if !removed.is_empty() {
+            self.share(CatalogChange::DeletePlugin {
+                name: name.to_owned(),
+                version: version.map(ToString::to_string),
+            })
+            .await;
+        }
+        removed
+    }
+
+    /// [`Service::delete_plugin`] on this node only.
+    pub(super) fn remove_plugin(
+        &self,
+        name: &str,
+        version: Option<&semver::Version>,
+    ) -> Vec<Arc<Plugin>> {
         let removed = self.inner.registry.remove(name, version);
         for plugin in &removed {
             if let Some(path) = &plugin.path
@@ -485,7 +542,7 @@ mod tests {
     #[tokio::test]
     async fn an_invalid_upload_is_refused_and_not_written() {
         let (dir, service) = test_service(&[]).await;
-        match service.put_workflow("new", BROKEN) {
+        match service.put_workflow("new", BROKEN).await {
             Err(PutWorkflowError::Invalid(diagnostics)) => {
                 assert!(diagnostics.to_string().contains("missing"), "{diagnostics}")
             }

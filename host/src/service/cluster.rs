@@ -24,7 +24,6 @@ const RELISTEN_AFTER: Duration = Duration::from_secs(1);
 /// The node's place in the cluster.
 pub(super) struct Cluster {
     pub(super) store: Arc<PgStore>,
-    pub(super) node_id: String,
     pub(super) lease: Duration,
     /// The last upload of the shared catalog this node applied (one sync
     /// at a time).
@@ -57,10 +56,14 @@ impl Service {
         };
         cluster
             .store
-            .join(&cluster.node_id, env!("CARGO_PKG_VERSION"), cluster.lease)
+            .join(
+                &self.inner.node_id,
+                env!("CARGO_PKG_VERSION"),
+                cluster.lease,
+            )
             .await?;
         tracing::info!(
-            node_id = %cluster.node_id,
+            node_id = %self.inner.node_id,
             incarnation = cluster.store.incarnation().unwrap_or_default(),
             lease = ?cluster.lease,
             "joined the cluster"
@@ -86,20 +89,22 @@ impl Service {
 
     async fn apply_change(&self, seq: i64, change: CatalogChange) {
         match change {
-            CatalogChange::PutPlugin { name, bytes } => match self.put_plugin(&name, bytes).await {
-                Ok((plugin, true)) => {
-                    tracing::info!(seq, plugin = %plugin.label(), "plugin uploaded on another node activated")
+            CatalogChange::PutPlugin { name, bytes } => {
+                match self.activate_plugin(&name, bytes).await {
+                    Ok((plugin, true)) => {
+                        tracing::info!(seq, plugin = %plugin.label(), "plugin uploaded on another node activated")
+                    }
+                    Ok((_, false)) => {}
+                    Err(err) => {
+                        tracing::warn!(seq, plugin = %name, error = %err, "a plugin uploaded on another node is not usable here")
+                    }
                 }
-                Ok((_, false)) => {}
-                Err(err) => {
-                    tracing::warn!(seq, plugin = %name, error = %err, "a plugin uploaded on another node is not usable here")
-                }
-            },
+            }
             CatalogChange::DeletePlugin { name, version } => {
                 let version = version
                     .as_deref()
                     .and_then(|v| semver::Version::parse(v).ok());
-                let removed = self.delete_plugin(&name, version.as_ref());
+                let removed = self.remove_plugin(&name, version.as_ref());
                 if !removed.is_empty() {
                     tracing::info!(seq, plugin = %name, "plugin removed on another node");
                 }
@@ -111,7 +116,7 @@ impl Service {
                 if unchanged {
                     return;
                 }
-                match self.put_workflow(&name, &source) {
+                match self.activate_workflow(&name, &source) {
                     Ok(_) => {
                         tracing::info!(seq, workflow = %name, "workflow uploaded on another node")
                     }
@@ -123,10 +128,15 @@ impl Service {
         }
     }
 
+    /// Whether this node is one of a cluster's (on PostgreSQL).
+    pub(super) fn is_clustered(&self) -> bool {
+        self.inner.cluster.is_some()
+    }
+
     /// Shares an upload made on this node with the others (on PostgreSQL;
     /// nothing to do alone). A failure leaves it active here only, and is
     /// logged.
-    pub async fn share(&self, change: CatalogChange) {
+    pub(super) async fn share(&self, change: CatalogChange) {
         if let Some(cluster) = &self.inner.cluster
             && let Err(err) = cluster.store.publish(&change).await
         {

@@ -114,7 +114,6 @@ impl Service {
             .unwrap_or_else(cluster::default_node_id);
         let cluster = postgres.map(|store| cluster::Cluster {
             store,
-            node_id: node_id.clone(),
             lease: config.lease,
             catalog_seq: tokio::sync::Mutex::new(0),
         });

@@ -204,10 +204,11 @@ pub enum CatalogChange {
     },
 }
 
-/// A node of the cluster (`GET /v1/nodes`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A node of the cluster (`GET /v1/nodes`): a `trellis serve` process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Node {
-    /// Its `node_id`.
+    /// Its `node_id` (default `<hostname>-<pid>`).
+    #[schema(example = "worker-a")]
     pub id: String,
     /// This process of it (a node restarted is a new incarnation).
     pub incarnation: String,
@@ -219,7 +220,7 @@ pub struct Node {
     /// The trellis version it runs.
     pub version: String,
     /// Whether its lease still runs; a node whose lease ran out has lost its
-    /// runs to the others.
+    /// runs to the others. Nodes not seen for an hour are not listed.
     pub alive: bool,
 }
 

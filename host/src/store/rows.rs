@@ -131,3 +131,140 @@ pub(super) fn over_quota(
     }
     None
 }
+
+/// A page of `list_runs` as SQL both stores run: the filters, newest first,
+/// one row more than the page (whether it comes tells if there is a next).
+pub(super) struct RunListing {
+    /// `SELECT ... WHERE ... ORDER BY id DESC LIMIT <last parameter>`.
+    pub(super) sql: String,
+    pub(super) params: Vec<ListParam>,
+    /// The page size asked for (0 means [`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
+    pub(super) limit: usize,
+}
+
+/// A parameter of a [`RunListing`].
+pub(super) enum ListParam {
+    Text(String),
+    Integer(i64),
+}
+
+impl RunListing {
+    /// `columns` of `runs` filtered by `query`; `placeholder(n)` writes the
+    /// n-th parameter in the store's dialect (`?1`, `$1`).
+    pub(super) fn new(
+        query: &super::RunQuery,
+        columns: &str,
+        placeholder: fn(usize) -> String,
+    ) -> Result<RunListing, StoreError> {
+        let limit = match query.limit {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let mut conditions = Vec::new();
+        let mut params = Vec::new();
+        let filters = [
+            ("workflow", query.workflow.clone()),
+            ("status", query.status.map(|s| s.as_str().to_owned())),
+        ];
+        for (column, value) in filters {
+            if let Some(value) = value {
+                params.push(ListParam::Text(value));
+                conditions.push(format!("{column} = {}", placeholder(params.len())));
+            }
+        }
+        if let Some(cursor) = &query.cursor {
+            params.push(ListParam::Text(decode_cursor(cursor)?));
+            conditions.push(format!("id < {}", placeholder(params.len())));
+        }
+        params.push(ListParam::Integer(limit as i64 + 1));
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {columns} FROM runs {filter} ORDER BY id DESC LIMIT {}",
+            placeholder(params.len())
+        );
+        Ok(RunListing { sql, params, limit })
+    }
+
+    /// The page of `runs` read (at most one more than the limit).
+    pub(super) fn page(&self, mut runs: Vec<crate::record::RunRecord>) -> super::RunPage {
+        let next_cursor = if runs.len() > self.limit {
+            runs.truncate(self.limit);
+            runs.last().map(|run| encode_cursor(&run.id))
+        } else {
+            None
+        };
+        super::RunPage { runs, next_cursor }
+    }
+}
+
+/// A finished run's columns and every step, encoded for `finish_run`.
+pub(super) struct FinishedRow {
+    pub(super) id: String,
+    pub(super) status: &'static str,
+    pub(super) output: String,
+    pub(super) error: Option<String>,
+    pub(super) started_at: Option<String>,
+    pub(super) finished_at: Option<String>,
+    pub(super) duration_ms: Option<f64>,
+    pub(super) steps: Vec<(i64, String)>,
+}
+
+impl FinishedRow {
+    pub(super) fn encode(record: &crate::record::RunRecord) -> Result<FinishedRow, StoreError> {
+        let id = &record.id;
+        Ok(FinishedRow {
+            id: id.clone(),
+            status: record.status.as_str(),
+            output: encode_json(&record.output, || format!("run {id}: output"))?,
+            error: record
+                .error
+                .as_ref()
+                .map(|error| encode_json(error, || format!("run {id}: error")))
+                .transpose()?,
+            started_at: record.started_at.clone(),
+            finished_at: record.finished_at.clone(),
+            duration_ms: record.duration_ms,
+            steps: record
+                .steps
+                .iter()
+                .enumerate()
+                .map(|(index, step)| {
+                    let index = step_index(index)?;
+                    Ok((
+                        index,
+                        encode_json(step, || format!("run {id}: step {index}"))?,
+                    ))
+                })
+                .collect::<Result<_, StoreError>>()?,
+        })
+    }
+}
+
+/// What a `state_set` of `value_len` bytes under `key` takes a workflow's
+/// state to, from its `usage` (keys, bytes, as stored) and the length of the
+/// value it replaces (`None`: a new key); refused past `quota`.
+pub(super) fn state_after_set(
+    quota: StateQuota,
+    workflow: &str,
+    key: &str,
+    usage: (i64, i64),
+    old_len: Option<i64>,
+    value_len: usize,
+) -> Result<(u64, u64), StoreError> {
+    let (keys, bytes) = (usage.0.max(0) as u64, usage.1.max(0) as u64);
+    let after = match old_len {
+        Some(old) => (
+            keys,
+            bytes - (old.max(0) as u64).min(bytes) + value_len as u64,
+        ),
+        None => (keys + 1, bytes + (key.len() + value_len) as u64),
+    };
+    match over_quota(quota, workflow, key, (keys, bytes), after) {
+        Some(message) => Err(StoreError::StateFull(message)),
+        None => Ok(after),
+    }
+}

@@ -30,15 +30,14 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
 use super::rows::{
-    DEFAULT_PAGE, MAX_PAGE, NewRunRow, decode_cursor, decode_json, encode_cursor, encode_json,
-    step_index,
+    FinishedRow, ListParam, NewRunRow, RunListing, decode_json, encode_json, step_index,
 };
 use super::{
     Commit, Created, DatabaseError, ItemRecord, LINGER, NewRun, Queued, RunPage, RunQuery,
     StateQuota, Store, StoreError, StoredItems, UnfinishedRun,
 };
 use crate::record::{RunRecord, RunStatus, StepRecord};
-use writer::{FinishedRun, Write, WriteCommand, Written, writer_loop};
+use writer::{Write, WriteCommand, Written, writer_loop};
 
 /// The fence of a run this node does not hold (any more): no run's epoch.
 const LOST: i64 = -1;
@@ -288,66 +287,26 @@ impl Store for PgStore {
         let mut conn = self.reader().await?;
         let failed = |e| pg_error(&self.label, "a read", e);
         // One snapshot: the run and its steps from the same commit.
-        let tx = conn
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(failed)?;
+        let tx = snapshot(&mut conn).await.map_err(failed)?;
         let record = load_run(&tx, &self.label, id).await?;
         tx.commit().await.map_err(failed)?;
         Ok(record)
     }
 
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
-        let limit = match query.limit {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        };
-        let before = query.cursor.as_deref().map(decode_cursor).transpose()?;
-        let mut conditions = Vec::new();
-        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-        if let Some(workflow) = &query.workflow {
-            params.push(Box::new(workflow.clone()));
-            conditions.push(format!("workflow = ${}", params.len()));
-        }
-        if let Some(status) = query.status {
-            params.push(Box::new(status.as_str()));
-            conditions.push(format!("status = ${}", params.len()));
-        }
-        if let Some(before) = before {
-            params.push(Box::new(before));
-            conditions.push(format!("id < ${}", params.len()));
-        }
-        // One more than asked: whether it comes tells if there is a next page.
-        params.push(Box::new(limit as i64 + 1));
-        let filter = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conditions.join(" AND "))
-        };
-        let sql = format!(
-            "SELECT {RUN_COLUMNS} FROM runs {filter} ORDER BY id DESC LIMIT ${}",
-            params.len()
-        );
-        let conn = self.reader().await?;
-        let params: Vec<&(dyn ToSql + Sync)> = params
+        let listing = RunListing::new(query, RUN_COLUMNS, |n| format!("${n}"))?;
+        let params: Vec<&(dyn ToSql + Sync)> = listing
+            .params
             .iter()
-            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .map(|param| match param {
+                ListParam::Text(text) => text as &(dyn ToSql + Sync),
+                ListParam::Integer(n) => n as &(dyn ToSql + Sync),
+            })
             .collect();
-        let rows = query_cached(&conn, &self.label, &sql, &params).await?;
-        let mut runs = rows
-            .iter()
-            .map(run_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let next_cursor = if runs.len() > limit {
-            runs.truncate(limit);
-            runs.last().map(|run| encode_cursor(&run.id))
-        } else {
-            None
-        };
-        Ok(RunPage { runs, next_cursor })
+        let conn = self.reader().await?;
+        let rows = query_cached(&conn, &self.label, &listing.sql, &params).await?;
+        let runs = rows.iter().map(run_from_row).collect::<Result<_, _>>()?;
+        Ok(listing.page(runs))
     }
 
     fn run_started(&self, id: &str, started_at: &str) -> Queued {
@@ -399,34 +358,9 @@ impl Store for PgStore {
 
     async fn finish_run(&self, record: &RunRecord) -> Result<(), StoreError> {
         let id = &record.id;
-        let steps = record
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(index, step)| {
-                let index = step_index(index)?;
-                Ok((
-                    index,
-                    encode_json(step, || format!("run {id}: step {index}"))?,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        let finished = FinishedRun {
-            id: id.clone(),
-            status: record.status.as_str(),
-            output: encode_json(&record.output, || format!("run {id}: output"))?,
-            error: record
-                .error
-                .as_ref()
-                .map(|error| encode_json(error, || format!("run {id}: error")))
-                .transpose()?,
-            started_at: record.started_at.clone(),
-            finished_at: record.finished_at.clone(),
-            duration_ms: record.duration_ms,
-            steps,
-            fence: self.fence(id),
-        };
-        let written = self.write(Write::FinishRun(Box::new(finished))).await;
+        let run = Box::new(FinishedRow::encode(record)?);
+        let fence = self.fence(id);
+        let written = self.write(Write::FinishRun { run, fence }).await;
         let mut claims = self.claims.lock().unwrap();
         match &written {
             Ok(_) => {
@@ -443,13 +377,7 @@ impl Store for PgStore {
     async fn unfinished_runs(&self) -> Result<Vec<UnfinishedRun>, StoreError> {
         let mut conn = self.reader().await?;
         let failed = |e| pg_error(&self.label, "a read", e);
-        let tx = conn
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(failed)?;
+        let tx = snapshot(&mut conn).await.map_err(failed)?;
         let rows = query_cached(
             &tx,
             &self.label,
@@ -517,6 +445,17 @@ impl Drop for PgStore {
     fn drop(&mut self) {
         self.inbox = None;
     }
+}
+
+/// A read-only transaction that sees one commit throughout.
+async fn snapshot(
+    conn: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
+    conn.build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
 }
 
 /// A statement prepared once per connection, then run.

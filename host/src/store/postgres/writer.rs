@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
 use super::{Label, pg_error, unavailable};
-use crate::store::rows::{NewRunRow, over_quota, step_index};
+use crate::store::rows::{FinishedRow, NewRunRow, state_after_set, step_index};
 use crate::store::{Commit, Created, DatabaseError, StateQuota, StoreError};
 
 /// The most writes one transaction takes.
@@ -51,7 +51,10 @@ pub(super) enum Write {
         record: String,
         fence: Option<i64>,
     },
-    FinishRun(Box<FinishedRun>),
+    FinishRun {
+        run: Box<FinishedRow>,
+        fence: Option<i64>,
+    },
     StateSet {
         workflow: String,
         key: String,
@@ -62,19 +65,6 @@ pub(super) enum Write {
         workflow: String,
         key: String,
     },
-}
-
-/// The columns `finish_run` sets, and every step's record.
-pub(super) struct FinishedRun {
-    pub(super) id: String,
-    pub(super) status: &'static str,
-    pub(super) output: String,
-    pub(super) error: Option<String>,
-    pub(super) started_at: Option<String>,
-    pub(super) finished_at: Option<String>,
-    pub(super) duration_ms: Option<f64>,
-    pub(super) steps: Vec<(i64, String)>,
-    pub(super) fence: Option<i64>,
 }
 
 /// What a write gives back.
@@ -357,8 +347,8 @@ async fn apply(tx: &Transaction<'_>, label: &Label, write: &Write) -> Result<Wri
             or_no_run(result, run_id)?;
             Ok(Written::Done)
         }
-        Write::FinishRun(run) => {
-            fenced(tx, label, &run.id, run.fence).await?;
+        Write::FinishRun { run, fence } => {
+            fenced(tx, label, &run.id, *fence).await?;
             let changed = execute(
                 tx,
                 label,
@@ -536,23 +526,14 @@ async fn state_set(
         .await
         .map_err(failed)?
         .map(|row| row.get(0));
-    let (keys, bytes) = (keys.max(0) as u64, bytes.max(0) as u64);
-    let (after_keys, after_bytes) = match old {
-        Some(old) => (
-            keys,
-            bytes - (old.max(0) as u64).min(bytes) + value.len() as u64,
-        ),
-        None => (keys + 1, bytes + (key.len() + value.len()) as u64),
-    };
-    if let Some(message) = over_quota(
+    let (after_keys, after_bytes) = state_after_set(
         quota,
         workflow,
         key,
         (keys, bytes),
-        (after_keys, after_bytes),
-    ) {
-        return Err(StoreError::StateFull(message));
-    }
+        old.map(i64::from),
+        value.len(),
+    )?;
     execute(
         tx,
         label,

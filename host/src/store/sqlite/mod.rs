@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::rows::{
-    DEFAULT_PAGE, MAX_PAGE, NewRunRow, decode_cursor, decode_json, encode_cursor, encode_json,
-    over_quota, step_index,
+    FinishedRow, ListParam, NewRunRow, RunListing, decode_json, encode_json, state_after_set,
+    step_index,
 };
 use super::{
     Commit, Created, DatabaseError, ItemRecord, LINGER, NewRun, Queued, RunPage, RunQuery,
@@ -332,50 +332,19 @@ impl Store for SqliteStore {
     }
 
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
-        let limit = match query.limit {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        };
-        let before = query.cursor.as_deref().map(decode_cursor).transpose()?;
-        let mut conditions = Vec::new();
-        let mut params = Vec::new();
-        if let Some(workflow) = &query.workflow {
-            params.push(SqlValue::Text(workflow.clone()));
-            conditions.push(format!("workflow = ?{}", params.len()));
-        }
-        if let Some(status) = query.status {
-            params.push(SqlValue::Text(status.as_str().to_owned()));
-            conditions.push(format!("status = ?{}", params.len()));
-        }
-        if let Some(before) = before {
-            params.push(SqlValue::Text(before));
-            conditions.push(format!("id < ?{}", params.len()));
-        }
-        // One more than asked: whether it comes tells if there is a next page.
-        params.push(SqlValue::Integer(limit as i64 + 1));
-        let filter = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conditions.join(" AND "))
-        };
-        let sql = format!(
-            "SELECT {RUN_COLUMNS} FROM runs {filter} ORDER BY id DESC LIMIT ?{}",
-            params.len()
-        );
+        let listing = RunListing::new(query, RUN_COLUMNS, |n| format!("?{n}"))?;
         self.read(move |conn| {
-            let mut statement = conn.prepare_cached(&sql)?;
+            let params = listing.params.iter().map(|param| match param {
+                ListParam::Text(text) => SqlValue::Text(text.clone()),
+                ListParam::Integer(n) => SqlValue::Integer(*n),
+            });
+            let mut statement = conn.prepare_cached(&listing.sql)?;
             let mut rows = statement.query(rusqlite::params_from_iter(params))?;
             let mut runs = Vec::new();
             while let Some(row) = rows.next()? {
                 runs.push(run_from_row(row)?);
             }
-            let next_cursor = if runs.len() > limit {
-                runs.truncate(limit);
-                runs.last().map(|run| encode_cursor(&run.id))
-            } else {
-                None
-            };
-            Ok(RunPage { runs, next_cursor })
+            Ok(listing.page(runs))
         })
         .await
     }
@@ -448,31 +417,16 @@ impl Store for SqliteStore {
     }
 
     async fn finish_run(&self, record: &RunRecord) -> Result<(), StoreError> {
-        let id = record.id.clone();
-        let status = record.status.as_str();
-        let output = encode_json(&record.output, || format!("run {id}: output"))?;
-        let error = record
-            .error
-            .as_ref()
-            .map(|error| encode_json(error, || format!("run {id}: error")))
-            .transpose()?;
-        let (started_at, finished_at, duration_ms) = (
-            record.started_at.clone(),
-            record.finished_at.clone(),
-            record.duration_ms,
-        );
-        let steps = record
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(index, step)| {
-                let index = step_index(index)?;
-                Ok((
-                    index,
-                    encode_json(step, || format!("run {id}: step {index}"))?,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        let FinishedRow {
+            id,
+            status,
+            output,
+            error,
+            started_at,
+            finished_at,
+            duration_ms,
+            steps,
+        } = FinishedRow::encode(record)?;
         self.write(move |conn| {
             let changed = conn
                 .prepare_cached(
@@ -555,23 +509,7 @@ impl Store for SqliteStore {
                 .prepare_cached("SELECT length(value) FROM state WHERE workflow = ?1 AND key = ?2")?
                 .query_row((&workflow, &key), |row| row.get(0))
                 .optional()?;
-            let (keys, bytes) = (keys.max(0) as u64, bytes.max(0) as u64);
-            let (after_keys, after_bytes) = match old {
-                Some(old) => (
-                    keys,
-                    bytes - (old.max(0) as u64).min(bytes) + value.len() as u64,
-                ),
-                None => (keys + 1, bytes + (key.len() + value.len()) as u64),
-            };
-            if let Some(message) = over_quota(
-                quota,
-                &workflow,
-                &key,
-                (keys, bytes),
-                (after_keys, after_bytes),
-            ) {
-                return Err(StoreError::StateFull(message));
-            }
+            state_after_set(quota, &workflow, &key, (keys, bytes), old, value.len())?;
             conn.prepare_cached(
                 "INSERT INTO state (workflow, key, value) VALUES (?1, ?2, ?3)
                  ON CONFLICT (workflow, key) DO UPDATE SET value = excluded.value",
