@@ -720,19 +720,7 @@ impl RunContext {
             .collect();
         attempts.extend_from_slice(this_incarnation);
         if let Some(attempt) = started {
-            attempts.push(AttemptRecord {
-                attempt,
-                item: position,
-                status: StepStatus::Running,
-                error: None,
-                started_at: now_rfc3339(),
-                duration_ms: 0.0,
-                fuel_consumed: 0,
-                peak_memory: 0,
-                logs: Vec::new(),
-                log_bytes_dropped: 0,
-                progress: None,
-            });
+            attempts.push(AttemptRecord::running(attempt, position, now_rfc3339()));
         }
         if let Some((position, item)) = item {
             let record = ItemRecord {

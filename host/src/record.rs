@@ -258,6 +258,26 @@ pub struct AttemptRecord {
     pub progress: Option<Progress>,
 }
 
+impl AttemptRecord {
+    /// An attempt that has started and not ended: what the store holds of
+    /// it while it runs (a restart finds it and calls it interrupted).
+    pub fn running(attempt: u32, item: Option<usize>, started_at: String) -> AttemptRecord {
+        AttemptRecord {
+            attempt,
+            item,
+            status: StepStatus::Running,
+            error: None,
+            started_at,
+            duration_ms: 0.0,
+            fuel_consumed: 0,
+            peak_memory: 0,
+            logs: Vec::new(),
+            log_bytes_dropped: 0,
+            progress: None,
+        }
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }

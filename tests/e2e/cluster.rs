@@ -552,3 +552,120 @@ fn uploads_to_one_node_are_active_on_every_node() {
         assert!(took < Duration::from_secs(2), "{what} took {took:?}");
     }
 }
+
+/// A TCP proxy in front of the test's PostgreSQL that the test can cut (every
+/// connection closed, new ones closed as soon as they open) and restore: the
+/// database going away and coming back, as the node sees it, without
+/// stopping the server other tests share.
+struct Outage {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Outage {
+    fn in_front_of(upstream: std::net::SocketAddr) -> Outage {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let outage = Outage {
+            addr: listener.local_addr().unwrap(),
+            cut: Default::default(),
+            open: Default::default(),
+        };
+        let (cut, open) = (outage.cut.clone(), outage.open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if cut.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let mut open = open.lock().unwrap();
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                open.extend([client, server]);
+            }
+        });
+        outage
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    fn url(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let (authority, path) = rest.split_once('/').unwrap();
+        let user = authority
+            .rsplit_once('@')
+            .map(|(user, _)| format!("{user}@"));
+        format!(
+            "{scheme}://{}{}/{path}",
+            user.unwrap_or_default(),
+            self.addr
+        )
+    }
+}
+
+/// The host and port of a `postgres://` URL.
+fn address_of(url: &str) -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs;
+    let rest = url.split_once("://").unwrap().1;
+    let authority = rest.split('/').next().unwrap();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    host_port.to_socket_addrs().unwrap().next().unwrap()
+}
+
+/// The database going away while a node serves: new runs and reads of the
+/// store are answered 503 `unavailable` with `Retry-After`; the runs in flight wait for
+/// their writes, which the node tries again with backoff; when the database
+/// is back every accepted run finishes with its output and no finished step
+/// runs again, and new runs are accepted.
+#[test]
+fn a_database_outage_loses_nothing_accepted() {
+    let Some(store) = fresh_store("a_database_outage_loses_nothing_accepted") else {
+        return;
+    };
+    let outage = Outage::in_front_of(address_of(&store));
+    let a = node(&outage.url(&store), "a", "2s");
+    let ids: Vec<String> = (0..12)
+        .map(|n| submit(&a, n, 500 + (n as u64 * 83) % 700))
+        .collect();
+    a.await_log(&ids[0], "nap", "sleeping", 1);
+    outage.cut();
+    let refused = a.post("/v1/workflows/durable/runs", r#"{"n": 99, "ms": 1}"#);
+    refused.assert_error(503, "unavailable");
+    assert_eq!(refused.header("retry-after"), Some("1"), "{refused:?}");
+    // A run this node runs is answered from memory; a list needs the store.
+    let live = a.get(&format!("/v1/runs/{}", ids[0]));
+    assert_eq!(live.status, 200, "{}", live.body);
+    a.get("/v1/runs?workflow=durable")
+        .assert_error(503, "unavailable");
+    // The naps end meanwhile: their results and the next steps' start wait.
+    a.await_stderr("the database is unreachable: runs wait for their writes");
+    a.await_stderr("cannot renew the lease");
+    outage.restore();
+    check_runs(&a, &ids);
+    let all = a.get("/v1/runs?workflow=durable&limit=1000").json();
+    assert_eq!(all["runs"].as_array().unwrap().len(), ids.len(), "{all:#}");
+    let after = submit(&a, ids.len(), 1);
+    let run = a.wait_for_run(&after);
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+}

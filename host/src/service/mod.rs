@@ -21,6 +21,7 @@ mod runs;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -235,19 +236,43 @@ async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<Arc<PgSto
     }
 }
 
-/// Plugin `state` kept in the store.
+/// Plugin `state` kept in the store. While the store's database cannot be
+/// reached, a state call waits and tries again with backoff, as the run's own
+/// writes do: the step's timeout bounds the wait, and an outage shorter than
+/// that costs the plugin nothing but time.
 struct DurableState(Arc<dyn Store>);
+
+/// The first and the longest wait between tries of a state call.
+const STATE_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
+
+async fn waiting_out_outages<T, F, Fut>(mut call: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let (mut wait, longest) = STATE_RETRY;
+    loop {
+        match call().await {
+            Err(StoreError::Unavailable(error)) => {
+                tracing::debug!(error = %error, retry_in = ?wait, "plugin state: the database is unreachable");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(longest);
+            }
+            other => return other,
+        }
+    }
+}
 
 #[async_trait::async_trait]
 impl StateStore for DurableState {
     async fn get(&self, scope: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.0.state_get(scope, key).await
+        waiting_out_outages(|| self.0.state_get(scope, key)).await
     }
     async fn set(&self, scope: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.0.state_set(scope, key, &value).await
+        waiting_out_outages(|| self.0.state_set(scope, key, &value)).await
     }
     async fn delete(&self, scope: &str, key: &str) -> Result<(), StoreError> {
-        self.0.state_delete(scope, key).await
+        waiting_out_outages(|| self.0.state_delete(scope, key)).await
     }
 }
 

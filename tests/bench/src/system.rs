@@ -7,6 +7,8 @@
 //! - **cold**: `trellis run` of a 10-step chain as a whole process, compiled-code
 //!   cache warm and `--no-cache`; `serve` start to the first accepted run with
 //!   20 plugins, cache cold and warm;
+//! - **cluster**: nodes on one PostgreSQL, when one is named: runs/s over
+//!   HTTP with 1, 2 and 3 nodes, takeover after a kill (`system_cluster.rs`);
 //! - **memory**: the server's RSS idle, with 10,000 runs in flight (accepted,
 //!   not finished), and after they all finish.
 //!
@@ -14,8 +16,8 @@
 //! cores: every HTTP figure says how much CPU each side used, and how much
 //! went to other processes meanwhile.
 //!
-//! `TRELLIS_BENCH_SYSTEM=http,memory` (any of `http`, `trellis run`, `serve`,
-//! `memory`) runs only those parts, for profiling one.
+//! `TRELLIS_BENCH_SYSTEM=http,memory` (any of `http`, `cluster`, `trellis run`,
+//! `serve`, `memory`) runs only those parts, for profiling one.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,6 +34,8 @@ use crate::report::{Measurement, median, percentile, quantiles};
 
 #[path = "system_http.rs"]
 pub(crate) mod client;
+#[path = "system_cluster.rs"]
+mod cluster;
 #[path = "system_proc.rs"]
 pub(crate) mod process;
 
@@ -181,8 +185,9 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Measurement>> {
     let env = Env::new(options)?;
     let mut results = Vec::new();
     type Part = fn(&Env) -> anyhow::Result<Vec<Measurement>>;
-    let parts: [(&str, Part); 4] = [
+    let parts: [(&str, Part); 5] = [
         ("http", http),
+        ("cluster", cluster::cluster),
         ("cold start: trellis run", cold_run),
         ("cold start: serve", cold_serve),
         ("memory", memory),
@@ -219,7 +224,7 @@ fn chain_workflow(n: usize) -> String {
 // ---------------------------------------------------------------- HTTP load
 
 /// What one load level did.
-struct Load {
+pub(crate) struct Load {
     elapsed: Duration,
     /// Per request, ms.
     latencies: Vec<f64>,
@@ -300,17 +305,44 @@ fn load(
     max: usize,
     max_time: Duration,
 ) -> anyhow::Result<Load> {
+    load_spread(&[server], path, body, expected, clients, max, max_time)
+}
+
+/// [`load`] spread over several servers (the nodes of a cluster): client `i`
+/// talks to server `i mod n`; the server CPU is theirs together.
+pub(crate) fn load_spread(
+    servers: &[&Server],
+    path: &str,
+    body: &[u8],
+    expected: &Value,
+    clients: usize,
+    max: usize,
+    max_time: Duration,
+) -> anyhow::Result<Load> {
+    let server_cpu_now = || -> anyhow::Result<(f64, BTreeMap<String, f64>)> {
+        let mut cpu = 0.0;
+        let mut threads = BTreeMap::new();
+        for server in servers {
+            cpu += server.cpu_seconds()?;
+            for (name, seconds) in server.thread_cpu_seconds()? {
+                *threads.entry(name).or_insert(0.0) += seconds;
+            }
+        }
+        Ok((cpu, threads))
+    };
     let issued = AtomicUsize::new(0);
     let client_cpu = own_cpu_seconds()?;
-    let server_cpu = server.cpu_seconds()?;
+    let (server_cpu, threads_before) = server_cpu_now()?;
     let machine_cpu = machine_busy_seconds()?;
-    let threads_before = server.thread_cpu_seconds()?;
     let began = Instant::now();
     let deadline = began + max_time;
-    let addr = server.addr;
     let per_client: Vec<anyhow::Result<Load>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..clients)
-            .map(|_| scope.spawn(|| client(addr, path, body, expected, &issued, max, deadline)))
+            .map(|i| {
+                let addr = servers[i % servers.len()].addr;
+                let issued = &issued;
+                scope.spawn(move || client(addr, path, body, expected, issued, max, deadline))
+            })
             .collect();
         handles
             .into_iter()
@@ -318,6 +350,7 @@ fn load(
             .collect()
     });
     let elapsed = began.elapsed();
+    let (server_cpu_after, threads_after) = server_cpu_now()?;
     let mut total = Load {
         elapsed,
         latencies: Vec::new(),
@@ -326,10 +359,9 @@ fn load(
         errors: 0,
         first_error: None,
         client_cpu: own_cpu_seconds()? - client_cpu,
-        server_cpu: server.cpu_seconds()? - server_cpu,
+        server_cpu: server_cpu_after - server_cpu,
         machine_cpu: machine_busy_seconds()? - machine_cpu,
-        server_threads: server
-            .thread_cpu_seconds()?
+        server_threads: threads_after
             .into_iter()
             .map(|(name, cpu)| {
                 let before = threads_before.get(&name).copied().unwrap_or(0.0);

@@ -6,11 +6,13 @@
 //! writer does) in the order they were queued. Reads take any pooled
 //! connection; a read of several tables is one `REPEATABLE READ` snapshot.
 //!
-//! Files: `writer` (the group commit and every write's SQL), `schema`
+//! Files: `writer` (the group commit and every write's SQL), `pipeline`
+//! (the writer's fast path: a batch's statements sent at once), `schema`
 //! (migrations under an advisory lock); here the store, its reads and the
 //! connection setup.
 
 mod cluster;
+mod pipeline;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -579,11 +581,27 @@ pub(super) fn pg_error(label: &Label, doing: &str, e: tokio_postgres::Error) -> 
         None => e.to_string(),
     };
     let message = format!("PostgreSQL at {label}: {doing}: {detail}");
-    if e.is_closed() || (e.as_db_error().is_none() && e.code().is_none()) {
+    if e.is_closed() || (e.as_db_error().is_none() && e.code().is_none()) || is_outage(e.code()) {
         StoreError::Unavailable(DatabaseError::with_source(message, e))
     } else {
         StoreError::Database(DatabaseError::with_source(message, e))
     }
+}
+
+/// SQLSTATE class 08 (connection exception) and 57P01-57P03 (the server
+/// shutting down, crashed, or not yet accepting connections): the database
+/// is away, not refusing this statement.
+fn is_outage(code: Option<&tokio_postgres::error::SqlState>) -> bool {
+    use tokio_postgres::error::SqlState;
+    code.is_some_and(|code| {
+        code.code().starts_with("08")
+            || [
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+            ]
+            .contains(code)
+    })
 }
 
 /// No connection could be had from the pool (the database is down, refuses

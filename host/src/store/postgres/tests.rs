@@ -314,6 +314,9 @@ async fn a_node_that_lost_a_run_writes_nothing_of_it() {
     let fine = a.save_step(&other.id, 0, &finished_step("parse"), Commit::Now);
     assert!(matches!(fenced.await, Err(StoreError::Fenced(_))));
     fine.await.unwrap();
+    assert_eq!(b.get_run(&record.id).await.unwrap().unwrap(), held_by_b);
+    let other = a.get_run(&other.id).await.unwrap().unwrap();
+    assert_eq!(other.steps[0], finished_step("parse"));
 }
 
 /// Nodes claiming at once share the claimable runs: each is claimed once.

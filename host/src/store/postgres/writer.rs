@@ -3,7 +3,9 @@
 //! in the order they were queued (a step's later record wins). If the batch
 //! fails, each of its writes is tried again in a transaction of its own, so
 //! a write that fails fails alone. A [`Commit::Soon`] batch may wait up to the
-//! linger for company, as SQLite's writer does.
+//! linger for company, as SQLite's writer does. While the database cannot be
+//! reached, a run's progress is held and tried again with backoff (the run
+//! waits); new runs and plugin state fail at once with `Unavailable`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,7 @@ use deadpool_postgres::{Object, Pool, Transaction};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
-use super::{Label, pg_error, unavailable};
+use super::{Label, pg_error, pipeline, unavailable};
 use crate::store::rows::{FinishedRow, NewRunRow, state_after_set, step_index};
 use crate::store::{Commit, Created, DatabaseError, StateQuota, StoreError};
 
@@ -79,8 +81,47 @@ pub(super) struct WriteCommand {
     pub(super) commit: Commit,
 }
 
+/// How long the writer waits before it tries the database again after it
+/// was found unreachable: doubled each time, up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+impl Write {
+    /// The run a write of a run's progress is about, and its fence.
+    pub(super) fn run_and_fence(&self) -> Option<(&str, Option<i64>)> {
+        match self {
+            Write::RunStarted { id, fence, .. } => Some((id, *fence)),
+            Write::SaveStep { run_id, fence, .. } | Write::SaveItem { run_id, fence, .. } => {
+                Some((run_id, *fence))
+            }
+            Write::FinishRun { run, fence } => Some((&run.id, *fence)),
+            Write::CreateRun { .. } | Write::StateSet { .. } | Write::StateDelete { .. } => None,
+        }
+    }
+
+    /// A write of a run's progress (the executor waits for it before it goes
+    /// on): kept and tried again while the database is unreachable, so the
+    /// run waits instead of losing what it did. Everything else (a new run,
+    /// plugin state) fails at once: the API answers 503 to a new run, and
+    /// the service tries plugin state again itself, within the step's
+    /// timeout.
+    fn waits_out_outages(&self) -> bool {
+        matches!(
+            self,
+            Write::RunStarted { .. }
+                | Write::SaveStep { .. }
+                | Write::SaveItem { .. }
+                | Write::FinishRun { .. }
+        )
+    }
+}
+
 /// Takes what is queued, commits it as one batch, answers, repeats; ends once
 /// the store is dropped and the queue is empty.
+///
+/// While the database is unreachable the writes that wait out outages are
+/// held, in their order, and tried again with a growing backoff; the others
+/// queued meanwhile are answered `Unavailable` at once.
 pub(super) async fn writer_loop(
     pool: Pool,
     label: Arc<Label>,
@@ -88,8 +129,16 @@ pub(super) async fn writer_loop(
     linger: Duration,
 ) {
     let mut conn: Option<Object> = None;
-    while let Some(first) = inbox.recv().await {
-        let mut batch = vec![first];
+    let mut held: Vec<WriteCommand> = Vec::new();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let mut batch = std::mem::take(&mut held);
+        if batch.is_empty() {
+            match inbox.recv().await {
+                Some(first) => batch.push(first),
+                None => return,
+            }
+        }
         while batch.len() < MAX_BATCH {
             match inbox.try_recv() {
                 Ok(command) => batch.push(command),
@@ -107,53 +156,112 @@ pub(super) async fn writer_loop(
                 }
             }
         }
-        commit_batch(&pool, &label, &mut conn, batch).await;
+        let Some(outage) = commit_batch(&pool, &label, &mut conn, batch, &mut held).await else {
+            backoff = FIRST_BACKOFF;
+            continue;
+        };
+        tracing::warn!(
+            held = held.len(),
+            retry_in = ?backoff,
+            error = %outage,
+            "the database is unreachable: runs wait for their writes, which are tried again"
+        );
+        let until = tokio::time::Instant::now() + backoff;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => break,
+                command = inbox.recv() => match command {
+                    Some(command) if command.write.waits_out_outages() => held.push(command),
+                    Some(command) => answer(command.reply, Err(StoreError::Unavailable(outage.clone()))),
+                    None => {
+                        tracing::error!(
+                            writes = held.len(),
+                            "the store closed while the database was unreachable: \
+                             these runs' last steps are not stored and run again where they resume"
+                        );
+                        return;
+                    }
+                },
+            }
+        }
     }
 }
 
 /// Commits `batch` in one transaction, or, if that fails, each write in its
-/// own; answers each.
+/// own; answers each. When the database is unreachable the writes that wait
+/// out outages go to `held` (in order) and the error is returned.
 async fn commit_batch(
     pool: &Pool,
     label: &Label,
     conn: &mut Option<Object>,
     batch: Vec<WriteCommand>,
-) {
+    held: &mut Vec<WriteCommand>,
+) -> Option<DatabaseError> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         *conn = None;
         match pool.get().await {
             Ok(fresh) => *conn = Some(fresh),
             Err(e) => {
                 let error = unavailable(label, e);
-                for command in batch {
-                    answer(command.reply, Err(StoreError::Unavailable(error.clone())));
-                }
-                return;
+                hold_or_fail(batch, held, &error);
+                return Some(error);
             }
         }
     }
-    let Some(client) = conn.as_mut() else {
-        return;
-    };
+    let client = conn.as_mut()?;
     let writes: Vec<&Write> = batch.iter().map(|command| &command.write).collect();
     match run(client, label, &writes).await {
-        Ok(written) => {
-            for (command, written) in batch.into_iter().zip(written) {
-                answer(command.reply, Ok(written));
+        Ok(results) => {
+            for (command, result) in batch.into_iter().zip(results) {
+                answer(command.reply, result);
             }
+            None
+        }
+        Err(StoreError::Unavailable(error)) => {
+            *conn = None;
+            hold_or_fail(batch, held, &error);
+            Some(error)
         }
         Err(error) if batch.len() == 1 => {
             if let Some(command) = batch.into_iter().next() {
                 answer(command.reply, Err(error));
             }
+            None
         }
         Err(_) => {
+            let mut outage = None;
             for command in batch {
+                if outage.is_some() {
+                    hold_or_fail(vec![command], held, outage.as_ref()?);
+                    continue;
+                }
                 let result = run(client, label, &[&command.write])
                     .await
-                    .map(|mut written| written.pop().unwrap_or(Written::Done));
-                answer(command.reply, result);
+                    .and_then(|mut results| results.pop().unwrap_or(Ok(Written::Done)));
+                match result {
+                    Err(StoreError::Unavailable(error)) => {
+                        hold_or_fail(vec![command], held, &error);
+                        outage = Some(error);
+                    }
+                    result => answer(command.reply, result),
+                }
             }
+            if outage.is_some() {
+                *conn = None;
+            }
+            outage
+        }
+    }
+}
+
+/// Holds the writes of `batch` that wait out outages; fails the others.
+fn hold_or_fail(batch: Vec<WriteCommand>, held: &mut Vec<WriteCommand>, error: &DatabaseError) {
+    for command in batch {
+        if command.write.waits_out_outages() {
+            held.push(command);
+        } else {
+            answer(command.reply, Err(StoreError::Unavailable(error.clone())));
         }
     }
 }
@@ -171,20 +279,28 @@ fn answer(
     }
 }
 
-/// `writes` in one transaction.
+/// `writes` in one transaction: pipelined where the fast path takes them
+/// (each write then has its own result: a fenced write changes nothing and
+/// the others commit), else one statement at a time. `Err`: the transaction
+/// failed as a whole and nothing of it was committed.
 async fn run(
     client: &mut Object,
     label: &Label,
     writes: &[&Write],
-) -> Result<Vec<Written>, StoreError> {
+) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     let failed = |e| pg_error(label, "a write", e);
     let tx = client.transaction().await.map_err(failed)?;
-    let mut written = Vec::with_capacity(writes.len());
-    for write in writes {
-        written.push(apply(&tx, label, write).await?);
-    }
+    let results = if pipeline::takes(writes) {
+        pipeline::run(&tx, label, writes).await?
+    } else {
+        let mut written = Vec::with_capacity(writes.len());
+        for write in writes {
+            written.push(Ok(apply(&tx, label, write).await?));
+        }
+        written
+    };
     tx.commit().await.map_err(failed)?;
-    Ok(written)
+    Ok(results)
 }
 
 async fn execute(
@@ -223,17 +339,39 @@ async fn fenced(
     )
     .await?;
     if held == 0 {
-        let why = if epoch < 0 {
-            "this node no longer holds it".to_owned()
-        } else {
-            format!("this node held it at epoch {epoch}")
-        };
-        return Err(StoreError::Fenced(format!(
-            "run {id} was taken over by another node after this node's lease ran out \
-             ({why}): this node's late write is dropped"
-        )));
+        return Err(fenced_error(id, epoch));
     }
     Ok(())
+}
+
+/// Run `id` is no longer this node's, which held it at `epoch`.
+pub(super) fn fenced_error(id: &str, epoch: i64) -> StoreError {
+    let why = if epoch < 0 {
+        "this node no longer holds it".to_owned()
+    } else {
+        format!("this node held it at epoch {epoch}")
+    };
+    StoreError::Fenced(format!(
+        "run {id} was taken over by another node after this node's lease ran out \
+         ({why}): this node's late write is dropped"
+    ))
+}
+
+/// The epoch of run `id`, if there is such a run.
+pub(super) async fn epoch_of(
+    tx: &Transaction<'_>,
+    label: &Label,
+    id: &str,
+) -> Result<Option<i64>, StoreError> {
+    let statement = tx
+        .prepare_cached("SELECT epoch FROM runs WHERE id = $1")
+        .await
+        .map_err(|e| pg_error(label, "a write", e))?;
+    let row = tx
+        .query_opt(&statement, &[&id])
+        .await
+        .map_err(|e| pg_error(label, "a write", e))?;
+    Ok(row.map(|row| row.get(0)))
 }
 
 /// Fails unless the run exists.
@@ -245,7 +383,7 @@ async fn require_run(tx: &Transaction<'_>, label: &Label, id: &str) -> Result<()
     Ok(())
 }
 
-fn no_such_run(id: &str) -> StoreError {
+pub(super) fn no_such_run(id: &str) -> StoreError {
     StoreError::Database(DatabaseError::new(format!("there is no run {id}")))
 }
 
@@ -460,6 +598,29 @@ async fn create_run(
     )
     .await?;
     if inserted == 0 {
+        return create_run_existing(tx, label, row).await;
+    }
+    for (index, step) in row.steps.iter().enumerate() {
+        let index = step_index(index)?;
+        execute(
+            tx,
+            label,
+            "INSERT INTO steps (run_id, idx, record) VALUES ($1, $2, $3)",
+            &[&row.id, &index, step],
+        )
+        .await?;
+    }
+    Ok(Written::Run(Created::New))
+}
+
+/// The answer to a new run whose idempotency key another run holds: that
+/// run, as it is now.
+pub(super) async fn create_run_existing(
+    tx: &Transaction<'_>,
+    label: &Label,
+    row: &NewRunRow,
+) -> Result<Written, StoreError> {
+    {
         let statement = tx
             .prepare_cached("SELECT id FROM runs WHERE workflow = $1 AND idempotency_key = $2")
             .await
@@ -478,19 +639,8 @@ async fn create_run(
         let record = super::load_run(tx, label, &id)
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("run {id} vanished while being read")))?;
-        return Ok(Written::Run(Created::Existing(Box::new(record))));
+        Ok(Written::Run(Created::Existing(Box::new(record))))
     }
-    for (index, step) in row.steps.iter().enumerate() {
-        let index = step_index(index)?;
-        execute(
-            tx,
-            label,
-            "INSERT INTO steps (run_id, idx, record) VALUES ($1, $2, $3)",
-            &[&row.id, &index, step],
-        )
-        .await?;
-    }
-    Ok(Written::Run(Created::New))
 }
 
 async fn state_set(
