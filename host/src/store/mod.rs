@@ -293,8 +293,8 @@ pub struct RunPage {
 /// A write the store has queued, resolving once it is committed (or failed).
 ///
 /// The write is queued when the method that returns it is called, not when
-/// this is first polled, and writes commit in the order they were queued: the
-/// executor stores a finished step without waiting, starts the steps that need
+/// this is first polled, and one run's writes commit in the order they were
+/// queued (writes of different runs may commit side by side): the executor stores a finished step without waiting, starts the steps that need
 /// it, and the write that records their start (which it does wait for)
 /// commits the finished step too, in the same group commit. Dropping it does
 /// not cancel the write; the store then logs its failure, if it fails. So that

@@ -1,9 +1,10 @@
 //! The scale-out store: PostgreSQL (13 or later), through `tokio-postgres`
 //! with a `deadpool` pool.
 //!
-//! Writes go through one writer task on one connection, which commits every
-//! write already queued in one transaction (a group commit, as SQLite's
-//! writer does) in the order they were queued. Reads take any pooled
+//! Writes go through writer tasks, each on a connection of its own, which
+//! commit every write already queued in one transaction (a group commit, as
+//! SQLite's writer does) in the order they were queued; a run's writes all
+//! go to one writer. Reads take any pooled
 //! connection; a read of several tables is one `REPEATABLE READ` snapshot.
 //!
 //! Files: `writer` (the group commit and every write's SQL), `pipeline`
@@ -22,6 +23,7 @@ pub use cluster::{Listener, Renewal};
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -43,6 +45,13 @@ use writer::{Write, WriteCommand, Written, writer_loop};
 
 /// The fence of a run this node does not hold (any more): no run's epoch.
 const LOST: i64 = -1;
+
+/// Writer tasks, each on a connection of its own. A run's writes (and one
+/// workflow's state) always go to the same writer, so they commit in the
+/// order they were queued; writes of different runs commit side by side.
+/// One writer commits one batch at a time and waits for each commit: a
+/// second keeps the database busy meanwhile.
+const WRITERS: usize = 3;
 
 /// Connections the pool keeps at most: the writer's and the readers'.
 const POOL_SIZE: usize = 16;
@@ -102,8 +111,9 @@ pub struct PgStore {
     /// For connections of their own (`LISTEN`).
     config: tokio_postgres::Config,
     label: Arc<Label>,
-    /// `None` only while dropping: closing it stops the writer.
-    inbox: Option<mpsc::UnboundedSender<WriteCommand>>,
+    /// The writers' queues, one per writer ([`WRITERS`]); empty only while
+    /// dropping: closing them stops the writers.
+    inboxes: Vec<mpsc::UnboundedSender<WriteCommand>>,
     state_quota: StateQuota,
     /// Set once this store joined a cluster ([`PgStore::join`]).
     member: OnceLock<Member>,
@@ -111,6 +121,9 @@ pub struct PgStore {
     /// one checks it (fencing). A run it lost stays, as [`LOST`], so that
     /// nothing more of it is written from here.
     claims: Mutex<HashMap<String, i64>>,
+    /// Workflow sources known to be stored (by digest): a new run of one
+    /// does not store it again.
+    stored_sources: Mutex<std::collections::HashSet<String>>,
 }
 
 /// This process as a node of the cluster.
@@ -178,19 +191,28 @@ impl PgStore {
             .get()
             .await
             .map_err(|e| StoreError::Unavailable(unavailable(&label, e)))?;
-        let (inbox, messages) = mpsc::unbounded_channel();
+        let (inboxes, queues): (Vec<_>, Vec<_>) =
+            (0..WRITERS).map(|_| mpsc::unbounded_channel()).unzip();
         let store = PgStore {
             pool: pool.clone(),
             config,
             label: Arc::clone(&label),
-            inbox: Some(inbox),
+            inboxes,
             state_quota: StateQuota::default(),
             member: OnceLock::new(),
             claims: Mutex::new(HashMap::new()),
+            stored_sources: Mutex::default(),
         };
         schema::migrate(&mut conn, &store).await?;
         drop(conn);
-        tokio::spawn(writer_loop(pool, label, messages, LINGER));
+        for messages in queues {
+            tokio::spawn(writer_loop(
+                pool.clone(),
+                Arc::clone(&label),
+                messages,
+                LINGER,
+            ));
+        }
         Ok(store)
     }
 
@@ -217,7 +239,15 @@ impl PgStore {
         commit: Commit,
     ) -> impl Future<Output = Result<Written, StoreError>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        let sent = match &self.inbox {
+        let writer = if self.inboxes.is_empty() {
+            None
+        } else {
+            let mut hasher = std::hash::DefaultHasher::new();
+            write.shard_key().hash(&mut hasher);
+            self.inboxes
+                .get(hasher.finish() as usize % self.inboxes.len())
+        };
+        let sent = match writer {
             Some(inbox) => inbox
                 .send(WriteCommand {
                     write,
@@ -272,13 +302,19 @@ impl Store for PgStore {
         // the start, at epoch 1.
         let owner = self.incarnation().map(str::to_owned);
         let id = row.id.clone();
+        let digest = row.workflow_digest.clone();
+        let source_stored = self.stored_sources.lock().unwrap().contains(&digest);
         let created = self
             .write(Write::CreateRun {
                 row: Box::new(row),
                 owner: owner.clone(),
+                source_stored,
             })
             .await?
             .created()?;
+        if !source_stored {
+            self.stored_sources.lock().unwrap().insert(digest);
+        }
         if owner.is_some() && matches!(created, Created::New) {
             self.claims.lock().unwrap().insert(id, 1);
         }
@@ -328,7 +364,10 @@ impl Store for PgStore {
                 run_id: run_id.to_owned(),
                 index,
                 record: encode_json(step, || format!("run {run_id}: step {index}"))?,
-                finished: step.status.is_done(),
+                // A finished `for_each` step's record holds its items'
+                // outcomes: the items' own rows go (a step without items has
+                // none to drop; the run's finish drops any left over).
+                drop_items: step.status.is_done() && step.items.is_some(),
                 fence: self.fence(run_id),
             })
         });
@@ -445,7 +484,7 @@ impl Store for PgStore {
 impl Drop for PgStore {
     /// Closes the queue: the writer commits what it holds, then ends.
     fn drop(&mut self) {
-        self.inbox = None;
+        self.inboxes.clear();
     }
 }
 

@@ -83,12 +83,15 @@ const ITEM: &str = concat!(
 const FINISH: &str = "UPDATE runs SET status = $2, output = $3, error = $4, started_at = $5,
          finished_at = $6, duration_ms = $7
      WHERE id = $1 AND ($8::bigint IS NULL OR epoch = $8)";
+/// A finished run's steps: most were stored as they finished, and a row
+/// that would not change is left alone (no new row version).
 const ALL_STEPS: &str = concat!(
     "WITH held AS (",
     held!("$1", "$4"),
     ") INSERT INTO steps (run_id, idx, record)
      SELECT $1, s.idx, s.record FROM held, unnest($2::bigint[], $3::text[]) AS s (idx, record)
-     ON CONFLICT (run_id, idx) DO UPDATE SET record = excluded.record"
+     ON CONFLICT (run_id, idx) DO UPDATE SET record = excluded.record
+     WHERE steps.record <> excluded.record"
 );
 const ALL_ITEMS: &str = concat!(
     "DELETE FROM step_items WHERE run_id = $1 AND EXISTS (",
@@ -138,7 +141,7 @@ pub(super) async fn run(
         new_steps,
         started,
         step,
-        drop_items,
+        drop_step_items,
         item,
         finish,
         all_steps,
@@ -178,12 +181,18 @@ pub(super) async fn run(
     for (at, write) in writes.iter().enumerate() {
         let (indices, records) = &arrays[at];
         match write {
-            Write::CreateRun { row, owner } => {
-                statements.push(exec(
-                    tx,
-                    &source,
-                    vec![&row.workflow_digest, &row.workflow_source],
-                ));
+            Write::CreateRun {
+                row,
+                owner,
+                source_stored,
+            } => {
+                if !source_stored {
+                    statements.push(exec(
+                        tx,
+                        &source,
+                        vec![&row.workflow_digest, &row.workflow_source],
+                    ));
+                }
                 mains.push((statements.len(), Check::Created));
                 statements.push(exec(
                     tx,
@@ -220,13 +229,13 @@ pub(super) async fn run(
                 run_id,
                 index,
                 record,
-                finished,
+                drop_items,
                 fence,
             } => {
                 mains.push((statements.len(), Check::Held));
                 statements.push(exec(tx, &step, vec![run_id, index, record, fence]));
-                if *finished {
-                    statements.push(exec(tx, &drop_items, vec![run_id, index, fence]));
+                if *drop_items {
+                    statements.push(exec(tx, &drop_step_items, vec![run_id, index, fence]));
                 }
             }
             Write::SaveItem {

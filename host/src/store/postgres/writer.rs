@@ -1,4 +1,4 @@
-//! The group-commit writer: one task on one connection takes every write
+//! A group-commit writer: one task on one connection takes every write
 //! already queued (up to [`MAX_BATCH`]) and commits them in one transaction,
 //! in the order they were queued (a step's later record wins). If the batch
 //! fails, each of its writes is tried again in a transaction of its own, so
@@ -32,6 +32,8 @@ pub(super) enum Write {
         row: Box<NewRunRow>,
         /// The node incarnation that holds the run from the start.
         owner: Option<String>,
+        /// The workflow's source is stored already (by an earlier run).
+        source_stored: bool,
     },
     RunStarted {
         id: String,
@@ -42,8 +44,8 @@ pub(super) enum Write {
         run_id: String,
         index: i64,
         record: String,
-        /// A finished step's record drops its items.
-        finished: bool,
+        /// A finished `for_each` step's record: its items' rows are dropped.
+        drop_items: bool,
         fence: Option<i64>,
     },
     SaveItem {
@@ -96,6 +98,15 @@ impl Write {
             }
             Write::FinishRun { run, fence } => Some((&run.id, *fence)),
             Write::CreateRun { .. } | Write::StateSet { .. } | Write::StateDelete { .. } => None,
+        }
+    }
+
+    /// What picks the writer: the run, or the workflow of plugin state.
+    pub(super) fn shard_key(&self) -> &str {
+        match self {
+            Write::CreateRun { row, .. } => &row.id,
+            Write::StateSet { workflow, .. } | Write::StateDelete { workflow, .. } => workflow,
+            _ => self.run_and_fence().map_or("", |(id, _)| id),
         }
     }
 
@@ -424,7 +435,11 @@ async fn upsert_step(
 
 async fn apply(tx: &Transaction<'_>, label: &Label, write: &Write) -> Result<Written, StoreError> {
     match write {
-        Write::CreateRun { row, owner } => create_run(tx, label, row, owner.as_deref()).await,
+        Write::CreateRun {
+            row,
+            owner,
+            source_stored,
+        } => create_run(tx, label, row, owner.as_deref(), *source_stored).await,
         Write::RunStarted {
             id,
             started_at,
@@ -450,12 +465,12 @@ async fn apply(tx: &Transaction<'_>, label: &Label, write: &Write) -> Result<Wri
             run_id,
             index,
             record,
-            finished,
+            drop_items,
             fence,
         } => {
             fenced(tx, label, run_id, *fence).await?;
             upsert_step(tx, label, run_id, *index, record).await?;
-            if *finished {
+            if *drop_items {
                 execute(
                     tx,
                     label,
@@ -558,15 +573,18 @@ async fn create_run(
     label: &Label,
     row: &NewRunRow,
     owner: Option<&str>,
+    source_stored: bool,
 ) -> Result<Written, StoreError> {
     let epoch: i64 = if owner.is_some() { 1 } else { 0 };
-    execute(
-        tx,
-        label,
-        "INSERT INTO workflow_sources (digest, source) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        &[&row.workflow_digest, &row.workflow_source],
-    )
-    .await?;
+    if !source_stored {
+        execute(
+            tx,
+            label,
+            "INSERT INTO workflow_sources (digest, source) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&row.workflow_digest, &row.workflow_source],
+        )
+        .await?;
+    }
     // Without a key, or with a new one, the run is inserted; with a key
     // another run holds (on this node or any other), nothing is, and the
     // earlier run is the answer.
