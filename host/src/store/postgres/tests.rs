@@ -464,3 +464,89 @@ async fn uploads_are_shared_in_order_with_the_other_nodes() {
     assert_eq!(a.catalog_since(0).await.unwrap(), (Vec::new(), newest));
     assert_eq!(b.catalog_since(newest).await.unwrap(), (Vec::new(), newest));
 }
+
+/// Many writes of each kind queued at once (one batch of the pipelined
+/// path, one statement per kind): runs created with one key make one run,
+/// a step saved twice keeps its later record, items dropped by their step's
+/// finish are gone while another step's stay, and a run finished in the
+/// batch is finished.
+#[tokio::test]
+async fn one_batch_of_many_writes_of_each_kind() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    let store = node(&backend, "a").await;
+    let records: Vec<RunRecord> = (0..8).map(|_| queued_run("orders")).collect();
+    let keys = [
+        Some("k"),
+        None,
+        Some("k"),
+        None,
+        Some("k"),
+        None,
+        None,
+        None,
+    ];
+    let created = futures::future::join_all(
+        records
+            .iter()
+            .zip(keys)
+            .map(|(record, key)| store.create_run(new_run(record, key))),
+    )
+    .await;
+    let new: Vec<&RunRecord> = records
+        .iter()
+        .zip(&created)
+        .filter(|(_, created)| matches!(created, Ok(Created::New)))
+        .map(|(record, _)| record)
+        .collect();
+    assert_eq!(new.len(), 6, "{created:?}");
+    let keyed: Vec<_> = created
+        .iter()
+        .filter_map(|created| match created {
+            Ok(Created::Existing(run)) => Some(run.id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(keyed.len(), 2, "{created:?}");
+    assert!(keyed.iter().all(|id| *id == keyed[0]));
+
+    let item = |n: i64| ItemRecord {
+        item: serde_json::json!(n),
+        attempts: Vec::new(),
+        outcome: None,
+    };
+    let mut running = pending_step("parse");
+    running.status = StepStatus::Running;
+    let mut queued = Vec::new();
+    for record in &new {
+        queued.push(store.run_started(&record.id, "t1"));
+        queued.push(store.save_step(&record.id, 0, &running, Commit::Soon));
+        queued.push(store.save_item(&record.id, 0, 0, &item(0), Commit::Soon));
+        queued.push(store.save_item(&record.id, 1, 0, &item(1), Commit::Soon));
+        queued.push(store.save_step(&record.id, 0, &finished_step("parse"), Commit::Soon));
+    }
+    let finished = {
+        let mut finished = (*new[0]).clone();
+        finished.status = RunStatus::Cancelled;
+        finished
+    };
+    let (results, finish) = tokio::join!(
+        futures::future::join_all(queued),
+        store.finish_run(&finished)
+    );
+    for result in results {
+        result.unwrap();
+    }
+    finish.unwrap();
+    let run = store.get_run(&finished.id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Cancelled);
+    let unfinished = store.unfinished_runs().await.unwrap();
+    assert_eq!(unfinished.len(), new.len() - 1);
+    for run in unfinished {
+        assert_eq!(run.record.status, RunStatus::Running);
+        assert_eq!(run.record.started_at.as_deref(), Some("t1"));
+        assert_eq!(run.record.steps[0], finished_step("parse"));
+        assert_eq!(run.items.keys().collect::<Vec<_>>(), vec![&(1, 0)]);
+    }
+}
