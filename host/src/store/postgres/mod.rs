@@ -50,8 +50,9 @@ const LOST: i64 = -1;
 /// workflow's state) always go to the same writer, so they commit in the
 /// order they were queued; writes of different runs commit side by side.
 /// One writer commits one batch at a time and waits for each commit: a
-/// second keeps the database busy meanwhile.
-const WRITERS: usize = 3;
+/// second keeps the database busy meanwhile (more, measured on 2 cores, only
+/// made the batches smaller).
+const WRITERS: usize = 2;
 
 /// Connections the pool keeps at most: the writer's and the readers'.
 const POOL_SIZE: usize = 16;
