@@ -108,6 +108,17 @@ impl Executor {
         self
     }
 
+    /// Step attempts waiting for a permit (`max_concurrent_steps` are
+    /// running): this process has more work than it can run at once.
+    pub fn waiting_steps(&self) -> usize {
+        self.inner.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Step attempts that could start now.
+    pub fn free_steps(&self) -> usize {
+        self.inner.permits.available_permits()
+    }
+
     /// Step attempts running now, over all runs.
     pub fn running_steps(&self) -> usize {
         self.inner

@@ -669,3 +669,37 @@ fn a_database_outage_loses_nothing_accepted() {
     let run = a.wait_for_run(&after);
     assert_eq!(run["status"], "succeeded", "{run:#}");
 }
+
+/// Runs finished by this node, from its `/metrics`.
+fn runs_finished_here(server: &Server) -> u64 {
+    server
+        .get("/metrics")
+        .body
+        .lines()
+        .filter(|line| line.starts_with("trellis_runs_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// A node with more work than it can run leaves the runs it accepts for a
+/// node with room: `a` runs one step at a time, `b` takes the runs `a`
+/// cannot start; every run succeeds once.
+#[test]
+fn a_busy_node_leaves_new_runs_to_a_node_with_room() {
+    let Some(store) = fresh_store("a_busy_node_leaves_new_runs_to_a_node_with_room") else {
+        return;
+    };
+    let a = Serve::new()
+        .workflow("durable.toml", DURABLE)
+        .env("TRELLIS_STORE", &store)
+        .env("TRELLIS_NODE_ID", "a")
+        .env("TRELLIS_MAX_CONCURRENT_STEPS", "1")
+        .start();
+    let b = node(&store, "b", "10s");
+    let ids: Vec<String> = (0..8).map(|n| submit(&a, n, 600)).collect();
+    check_runs(&b, &ids);
+    let (on_a, on_b) = (runs_finished_here(&a), runs_finished_here(&b));
+    assert_eq!(on_a + on_b, ids.len() as u64, "a ran {on_a}, b ran {on_b}");
+    assert!(on_b > 0, "b ran none of them");
+    eprintln!("a ran {on_a} runs, b ran {on_b}");
+}

@@ -7,10 +7,17 @@
 //! lost or was asked to cancel, and claims what is claimable. A `NOTIFY` on
 //! the work channel (runs released, a cancel asked) does the same at once;
 //! the periodic sweep only catches what a lost notification or an expired
-//! lease leaves. Leaving (a graceful stop) releases its unfinished runs so
+//! lease leaves.
+//!
+//! A node whose step attempts wait for a permit (it has more work than
+//! `max_concurrent_steps`) does not take the runs it accepts: it stores them
+//! ready, with no owner, and says so on the channel; a node with room claims
+//! as many as it could start, and claims more each time a run of its own
+//! ends while ready runs may be waiting. Leaving (a graceful stop) releases its unfinished runs so
 //! the others take them at once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::Service;
@@ -28,6 +35,11 @@ pub(super) struct Cluster {
     /// The last upload of the shared catalog this node applied (one sync
     /// at a time).
     pub(super) catalog_seq: tokio::sync::Mutex<i64>,
+    /// Wakes the lease loop to claim ready runs (this node made room).
+    pub(super) wake: tokio::sync::Notify,
+    /// Runs may be waiting ready (a busy node left them; this one was busy
+    /// when told): claim some when there is room.
+    pub(super) ready_waiting: AtomicBool,
 }
 
 /// `<hostname>-<pid>`: the default `node_id`, unique among the processes
@@ -144,11 +156,12 @@ impl Service {
         }
     }
 
-    /// Claims and resumes batches of runs until none is left to claim.
+    /// Claims and resumes batches of runs whose node is gone until none is
+    /// left, then as many ready runs as there is room for.
     async fn claim_all(&self, cluster: &Cluster) -> Result<usize, StoreError> {
         let mut claimed = 0;
         while !self.inner.closing.is_cancelled() {
-            let runs = cluster.store.claim(CLAIM_BATCH).await?;
+            let runs = cluster.store.claim(CLAIM_BATCH, false).await?;
             let batch = runs.len();
             if batch > 0 {
                 tracing::info!(runs = batch, "claimed runs to resume");
@@ -159,7 +172,66 @@ impl Service {
                 break;
             }
         }
-        Ok(claimed)
+        // A ready run whose announcement was missed is found here.
+        cluster.ready_waiting.store(true, Ordering::Relaxed);
+        Ok(claimed + self.claim_ready(cluster).await?)
+    }
+
+    /// Claims ready runs (left by busy nodes) while this node has room: as
+    /// many as steps could start now.
+    async fn claim_ready(&self, cluster: &Cluster) -> Result<usize, StoreError> {
+        if self.inner.closing.is_cancelled() || !cluster.ready_waiting.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        if self.is_busy() {
+            return Ok(0);
+        }
+        let room = self
+            .inner
+            .executor
+            .free_steps()
+            .clamp(1, CLAIM_BATCH as usize);
+        let runs = cluster.store.claim(room as i64, true).await?;
+        let batch = runs.len();
+        // A full batch: more may be waiting.
+        cluster
+            .ready_waiting
+            .store(batch == room, Ordering::Relaxed);
+        if batch > 0 {
+            tracing::debug!(runs = batch, "claimed ready runs");
+        }
+        self.resume(runs).await?;
+        Ok(batch)
+    }
+
+    /// Whether this node, on a cluster, has more work than it can run at
+    /// once (step attempts wait for a permit): new runs are then left for
+    /// a node with room. Alone, a node queues them itself.
+    pub(super) fn is_busy(&self) -> bool {
+        self.inner.cluster.is_some() && self.inner.executor.waiting_steps() > 0
+    }
+
+    /// A run this node accepted was left ready for others: tell them.
+    pub(super) fn left_ready(&self) {
+        let Some(cluster) = &self.inner.cluster else {
+            return;
+        };
+        cluster.ready_waiting.store(true, Ordering::Relaxed);
+        let store = cluster.store.clone();
+        tokio::spawn(async move {
+            if let Err(err) = store.announce_ready().await {
+                tracing::warn!(error = %err, "cannot announce a ready run; the sweep finds it");
+            }
+        });
+    }
+
+    /// A run ended here: if ready runs may be waiting, claim some.
+    pub(super) fn room_made(&self) {
+        if let Some(cluster) = &self.inner.cluster
+            && cluster.ready_waiting.load(Ordering::Relaxed)
+        {
+            cluster.wake.notify_one();
+        }
     }
 
     /// Renews the lease, acts on what it finds, claims: every lease/3 and
@@ -187,11 +259,22 @@ impl Service {
                 () = tokio::time::sleep_until(sweep) => {
                     sweep = tokio::time::Instant::now() + period;
                 }
-                note = next_note(&mut listener) => {
-                    if note.is_none() {
+                note = next_note(&mut listener) => match note.as_deref() {
+                    None => {
                         listener = None;
                         relisten = tokio::time::Instant::now() + RELISTEN_AFTER;
                     }
+                    // A ready run: claim, if there is room; nothing else.
+                    Some("ready") => {
+                        cluster.ready_waiting.store(true, Ordering::Relaxed);
+                        self.claim_ready_logged(cluster).await;
+                        continue;
+                    }
+                    Some(_) => {}
+                },
+                () = cluster.wake.notified() => {
+                    self.claim_ready_logged(cluster).await;
+                    continue;
                 }
             }
             if let Err(err) = self.sync_catalog(cluster).await {
@@ -208,6 +291,12 @@ impl Service {
             if let Err(err) = self.claim_all(cluster).await {
                 tracing::warn!(error = %err, "cannot claim runs; trying again");
             }
+        }
+    }
+
+    async fn claim_ready_logged(&self, cluster: &Cluster) {
+        if let Err(err) = self.claim_ready(cluster).await {
+            tracing::warn!(error = %err, "cannot claim ready runs; trying again");
         }
     }
 

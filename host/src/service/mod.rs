@@ -117,6 +117,8 @@ impl Service {
             store,
             lease: config.lease,
             catalog_seq: tokio::sync::Mutex::new(0),
+            wake: tokio::sync::Notify::new(),
+            ready_waiting: std::sync::atomic::AtomicBool::new(false),
         });
         let engine = Engine::new()?;
         let registry =

@@ -87,17 +87,29 @@ impl Service {
             .lock()
             .unwrap()
             .insert(record.id.clone(), active.clone());
-        let created = self
-            .inner
-            .store
-            .create_run(NewRun {
-                record: &record,
-                workflow_source: &entry.source,
-                workflow_file: &entry.file,
-                idempotency_key,
-            })
-            .await;
+        let new_run = NewRun {
+            record: &record,
+            workflow_source: &entry.source,
+            workflow_file: &entry.file,
+            idempotency_key,
+        };
+        // A node of a cluster with more work than it can run leaves the run
+        // ready for a node with room (this one too, once it has some).
+        let busy = self.is_busy();
+        let created = match &self.inner.cluster {
+            Some(cluster) if busy => cluster.store.create_run_held(new_run, false).await,
+            _ => self.inner.store.create_run(new_run).await,
+        };
         match created {
+            Ok(Created::New) if busy => {
+                self.inner.active.lock().unwrap().remove(&record.id);
+                crate::telemetry::run_accepted(&plan.name);
+                self.left_ready();
+                return Ok(Submitted {
+                    run: record,
+                    created: true,
+                });
+            }
             Ok(Created::New) => {}
             Ok(Created::Existing(existing)) => {
                 self.inner.active.lock().unwrap().remove(&record.id);
@@ -223,6 +235,7 @@ impl Service {
     fn retire(&self, active: &ActiveRun, record: RunRecord) {
         self.inner.active.lock().unwrap().remove(&record.id);
         active.finish(record);
+        self.room_made();
     }
 
     fn live(&self, id: &str) -> Option<RunRecord> {

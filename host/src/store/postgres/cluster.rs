@@ -25,7 +25,7 @@ use super::{LOST, Member, PgStore, load_items, load_steps, pg_error, query_cache
 use crate::store::{CatalogChange, DatabaseError, Node, StoreError, UnfinishedRun};
 
 /// The channel of `LISTEN/NOTIFY` that says work may be waiting: runs
-/// released, a cancel asked.
+/// released, a run ready that its node left for others, a cancel asked.
 pub(super) const WORK_CHANNEL: &str = "trellis_work";
 
 /// What a renewal found about the runs this node holds.
@@ -145,9 +145,10 @@ impl PgStore {
     }
 
     /// Claims up to `limit` unfinished runs nobody holds (released, or whose
-    /// owner's lease ran out), oldest first, and reads them as a restart
-    /// would: this node resumes them.
-    pub async fn claim(&self, limit: i64) -> Result<Vec<UnfinishedRun>, StoreError> {
+    /// owner's lease ran out, and with `ready` those never started that a
+    /// busy node left for others), oldest first, and reads them as a
+    /// restart would: this node resumes them.
+    pub async fn claim(&self, limit: i64, ready: bool) -> Result<Vec<UnfinishedRun>, StoreError> {
         let member = self.member()?;
         let mut conn = self.reader().await?;
         let failed = |e| pg_error(&self.label, "claiming runs", e);
@@ -158,6 +159,7 @@ impl PgStore {
             "WITH claimable AS (
                  SELECT r.id FROM runs r
                  WHERE r.status IN ('queued', 'running')
+                   AND ($3 OR r.owner IS NOT NULL OR r.epoch > 0)
                    AND (r.owner IS NULL OR NOT EXISTS (
                        SELECT 1 FROM nodes n
                        WHERE n.incarnation = r.owner AND n.lease_until >= clock_timestamp()))
@@ -167,7 +169,7 @@ impl PgStore {
              UPDATE runs SET owner = $1, epoch = runs.epoch + 1
              FROM claimable WHERE runs.id = claimable.id
              RETURNING runs.id, runs.epoch",
-            &[&member.incarnation, &limit],
+            &[&member.incarnation, &limit, &ready],
         )
         .await?;
         let mut runs = Vec::with_capacity(claimed.len());

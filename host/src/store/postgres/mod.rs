@@ -228,6 +228,46 @@ impl PgStore {
         &self.label.0
     }
 
+    /// Stores a new run. A node of a cluster that `holds` it runs it: it
+    /// holds the run from the start, at epoch 1. One that does not (it is
+    /// busy) leaves it ready for any node to claim (no owner, epoch 0) and
+    /// says so on the work channel.
+    pub async fn create_run_held(
+        &self,
+        run: NewRun<'_>,
+        holds: bool,
+    ) -> Result<Created, StoreError> {
+        let row = NewRunRow::encode(&run)?;
+        let owner = self.incarnation().filter(|_| holds).map(str::to_owned);
+        let id = row.id.clone();
+        let digest = row.workflow_digest.clone();
+        let source_stored = self.stored_sources.lock().unwrap().contains(&digest);
+        let created = self
+            .write(Write::CreateRun {
+                row: Box::new(row),
+                owner: owner.clone(),
+                source_stored,
+            })
+            .await?
+            .created()?;
+        if !source_stored {
+            self.stored_sources.lock().unwrap().insert(digest);
+        }
+        if owner.is_some() && matches!(created, Created::New) {
+            self.claims.lock().unwrap().insert(id, 1);
+        }
+        Ok(created)
+    }
+
+    /// Tells every node that a run is ready to be claimed.
+    pub async fn announce_ready(&self) -> Result<(), StoreError> {
+        let conn = self.reader().await?;
+        conn.execute("SELECT pg_notify($1, 'ready')", &[&cluster::WORK_CHANNEL])
+            .await
+            .map_err(|e| pg_error(&self.label, "announcing a run", e))?;
+        Ok(())
+    }
+
     /// Queues a write and waits for the commit that holds it.
     async fn write(&self, write: Write) -> Result<Written, StoreError> {
         self.queue(write, Commit::Now).await
@@ -298,28 +338,7 @@ impl PgStore {
 #[async_trait]
 impl Store for PgStore {
     async fn create_run(&self, run: NewRun<'_>) -> Result<Created, StoreError> {
-        let row = NewRunRow::encode(&run)?;
-        // A node of a cluster runs what it accepts: it holds the run from
-        // the start, at epoch 1.
-        let owner = self.incarnation().map(str::to_owned);
-        let id = row.id.clone();
-        let digest = row.workflow_digest.clone();
-        let source_stored = self.stored_sources.lock().unwrap().contains(&digest);
-        let created = self
-            .write(Write::CreateRun {
-                row: Box::new(row),
-                owner: owner.clone(),
-                source_stored,
-            })
-            .await?
-            .created()?;
-        if !source_stored {
-            self.stored_sources.lock().unwrap().insert(digest);
-        }
-        if owner.is_some() && matches!(created, Created::New) {
-            self.claims.lock().unwrap().insert(id, 1);
-        }
-        Ok(created)
+        self.create_run_held(run, true).await
     }
 
     async fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {

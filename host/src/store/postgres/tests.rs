@@ -218,10 +218,10 @@ async fn a_claim_takes_only_runs_whose_holder_is_gone() {
     a.save_step(&record.id, 0, &done, Commit::Now)
         .await
         .unwrap();
-    assert!(b.claim(10).await.unwrap().is_empty(), "a is alive");
+    assert!(b.claim(10, true).await.unwrap().is_empty(), "a is alive");
 
     expire(&backend, "a").await;
-    let claimed = b.claim(10).await.unwrap();
+    let claimed = b.claim(10, true).await.unwrap();
     assert_eq!(ids(&claimed), [record.id.as_str()]);
     record.status = RunStatus::Running;
     record.started_at = Some("t1".into());
@@ -229,8 +229,8 @@ async fn a_claim_takes_only_runs_whose_holder_is_gone() {
     assert_eq!(claimed[0].record, record);
     assert_eq!(claimed[0].workflow_source, contract::SOURCE);
     assert!(!claimed[0].cancel_requested);
-    assert!(b.claim(10).await.unwrap().is_empty(), "claimed once");
-    assert!(a.claim(10).await.unwrap().is_empty(), "b is alive");
+    assert!(b.claim(10, true).await.unwrap().is_empty(), "claimed once");
+    assert!(a.claim(10, true).await.unwrap().is_empty(), "b is alive");
     assert_eq!(
         backend
             .scalar(&format!(
@@ -253,7 +253,7 @@ async fn a_node_that_lost_a_run_writes_nothing_of_it() {
     let b = node(&backend, "b").await;
     let record = create_held(&a).await;
     expire(&backend, "a").await;
-    assert_eq!(b.claim(10).await.unwrap().len(), 1);
+    assert_eq!(b.claim(10, true).await.unwrap().len(), 1);
     let mut running = pending_step("price");
     running.status = StepStatus::Running;
     b.save_step(&record.id, 1, &running, Commit::Now)
@@ -340,7 +340,7 @@ async fn nodes_claiming_at_once_claim_each_run_once() {
                 store.join(name, "test", LEASE).await.unwrap();
                 let mut mine = Vec::new();
                 loop {
-                    let batch = store.claim(7).await.unwrap();
+                    let batch = store.claim(7, true).await.unwrap();
                     if batch.is_empty() {
                         return mine;
                     }
@@ -374,7 +374,7 @@ async fn leaving_releases_runs_at_once() {
         .await
         .expect("no notification");
     assert_eq!(note.as_deref(), Some("released"));
-    assert_eq!(ids(&b.claim(10).await.unwrap()), [record.id.as_str()]);
+    assert_eq!(ids(&b.claim(10, true).await.unwrap()), [record.id.as_str()]);
     let nodes = b.nodes().await.unwrap();
     assert_eq!(
         nodes
@@ -405,7 +405,7 @@ async fn a_cancel_request_reaches_whoever_holds_the_run() {
     assert_eq!(renewal.cancel, std::slice::from_ref(&record.id));
     assert!(renewal.lost.is_empty());
     expire(&backend, "a").await;
-    let claimed = b.claim(10).await.unwrap();
+    let claimed = b.claim(10, true).await.unwrap();
     assert!(claimed[0].cancel_requested);
 
     let mut finished = claimed[0].record.clone();
@@ -549,4 +549,37 @@ async fn one_batch_of_many_writes_of_each_kind() {
         assert_eq!(run.record.steps[0], finished_step("parse"));
         assert_eq!(run.items.keys().collect::<Vec<_>>(), vec![&(1, 0)]);
     }
+}
+
+/// A run a busy node leaves for others has no owner: a claim takes it only
+/// when it asks for ready runs, and then the claimer holds it.
+#[tokio::test]
+async fn a_ready_run_left_by_a_busy_node_is_claimed_by_one_with_room() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    let busy = node(&backend, "busy").await;
+    let free = node(&backend, "free").await;
+    let record = queued_run("orders");
+    let created = busy
+        .create_run_held(new_run(&record, None), false)
+        .await
+        .unwrap();
+    assert!(matches!(created, Created::New));
+    busy.announce_ready().await.unwrap();
+    // Not taken over (its node is alive), only claimed as ready work.
+    assert!(free.claim(10, false).await.unwrap().is_empty());
+    let claimed = free.claim(10, true).await.unwrap();
+    assert_eq!(ids(&claimed), [record.id.as_str()]);
+    assert_eq!(claimed[0].record.status, RunStatus::Queued);
+    assert!(
+        busy.claim(10, true).await.unwrap().is_empty(),
+        "claimed once"
+    );
+    // The claimer holds it: its writes land, the busy node's do not.
+    free.run_started(&record.id, "t1").await.unwrap();
+    assert!(matches!(
+        busy.run_started(&record.id, "t2").await,
+        Err(StoreError::Fenced(_))
+    ));
 }
