@@ -295,22 +295,10 @@ fn cores() -> usize {
 /// `clients` threads, each on its own keep-alive connection, POST `body` to
 /// `path` back to back until `max` requests in all or `max_time`. A run
 /// answered finished (200) counts as an error unless it succeeded with
-/// `expected` as its output.
-fn load(
-    server: &Server,
-    path: &str,
-    body: &[u8],
-    expected: &Value,
-    clients: usize,
-    max: usize,
-    max_time: Duration,
-) -> anyhow::Result<Load> {
-    load_spread(&[server], path, body, expected, clients, max, max_time)
-}
-
-/// [`load`] spread over several servers (the nodes of a cluster): client `i`
-/// talks to server `i mod n`; the server CPU is theirs together.
-pub(crate) fn load_spread(
+/// `expected` as its output. With several servers (the nodes of a
+/// cluster), client `i` talks to server `i mod n`, and the server CPU is
+/// theirs together.
+pub(crate) fn load(
     servers: &[&Server],
     path: &str,
     body: &[u8],
@@ -487,7 +475,7 @@ fn http(env: &Env) -> anyhow::Result<Vec<Measurement>> {
     let expected = chain3_output();
     // Warm up: plugins instantiated, SQLite pages and the allocator warm.
     let warm = load(
-        &server,
+        &[&server],
         waited,
         INPUT,
         &expected,
@@ -504,7 +492,7 @@ fn http(env: &Env) -> anyhow::Result<Vec<Measurement>> {
     // Fire and forget: how fast runs are accepted, and then completed.
     let clients = scale.nowait_clients;
     let nowait = load(
-        &server,
+        &[&server],
         "/v1/workflows/chain3/runs",
         INPUT,
         &expected,
@@ -565,7 +553,7 @@ fn http(env: &Env) -> anyhow::Result<Vec<Measurement>> {
     let clients = scale.levels[scale.levels.len() / 2];
     let mut quiet = env.serve(&work, "data-quiet", &workflows, &[("TRELLIS_LOG", "warn")])?;
     let warm = load(
-        &quiet,
+        &[&quiet],
         waited,
         INPUT,
         &expected,
@@ -592,7 +580,7 @@ fn waited_level(
 ) -> anyhow::Result<Vec<Measurement>> {
     let scale = env.scale;
     let load = load(
-        server,
+        &[server],
         "/v1/workflows/chain3/runs?wait=10s",
         INPUT,
         &chain3_output(),
@@ -899,7 +887,7 @@ fn memory(env: &Env) -> anyhow::Result<Vec<Measurement>> {
         }
         // The flood: the rest, as fast as CONNECTIONS clients can.
         let flood = load(
-            &server,
+            &[&server],
             "/v1/workflows/inflight/runs",
             br#"{"ms":0}"#,
             // Answered 202 (no `?wait`): the output is checked by the count

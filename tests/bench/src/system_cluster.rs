@@ -20,9 +20,7 @@ use serde_json::{Value, json};
 
 use super::client::Conn;
 use super::process::Server;
-use super::{
-    Env, INPUT, Load, TARGET_P99_MS, chain_workflow, chain3_output, latency_rows, load_spread,
-};
+use super::{Env, INPUT, Load, TARGET_P99_MS, chain_workflow, chain3_output, latency_rows, load};
 use crate::report::{Measurement, quantiles};
 
 /// The issue 14 goal: durable 3-step runs/s over HTTP with one node.
@@ -127,7 +125,7 @@ fn throughput(
     let servers: Vec<&Server> = servers.iter().collect();
     let path = "/v1/workflows/chain3/runs?wait=10s";
     let expected = chain3_output();
-    let warm = load_spread(
+    let warm = load(
         &servers,
         path,
         INPUT,
@@ -140,7 +138,7 @@ fn throughput(
     // Longer than a level of the `http` part: a figure of a few seconds
     // moves with whatever PostgreSQL does in the background.
     let clients = scale.levels[scale.levels.len() / 2];
-    let load: Load = load_spread(
+    let load: Load = load(
         &servers,
         path,
         INPUT,

@@ -1,4 +1,4 @@
-//! The writer's fast path: a batch of run writes in one transaction whose
+//! How the writer writes runs: a batch of run writes in one transaction whose
 //! statements are all sent before any answer is read (a pipeline), so the
 //! batch costs a few round trips however many writes it holds, where one
 //! statement at a time cost one round trip each.
@@ -9,7 +9,8 @@
 //! statement changed nothing is looked into afterwards, in the same
 //! transaction: the run was fenced, is not there, or (a run started after it
 //! finished) needed nothing. A statement that fails aborts the transaction:
-//! the batch fails and the writer tries each write alone.
+//! the batch fails and the writer tries each write alone (the same way, in a
+//! pipeline of one). Writes of plugin state are left to the writer.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -98,14 +99,6 @@ const ALL_ITEMS: &str = concat!(
     held!("$1", "$2"),
     ")"
 );
-
-/// Whether the fast path takes `writes`: everything but plugin state, whose
-/// quota needs the answer of one statement before the next is made.
-pub(super) fn takes(writes: &[&Write]) -> bool {
-    writes
-        .iter()
-        .all(|write| !matches!(write, Write::StateSet { .. } | Write::StateDelete { .. }))
-}
 
 /// What a write's main statement changing nothing means.
 #[derive(Clone, Copy)]

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 
 use super::{Label, pg_error, pipeline, unavailable};
-use crate::store::rows::{FinishedRow, NewRunRow, state_after_set, step_index};
+use crate::store::rows::{FinishedRow, NewRunRow, state_after_set};
 use crate::store::{Commit, Created, DatabaseError, StateQuota, StoreError};
 
 /// The most writes one transaction takes.
@@ -99,6 +99,11 @@ impl Write {
             Write::FinishRun { run, fence } => Some((&run.id, *fence)),
             Write::CreateRun { .. } | Write::StateSet { .. } | Write::StateDelete { .. } => None,
         }
+    }
+
+    /// A write of plugin state (not of a run).
+    pub(super) fn is_state(&self) -> bool {
+        matches!(self, Write::StateSet { .. } | Write::StateDelete { .. })
     }
 
     /// What picks the writer: the run, or the workflow of plugin state.
@@ -290,10 +295,11 @@ fn answer(
     }
 }
 
-/// `writes` in one transaction: pipelined where the fast path takes them
-/// (each write then has its own result: a fenced write changes nothing and
-/// the others commit), else one statement at a time. `Err`: the transaction
-/// failed as a whole and nothing of it was committed.
+/// `writes` in one transaction: the writes of runs pipelined (each has its
+/// own result: a fenced write changes nothing and the others commit), plugin
+/// state one statement at a time, since its quota needs each answer before
+/// the next statement. `Err`: the transaction failed as a whole and nothing
+/// of it was committed.
 async fn run(
     client: &mut Object,
     label: &Label,
@@ -301,15 +307,12 @@ async fn run(
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     let failed = |e| pg_error(label, "a write", e);
     let tx = client.transaction().await.map_err(failed)?;
-    let results = if pipeline::takes(writes) {
-        pipeline::run(&tx, label, writes).await?
-    } else {
-        let mut written = Vec::with_capacity(writes.len());
-        for write in writes {
-            written.push(Ok(apply(&tx, label, write).await?));
+    let mut results = pipeline::run(&tx, label, writes).await?;
+    for (result, write) in results.iter_mut().zip(writes) {
+        if write.is_state() {
+            *result = Ok(apply_state(&tx, label, write).await?);
         }
-        written
-    };
+    }
     tx.commit().await.map_err(failed)?;
     Ok(results)
 }
@@ -327,32 +330,6 @@ async fn execute(
     tx.execute(&statement, params)
         .await
         .map_err(|e| pg_error(label, "a write", e))
-}
-
-/// Fails unless run `id` still has the epoch `fence` this node claimed it
-/// under. The row lock (`FOR SHARE`) holds until the commit, and a claim
-/// (`FOR UPDATE`) waits for it: a write that passed here lands before any
-/// claim that would fence it, and none lands after.
-async fn fenced(
-    tx: &Transaction<'_>,
-    label: &Label,
-    id: &str,
-    fence: Option<i64>,
-) -> Result<(), StoreError> {
-    let Some(epoch) = fence else {
-        return Ok(());
-    };
-    let held = execute(
-        tx,
-        label,
-        "SELECT 1 FROM runs WHERE id = $1 AND epoch = $2 FOR SHARE",
-        &[&id, &epoch],
-    )
-    .await?;
-    if held == 0 {
-        return Err(fenced_error(id, epoch));
-    }
-    Ok(())
 }
 
 /// Run `id` is no longer this node's, which held it at `epoch`.
@@ -385,155 +362,17 @@ pub(super) async fn epoch_of(
     Ok(row.map(|row| row.get(0)))
 }
 
-/// Fails unless the run exists.
-async fn require_run(tx: &Transaction<'_>, label: &Label, id: &str) -> Result<(), StoreError> {
-    let rows = execute(tx, label, "SELECT 1 FROM runs WHERE id = $1", &[&id]).await?;
-    if rows == 0 {
-        return Err(no_such_run(id));
-    }
-    Ok(())
-}
-
 pub(super) fn no_such_run(id: &str) -> StoreError {
     StoreError::Database(DatabaseError::new(format!("there is no run {id}")))
 }
 
-/// A foreign-key failure on `run_id` says the run is not there.
-fn or_no_run(result: Result<u64, StoreError>, run_id: &str) -> Result<u64, StoreError> {
-    match result {
-        Err(StoreError::Database(error)) if is_foreign_key_violation(&error) => {
-            Err(no_such_run(run_id))
-        }
-        other => other,
-    }
-}
-
-fn is_foreign_key_violation(error: &DatabaseError) -> bool {
-    std::error::Error::source(error)
-        .and_then(|source| source.downcast_ref::<tokio_postgres::Error>())
-        .and_then(tokio_postgres::Error::code)
-        == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
-}
-
-async fn upsert_step(
+/// A write of plugin state, in `tx`.
+async fn apply_state(
     tx: &Transaction<'_>,
     label: &Label,
-    run_id: &str,
-    index: i64,
-    record: &str,
-) -> Result<(), StoreError> {
-    let result = execute(
-        tx,
-        label,
-        "INSERT INTO steps (run_id, idx, record) VALUES ($1, $2, $3)
-         ON CONFLICT (run_id, idx) DO UPDATE SET record = excluded.record",
-        &[&run_id, &index, &record],
-    )
-    .await;
-    or_no_run(result, run_id).map(drop)
-}
-
-async fn apply(tx: &Transaction<'_>, label: &Label, write: &Write) -> Result<Written, StoreError> {
+    write: &Write,
+) -> Result<Written, StoreError> {
     match write {
-        Write::CreateRun {
-            row,
-            owner,
-            source_stored,
-        } => create_run(tx, label, row, owner.as_deref(), *source_stored).await,
-        Write::RunStarted {
-            id,
-            started_at,
-            fence,
-        } => {
-            fenced(tx, label, id, *fence).await?;
-            // A run that already finished (cancelled while it was being
-            // started) stays finished: a restart must not resume it.
-            let changed = execute(
-                tx,
-                label,
-                "UPDATE runs SET status = 'running', started_at = $2
-                 WHERE id = $1 AND status IN ('queued', 'running')",
-                &[id, started_at],
-            )
-            .await?;
-            if changed == 0 {
-                require_run(tx, label, id).await?;
-            }
-            Ok(Written::Done)
-        }
-        Write::SaveStep {
-            run_id,
-            index,
-            record,
-            drop_items,
-            fence,
-        } => {
-            fenced(tx, label, run_id, *fence).await?;
-            upsert_step(tx, label, run_id, *index, record).await?;
-            if *drop_items {
-                execute(
-                    tx,
-                    label,
-                    "DELETE FROM step_items WHERE run_id = $1 AND idx = $2",
-                    &[run_id, index],
-                )
-                .await?;
-            }
-            Ok(Written::Done)
-        }
-        Write::SaveItem {
-            run_id,
-            index,
-            position,
-            record,
-            fence,
-        } => {
-            fenced(tx, label, run_id, *fence).await?;
-            let result = execute(
-                tx,
-                label,
-                "INSERT INTO step_items (run_id, idx, position, record) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (run_id, idx, position) DO UPDATE SET record = excluded.record",
-                &[run_id, index, position, record],
-            )
-            .await;
-            or_no_run(result, run_id)?;
-            Ok(Written::Done)
-        }
-        Write::FinishRun { run, fence } => {
-            fenced(tx, label, &run.id, *fence).await?;
-            let changed = execute(
-                tx,
-                label,
-                "UPDATE runs SET status = $2, output = $3, error = $4, started_at = $5,
-                     finished_at = $6, duration_ms = $7
-                 WHERE id = $1",
-                &[
-                    &run.id,
-                    &run.status,
-                    &run.output,
-                    &run.error,
-                    &run.started_at,
-                    &run.finished_at,
-                    &run.duration_ms,
-                ],
-            )
-            .await?;
-            if changed == 0 {
-                return Err(no_such_run(&run.id));
-            }
-            for (index, record) in &run.steps {
-                upsert_step(tx, label, &run.id, *index, record).await?;
-            }
-            execute(
-                tx,
-                label,
-                "DELETE FROM step_items WHERE run_id = $1",
-                &[&run.id],
-            )
-            .await?;
-            Ok(Written::Done)
-        }
         Write::StateSet {
             workflow,
             key,
@@ -565,70 +404,8 @@ async fn apply(tx: &Transaction<'_>, label: &Label, write: &Write) -> Result<Wri
             }
             Ok(Written::Done)
         }
+        _ => Ok(Written::Done),
     }
-}
-
-async fn create_run(
-    tx: &Transaction<'_>,
-    label: &Label,
-    row: &NewRunRow,
-    owner: Option<&str>,
-    source_stored: bool,
-) -> Result<Written, StoreError> {
-    let epoch: i64 = if owner.is_some() { 1 } else { 0 };
-    if !source_stored {
-        execute(
-            tx,
-            label,
-            "INSERT INTO workflow_sources (digest, source) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&row.workflow_digest, &row.workflow_source],
-        )
-        .await?;
-    }
-    // Without a key, or with a new one, the run is inserted; with a key
-    // another run holds (on this node or any other), nothing is, and the
-    // earlier run is the answer.
-    let inserted = execute(
-        tx,
-        label,
-        "INSERT INTO runs (id, workflow, status, created_at, started_at, finished_at,
-             duration_ms, input, output, error, idempotency_key, workflow_digest, workflow_file,
-             owner, epoch)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-         ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
-        &[
-            &row.id,
-            &row.workflow,
-            &row.status,
-            &row.created_at,
-            &row.started_at,
-            &row.finished_at,
-            &row.duration_ms,
-            &row.input,
-            &row.output,
-            &row.error,
-            &row.idempotency_key,
-            &row.workflow_digest,
-            &row.workflow_file,
-            &owner,
-            &epoch,
-        ],
-    )
-    .await?;
-    if inserted == 0 {
-        return create_run_existing(tx, label, row).await;
-    }
-    for (index, step) in row.steps.iter().enumerate() {
-        let index = step_index(index)?;
-        execute(
-            tx,
-            label,
-            "INSERT INTO steps (run_id, idx, record) VALUES ($1, $2, $3)",
-            &[&row.id, &index, step],
-        )
-        .await?;
-    }
-    Ok(Written::Run(Created::New))
 }
 
 /// The answer to a new run whose idempotency key another run holds: that
