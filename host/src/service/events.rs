@@ -311,14 +311,8 @@ impl RunObserver for ActiveRun {
             |snapshot| {
                 snapshot.status = RunStatus::Running;
                 if let Some(record) = step_mut(snapshot, step) {
-                    let now = now_rfc3339();
                     record.status = StepStatus::Running;
-                    record.started_at.get_or_insert_with(|| now.clone());
-                    // As the store has it once the attempt's start is
-                    // written: the same record on every node.
-                    record
-                        .attempts
-                        .push(AttemptRecord::running(attempt, item, now));
+                    record.started_at.get_or_insert_with(now_rfc3339);
                 }
             },
         );
@@ -350,20 +344,11 @@ impl RunObserver for ActiveRun {
     }
 
     /// Shown by `GET /v1/runs/{id}` while the step goes on: a fan-out's
-    /// finished items, a retried step's failed attempts, each in the place
-    /// of its running record.
+    /// finished items, a retried step's failed attempts.
     fn attempt_finished(&self, step: &str, attempt: &AttemptRecord) {
         self.update(|snapshot| {
             if let Some(record) = step_mut(snapshot, step) {
-                let running = record.attempts.iter().rposition(|a| {
-                    a.attempt == attempt.attempt
-                        && a.item == attempt.item
-                        && a.status == StepStatus::Running
-                });
-                match running {
-                    Some(at) => record.attempts[at] = attempt.clone(),
-                    None => record.attempts.push(attempt.clone()),
-                }
+                record.attempts.push(attempt.clone());
             }
         });
     }
