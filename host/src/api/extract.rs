@@ -33,7 +33,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
-/// A JSON request body as [`JsonBody`] reads it: blank is `{}`; JSON that
+/// A JSON request body as `JsonBody` reads it: blank is `{}`; JSON that
 /// does not parse is `invalid_json` with where it broke.
 pub fn parse_json_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {

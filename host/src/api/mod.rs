@@ -205,7 +205,7 @@ fn build(service: Service, config: ApiConfig, stop: CancellationToken) -> Router
 /// Serves the API on `config.bind` until `shutdown` completes, then stops
 /// gracefully: the service takes no new runs (503), event streams and
 /// `?wait`s end, no new connection is accepted, and requests in flight get
-/// [`SHUTDOWN_GRACE`] to finish. Runs still going are resumed by the next
+/// `SHUTDOWN_GRACE` to finish. Runs still going are resumed by the next
 /// start (they are durable).
 ///
 /// Slow or idle clients cannot hold the server: a request's headers (and the

@@ -67,15 +67,15 @@ const NODE: u64 = 16;
 /// A bound a template went over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bound {
-    /// [`MAX_VALUE`].
+    /// `MAX_VALUE`.
     Value,
-    /// [`MAX_WORK`].
+    /// `MAX_WORK`.
     Work,
-    /// [`MAX_OUTPUT`].
+    /// `MAX_OUTPUT`.
     Output,
-    /// [`MAX_INSTRUCTIONS`].
+    /// `MAX_INSTRUCTIONS`.
     Instructions,
-    /// [`MAX_FILTER_SIZE`].
+    /// `MAX_FILTER_SIZE`.
     FilterSize,
     /// MiniJinja's own cap on `range`.
     Range,

@@ -234,7 +234,7 @@ pub const MAX_ATTEMPTS: u32 = 100;
 /// How often a step is attempted and how long to wait between attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
-    /// 1 to [`MAX_ATTEMPTS`]; 1 means no retry.
+    /// 1 to `MAX_ATTEMPTS`; 1 means no retry.
     pub max_attempts: u32,
     pub backoff: Backoff,
     pub initial: Duration,

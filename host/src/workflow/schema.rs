@@ -5,7 +5,7 @@
 //! one with a better message and location than serde could. Values that
 //! validation must locate (ids, references, templates) keep their span.
 //!
-//! [`parse`] reports *every* problem serde finds, not just the first: it parses
+//! `parse` reports *every* problem serde finds, not just the first: it parses
 //! the document into toml's spanned tree, deserializes, and on an error records
 //! it, drops the offending entry from the tree and tries again.
 

@@ -41,7 +41,7 @@ const RESULT: &str = "__trellis_value";
 pub(crate) const SCOPE_NAMES: [&str; 5] = ["input", "steps", "run", "item", "index"];
 
 /// Every template of one workflow, compiled, and its code rewritten once
-/// to run within the bounds of [`super::bounds`]. `Send + Sync`.
+/// to run within the bounds of the `bounds` module. `Send + Sync`.
 pub struct Templates {
     compiled: Bounded,
 }
@@ -224,7 +224,7 @@ pub enum TemplateError {
         reason: String,
     },
     /// Evaluation went over one of the bounds on time and memory that every
-    /// template evaluation has (kind `template_limit`; see [`super::bounds`]).
+    /// template evaluation has (kind `template_limit`; see the `bounds` module).
     #[error("{field}: `{template}`: {reason}")]
     Limit {
         field: String,

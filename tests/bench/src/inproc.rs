@@ -3,7 +3,7 @@
 //! runs per second, all in this process, one after the other, on one tokio
 //! runtime (worker threads = cores, as `trellis serve` has).
 //!
-//! - **limit** ([`crate::inproc_limit`]): fresh store + instance + `run` of
+//! - **limit** (`inproc_limit.rs`): fresh store + instance + `run` of
 //!   `noop`, no Trellis code on the hot path;
 //! - **sandbox**: the same through `Plugin::invoke` (Trellis's sandbox: the
 //!   limiter, captured output, the outcome), no executor;
