@@ -172,18 +172,15 @@ impl Service {
                 break;
             }
         }
-        // A ready run whose announcement was missed is found here.
-        cluster.ready_waiting.store(true, Ordering::Relaxed);
+        // Ready runs too: one whose announcement was missed is found here.
         Ok(claimed + self.claim_ready(cluster).await?)
     }
 
     /// Claims ready runs (left by busy nodes) while this node has room: as
-    /// many as steps could start now.
+    /// many as steps could start now. Called when ready runs may be waiting:
+    /// told so, on a sweep, or when a run ended here while they were.
     async fn claim_ready(&self, cluster: &Cluster) -> Result<usize, StoreError> {
-        if self.inner.closing.is_cancelled() || !cluster.ready_waiting.load(Ordering::Relaxed) {
-            return Ok(0);
-        }
-        if self.is_busy() {
+        if self.inner.closing.is_cancelled() || self.is_busy() {
             return Ok(0);
         }
         let room = self

@@ -21,7 +21,6 @@ mod runs;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -244,15 +243,12 @@ async fn open_store(config: &Config) -> Result<(Arc<dyn Store>, Option<Arc<PgSto
 /// that costs the plugin nothing but time.
 struct DurableState(Arc<dyn Store>);
 
-/// The first and the longest wait between tries of a state call.
-const STATE_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
-
 async fn waiting_out_outages<T, F, Fut>(mut call: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
-    let (mut wait, longest) = STATE_RETRY;
+    let (mut wait, longest) = crate::store::OUTAGE_BACKOFF;
     loop {
         match call().await {
             Err(StoreError::Unavailable(error)) => {

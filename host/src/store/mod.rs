@@ -344,6 +344,14 @@ pub enum Commit {
     Soon,
 }
 
+/// While the database is unreachable, how long to wait before trying again:
+/// the first wait, doubled each time up to the second. The writer's held
+/// writes and the service's plugin-state calls wait the same way.
+pub const OUTAGE_BACKOFF: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_secs(2),
+);
+
 /// How long the SQLite writer holds back a batch of [`Commit::Soon`] writes
 /// waiting for company; a [`Commit::Now`] write or a read ends the wait.
 pub const LINGER: std::time::Duration = std::time::Duration::from_millis(1);

@@ -182,25 +182,12 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Measurement>> {
 /// `TRELLIS_BENCH_POSTGRES` (else `TRELLIS_TEST_POSTGRES`) names; `None`
 /// (said once) without one.
 async fn postgres_store() -> anyhow::Result<Option<trellis::config::StoreKind>> {
-    let Some(url) = ["TRELLIS_BENCH_POSTGRES", "TRELLIS_TEST_POSTGRES"]
-        .iter()
-        .find_map(|name| std::env::var(name).ok().filter(|url| !url.is_empty()))
-    else {
+    let Some(url) = crate::postgres::server_url() else {
         eprintln!("inproc: no PostgreSQL named (TRELLIS_BENCH_POSTGRES): no postgres rows");
         return Ok(None);
     };
-    let schema = format!("trellis_bench_{}", uuid::Uuid::now_v7().simple());
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .context("connecting to TRELLIS_BENCH_POSTGRES")?;
-    tokio::spawn(connection);
-    client
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await?;
-    let separator = if url.contains('?') { '&' } else { '?' };
-    Ok(Some(trellis::config::StoreKind::Postgres(format!(
-        "{url}{separator}options=-c%20search_path%3D{schema}"
-    ))))
+    let store = crate::postgres::fresh_schema(&url, &[]).await?;
+    Ok(Some(trellis::config::StoreKind::Postgres(store)))
 }
 
 fn plugin_file(dir: &str, name: &str) -> anyhow::Result<PathBuf> {

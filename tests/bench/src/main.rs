@@ -15,6 +15,7 @@
 
 mod inproc;
 mod plot;
+mod postgres;
 #[allow(dead_code)] // until every part uses all of it
 mod report;
 mod soak;

@@ -471,19 +471,9 @@ fn http(env: &Env) -> anyhow::Result<Vec<Measurement>> {
     let workflows = env.dir("http/workflows")?;
     std::fs::write(workflows.join("chain3.toml"), chain_workflow(3))?;
     let mut server = env.serve(&work, "data", &workflows, &[])?;
-    let waited = "/v1/workflows/chain3/runs?wait=10s";
     let expected = chain3_output();
     // Warm up: plugins instantiated, SQLite pages and the allocator warm.
-    let warm = load(
-        &[&server],
-        waited,
-        INPUT,
-        &expected,
-        16,
-        scale.runs_per_level / 10,
-        Duration::from_secs(3),
-    )?;
-    ensure!(warm.errors == 0, "warm-up errors: {:?}", warm.first_error);
+    warm_up(env, &[&server], "warm-up")?;
     let mut results = Vec::new();
     for &clients in scale.levels {
         results.extend(waited_level(env, &mut server, clients, "")?);
@@ -552,16 +542,7 @@ fn http(env: &Env) -> anyhow::Result<Vec<Measurement>> {
     // by default; this says what that line costs.
     let clients = scale.levels[scale.levels.len() / 2];
     let mut quiet = env.serve(&work, "data-quiet", &workflows, &[("TRELLIS_LOG", "warn")])?;
-    let warm = load(
-        &[&quiet],
-        waited,
-        INPUT,
-        &expected,
-        16,
-        scale.runs_per_level / 10,
-        Duration::from_secs(3),
-    )?;
-    ensure!(warm.errors == 0, "warm-up errors: {:?}", warm.first_error);
+    warm_up(env, &[&quiet], "warm-up")?;
     results.extend(waited_level(
         env,
         &mut quiet,
@@ -569,6 +550,22 @@ fn http(env: &Env) -> anyhow::Result<Vec<Measurement>> {
         ", TRELLIS_LOG=warn",
     )?);
     Ok(results)
+}
+
+/// Runs a tenth of a level's runs (at most 3 s) through `servers`, so
+/// that plugins are instantiated and the database and allocator are warm;
+/// any error fails the part.
+pub(crate) fn warm_up(env: &Env, servers: &[&Server], what: &str) -> anyhow::Result<()> {
+    load(
+        servers,
+        "/v1/workflows/chain3/runs?wait=10s",
+        INPUT,
+        &chain3_output(),
+        16,
+        env.scale.runs_per_level / 10,
+        Duration::from_secs(3),
+    )?
+    .check(what)
 }
 
 /// One level of the `?wait` load: runs/s and latency.

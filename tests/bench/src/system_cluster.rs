@@ -20,7 +20,9 @@ use serde_json::{Value, json};
 
 use super::client::Conn;
 use super::process::Server;
-use super::{Env, INPUT, Load, TARGET_P99_MS, chain_workflow, chain3_output, latency_rows, load};
+use super::{
+    Env, INPUT, Load, TARGET_P99_MS, chain_workflow, chain3_output, latency_rows, load, warm_up,
+};
 use crate::report::{Measurement, quantiles};
 
 /// The issue 14 goal: durable 3-step runs/s over HTTP with one node.
@@ -29,48 +31,16 @@ const TARGET_ONE_NODE: f64 = 2_000.0;
 /// the issue's bound is `lease` + 5 s at any lease).
 const TAKEOVER_LEASE: Duration = Duration::from_secs(2);
 
-/// The server named by `TRELLIS_BENCH_POSTGRES` or `TRELLIS_TEST_POSTGRES`.
-fn server_url() -> Option<String> {
-    ["TRELLIS_BENCH_POSTGRES", "TRELLIS_TEST_POSTGRES"]
-        .iter()
-        .find_map(|name| std::env::var(name).ok().filter(|url| !url.is_empty()))
-}
-
-/// A fresh schema on the server; the store URL of nodes on it, their
-/// sessions set up with `settings` too (`-c name=value` each).
+/// [`crate::postgres::fresh_schema`], from this synchronous part.
 fn fresh_schema(url: &str, settings: &[&str]) -> anyhow::Result<String> {
-    let schema = format!("trellis_bench_{}", uuid::Uuid::now_v7().simple());
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .with_context(|| format!("cannot connect to the benchmark's PostgreSQL {url}"))?;
-        tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE SCHEMA {schema}"))
-            .await?;
-        anyhow::Ok(())
-    })?;
-    let mut options = format!("-c search_path={schema}");
-    for setting in settings {
-        options.push_str(&format!(" -c {setting}"));
-    }
-    let options: String = options
-        .bytes()
-        .map(|b| match b {
-            b' ' => "%20".to_owned(),
-            b'=' => "%3D".to_owned(),
-            other => (other as char).to_string(),
-        })
-        .collect();
-    let separator = if url.contains('?') { '&' } else { '?' };
-    Ok(format!("{url}{separator}options={options}"))
+        .build()?
+        .block_on(crate::postgres::fresh_schema(url, settings))
 }
 
 pub(super) fn cluster(env: &Env) -> anyhow::Result<Vec<Measurement>> {
-    let Some(url) = server_url() else {
+    let Some(url) = crate::postgres::server_url() else {
         eprintln!("system: cluster: no PostgreSQL named (TRELLIS_BENCH_POSTGRES): no cluster rows");
         return Ok(Vec::new());
     };
@@ -125,16 +95,7 @@ fn throughput(
     let servers: Vec<&Server> = servers.iter().collect();
     let path = "/v1/workflows/chain3/runs?wait=10s";
     let expected = chain3_output();
-    let warm = load(
-        &servers,
-        path,
-        INPUT,
-        &expected,
-        16,
-        scale.runs_per_level / 10,
-        Duration::from_secs(3),
-    )?;
-    warm.check(&format!("cluster warm-up, {label}"))?;
+    warm_up(env, &servers, &format!("cluster warm-up, {label}"))?;
     // Longer than a level of the `http` part: a figure of a few seconds
     // moves with whatever PostgreSQL does in the background.
     let clients = scale.levels[scale.levels.len() / 2];

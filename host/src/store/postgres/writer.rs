@@ -16,7 +16,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{Label, pg_error, pipeline, unavailable};
 use crate::store::rows::{FinishedRow, NewRunRow, state_after_set};
-use crate::store::{Commit, Created, DatabaseError, StateQuota, StoreError};
+use crate::store::{Commit, Created, DatabaseError, OUTAGE_BACKOFF, StateQuota, StoreError};
 
 /// The most writes one transaction takes.
 const MAX_BATCH: usize = 256;
@@ -84,9 +84,9 @@ pub(super) struct WriteCommand {
 }
 
 /// How long the writer waits before it tries the database again after it
-/// was found unreachable: doubled each time, up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// was found unreachable.
+const FIRST_BACKOFF: Duration = OUTAGE_BACKOFF.0;
+const MAX_BACKOFF: Duration = OUTAGE_BACKOFF.1;
 
 impl Write {
     /// The run a write of a run's progress is about, and its fence.
