@@ -442,9 +442,14 @@ impl Server {
         if let Some(token) = &self.token {
             request = request.header("authorization", format!("Bearer {token}"));
         }
-        let response = match body {
-            Some(body) => self.agent.run(request.body(body.to_vec()).unwrap()),
-            None => self.agent.run(request.body(()).unwrap()),
+        // A bodiless POST or PUT goes out with `content-length: 0`: with `()`
+        // ureq sends an empty *chunked* body whose last chunk may arrive after
+        // an early answer (a 401); hyper then closes the connection, and the
+        // next call on it from the pool can fail with "peer disconnected".
+        let response = match (body, method) {
+            (Some(body), _) => self.agent.run(request.body(body.to_vec()).unwrap()),
+            (None, "POST" | "PUT" | "PATCH") => self.agent.run(request.body(Vec::new()).unwrap()),
+            (None, _) => self.agent.run(request.body(()).unwrap()),
         };
         let mut response =
             response.unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.stderr()));
