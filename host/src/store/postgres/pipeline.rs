@@ -11,6 +11,12 @@
 //! finished) needed nothing. A statement that fails aborts the transaction:
 //! the batch fails and the writer tries each write alone (the same way, in a
 //! pipeline of one). Writes of plugin state are left to the writer.
+//!
+//! Each write is one statement, and some share one: a new run and its steps;
+//! a finished run, its steps and the end of its items; steps of one run
+//! queued one after the other (a step's end and the next one's start); a
+//! step's end queued just before its run's end (which writes every step's
+//! final record). A 3-step run costs six statements, where it cost twelve.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -53,21 +59,35 @@ macro_rules! held {
 
 const SOURCE: &str =
     "INSERT INTO workflow_sources (digest, source) VALUES ($1, $2) ON CONFLICT DO NOTHING";
-const RUN: &str = "INSERT INTO runs (id, workflow, status, created_at, started_at, finished_at,
-         duration_ms, input, output, error, idempotency_key, workflow_digest, workflow_file,
-         owner, epoch)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-     ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING";
-/// A new run's steps, unless the run was not inserted (its key was taken).
-const NEW_STEPS: &str = "INSERT INTO steps (run_id, idx, record)
-     SELECT $1, s.idx, s.record FROM unnest($2::bigint[], $3::text[]) AS s (idx, record)
-     WHERE EXISTS (SELECT 1 FROM runs WHERE id = $1)";
+/// A new run and its steps in one statement: nothing (no row) if its key
+/// was taken.
+const RUN: &str = "WITH created AS (
+         INSERT INTO runs (id, workflow, status, created_at, started_at, finished_at,
+             duration_ms, input, output, error, idempotency_key, workflow_digest, workflow_file,
+             owner, epoch)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+         ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+         RETURNING id),
+     new_steps AS (
+         INSERT INTO steps (run_id, idx, record)
+         SELECT created.id, s.idx, s.record
+         FROM created, unnest($16::bigint[], $17::text[]) AS s (idx, record))
+     SELECT 1 FROM created";
 const STARTED: &str = "UPDATE runs SET status = 'running', started_at = $2
      WHERE id = $1 AND status IN ('queued', 'running') AND ($3::bigint IS NULL OR epoch = $3)";
 const STEP: &str = concat!(
     "WITH held AS (",
     held!("$1", "$4"),
     ") INSERT INTO steps (run_id, idx, record) SELECT $1, $2, $3 FROM held
+     ON CONFLICT (run_id, idx) DO UPDATE SET record = excluded.record"
+);
+/// Several steps of one run, written one after the other (a step's finished
+/// record and the next step's start), in one statement.
+const STEPS: &str = concat!(
+    "WITH held AS (",
+    held!("$1", "$4"),
+    ") INSERT INTO steps (run_id, idx, record)
+     SELECT $1, s.idx, s.record FROM held, unnest($2::bigint[], $3::text[]) AS s (idx, record)
      ON CONFLICT (run_id, idx) DO UPDATE SET record = excluded.record"
 );
 const DROP_ITEMS: &str = concat!(
@@ -81,24 +101,22 @@ const ITEM: &str = concat!(
     ") INSERT INTO step_items (run_id, idx, position, record) SELECT $1, $2, $3, $4 FROM held
      ON CONFLICT (run_id, idx, position) DO UPDATE SET record = excluded.record"
 );
-const FINISH: &str = "UPDATE runs SET status = $2, output = $3, error = $4, started_at = $5,
-         finished_at = $6, duration_ms = $7
-     WHERE id = $1 AND ($8::bigint IS NULL OR epoch = $8)";
-/// A finished run's steps: most were stored as they finished, and a row
-/// that would not change is left alone (no new row version).
-const ALL_STEPS: &str = concat!(
-    "WITH held AS (",
-    held!("$1", "$4"),
-    ") INSERT INTO steps (run_id, idx, record)
-     SELECT $1, s.idx, s.record FROM held, unnest($2::bigint[], $3::text[]) AS s (idx, record)
-     ON CONFLICT (run_id, idx) DO UPDATE SET record = excluded.record
-     WHERE steps.record <> excluded.record"
-);
-const ALL_ITEMS: &str = concat!(
-    "DELETE FROM step_items WHERE run_id = $1 AND EXISTS (",
-    held!("$1", "$2"),
-    ")"
-);
+/// A finished run in one statement: its row; its steps, most of which were
+/// stored as they finished, so a row that would not change is left alone (no
+/// new row version); and its `for_each` items dropped.
+const FINISH: &str = "WITH done AS (
+         UPDATE runs SET status = $2, output = $3, error = $4, started_at = $5,
+             finished_at = $6, duration_ms = $7
+         WHERE id = $1 AND ($8::bigint IS NULL OR epoch = $8)
+         RETURNING id),
+     all_steps AS (
+         INSERT INTO steps (run_id, idx, record)
+         SELECT done.id, s.idx, s.record FROM done, unnest($9::bigint[], $10::text[]) AS s (idx, record)
+         ON CONFLICT (run_id, idx) DO UPDATE SET record = excluded.record
+         WHERE steps.record <> excluded.record),
+     all_items AS (
+         DELETE FROM step_items WHERE run_id = $1 AND EXISTS (SELECT 1 FROM done))
+     SELECT 1 FROM done";
 
 /// What a write's main statement changing nothing means.
 #[derive(Clone, Copy)]
@@ -122,29 +140,49 @@ pub(super) async fn run(
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     let failed = |e| pg_error(label, "a write", e);
     // Prepared once per connection (cached), before the pipeline.
-    let mut prepared = Vec::with_capacity(10);
-    for sql in [
-        SOURCE, RUN, NEW_STEPS, STARTED, STEP, DROP_ITEMS, ITEM, FINISH, ALL_STEPS, ALL_ITEMS,
-    ] {
+    let mut prepared = Vec::with_capacity(8);
+    for sql in [SOURCE, RUN, STARTED, STEP, STEPS, DROP_ITEMS, ITEM, FINISH] {
         prepared.push(tx.prepare_cached(sql).await.map_err(failed)?);
     }
     let [
         source,
         run,
-        new_steps,
         started,
         step,
+        steps,
         drop_step_items,
         item,
         finish,
-        all_steps,
-        all_items,
-    ] = <[_; 10]>::try_from(prepared).expect("ten statements");
+    ] = <[_; 8]>::try_from(prepared).expect("eight statements");
+
+    // Steps of one run written one after the other go in one statement: how
+    // many writes, from each one, that statement carries (0: carried by an
+    // earlier one).
+    // Steps written just before their run's end are carried by the end,
+    // which writes every step's final record: by which write, if so.
+    let finishing = finishing(writes);
+    let mut carries = vec![1usize; writes.len()];
+    let mut first: Option<usize> = None;
+    for at in 0..writes.len() {
+        if finishing[at].is_some() {
+            carries[at] = 0;
+            first = None;
+            continue;
+        }
+        match first {
+            Some(first) if mergeable(writes[first], writes[at], &writes[first..at]) => {
+                carries[first] += 1;
+                carries[at] = 0;
+            }
+            _ => first = Some(at),
+        }
+    }
 
     // What each statement borrows, made before any statement is.
     let arrays: Vec<(Vec<i64>, Vec<&str>)> = writes
         .iter()
-        .map(|write| match write {
+        .enumerate()
+        .map(|(at, write)| match write {
             Write::CreateRun { row, .. } => (
                 (0..row.steps.len() as i64).collect(),
                 row.steps.iter().map(String::as_str).collect(),
@@ -156,6 +194,13 @@ pub(super) async fn run(
                     .map(|(_, record)| record.as_str())
                     .collect(),
             ),
+            Write::SaveStep { .. } if carries[at] > 1 => writes[at..at + carries[at]]
+                .iter()
+                .map(|write| match write {
+                    Write::SaveStep { index, record, .. } => (*index, record.as_str()),
+                    _ => unreachable!("only steps are merged"),
+                })
+                .unzip(),
             _ => (Vec::new(), Vec::new()),
         })
         .collect();
@@ -167,7 +212,7 @@ pub(super) async fn run(
         })
         .collect();
 
-    let mut statements: Vec<Statement<'_>> = Vec::with_capacity(writes.len() * 3);
+    let mut statements: Vec<Statement<'_>> = Vec::with_capacity(writes.len() * 2);
     // Per write: the index of its main statement in `statements`, and what
     // its changing nothing means.
     let mut mains: Vec<(usize, Check)> = Vec::with_capacity(writes.len());
@@ -206,9 +251,10 @@ pub(super) async fn run(
                         &row.workflow_file,
                         owner,
                         &epochs[at],
+                        indices,
+                        records,
                     ],
                 ));
-                statements.push(exec(tx, &new_steps, vec![&row.id, indices, records]));
             }
             Write::RunStarted {
                 id,
@@ -217,6 +263,19 @@ pub(super) async fn run(
             } => {
                 mains.push((statements.len(), Check::Started));
                 statements.push(exec(tx, &started, vec![id, started_at, fence]));
+            }
+            // Carried by the run's end, whose statement comes later.
+            Write::SaveStep { .. } if finishing[at].is_some() => {
+                mains.push((usize::MAX, Check::Held));
+            }
+            // Carried by the statement of an earlier write.
+            Write::SaveStep { .. } if carries[at] == 0 => {
+                let carrier = mains.last().expect("an earlier step carries it").0;
+                mains.push((carrier, Check::Held));
+            }
+            Write::SaveStep { run_id, fence, .. } if carries[at] > 1 => {
+                mains.push((statements.len(), Check::Held));
+                statements.push(exec(tx, &steps, vec![run_id, indices, records, fence]));
             }
             Write::SaveStep {
                 run_id,
@@ -259,14 +318,19 @@ pub(super) async fn run(
                         &run.finished_at,
                         &run.duration_ms,
                         fence,
+                        indices,
+                        records,
                     ],
                 ));
-                statements.push(exec(tx, &all_steps, vec![&run.id, indices, records, fence]));
-                statements.push(exec(tx, &all_items, vec![&run.id, fence]));
             }
             Write::StateSet { .. } | Write::StateDelete { .. } => {
                 mains.push((usize::MAX, Check::None));
             }
+        }
+    }
+    for (at, finish) in finishing.iter().enumerate() {
+        if let Some(finish) = finish {
+            mains[at] = mains[*finish];
         }
     }
     let answers = pipeline(statements).await;
@@ -298,6 +362,63 @@ pub(super) async fn run(
         });
     }
     Ok(results)
+}
+
+/// For each write, the run's end that carries it: a step written just before
+/// its run's end (nothing of other runs between them), under the same fence.
+fn finishing(writes: &[&Write]) -> Vec<Option<usize>> {
+    let mut finishing = vec![None; writes.len()];
+    for (at, write) in writes.iter().enumerate() {
+        let Write::FinishRun { run, fence } = write else {
+            continue;
+        };
+        for before in (0..at).rev() {
+            match writes[before] {
+                Write::SaveStep {
+                    run_id,
+                    index,
+                    fence: step_fence,
+                    ..
+                } if *run_id == run.id
+                    && step_fence == fence
+                    && run.steps.iter().any(|(stored, _)| stored == index) =>
+                {
+                    finishing[before] = Some(at);
+                }
+                _ => break,
+            }
+        }
+    }
+    finishing
+}
+
+/// Whether the step write `next` can go in the statement of `first`, the
+/// step write it follows with `between` (from `first` on) before it: steps
+/// of the same run under the same fence, each row once, none whose items are
+/// dropped.
+fn mergeable(first: &Write, next: &Write, between: &[&Write]) -> bool {
+    fn step(write: &Write) -> Option<(&str, i64, Option<i64>)> {
+        match write {
+            Write::SaveStep {
+                run_id,
+                index,
+                drop_items: false,
+                fence,
+                ..
+            } => Some((run_id.as_str(), *index, *fence)),
+            _ => None,
+        }
+    }
+    let (Some((run, _, fence)), Some((next_run, next_index, next_fence))) =
+        (step(first), step(next))
+    else {
+        return false;
+    };
+    run == next_run
+        && fence == next_fence
+        && between
+            .iter()
+            .all(|write| step(write).is_some_and(|(r, index, _)| r == run && index != next_index))
 }
 
 /// Runs `statements` as a pipeline: every request is sent (tokio-postgres

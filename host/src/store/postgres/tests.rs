@@ -583,3 +583,99 @@ async fn a_ready_run_left_by_a_busy_node_is_claimed_by_one_with_room() {
         Err(StoreError::Fenced(_))
     ));
 }
+
+/// Steps of one run queued one after the other (a step's end and the next
+/// one's start, or the last step's end and the run's) share a statement:
+/// they land as queued, a row written twice keeps the later record, and when
+/// the run is fenced each of them says so.
+#[tokio::test]
+async fn steps_queued_together_land_in_order_and_are_fenced_together() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    let a = node(&backend, "a").await;
+    let record = create_held(&a).await;
+    let mut running = pending_step("parse");
+    running.status = StepStatus::Running;
+    let mut price_running = pending_step("price");
+    price_running.status = StepStatus::Running;
+    // Finished steps without `for_each` items (whose rows would be dropped in
+    // a statement of their own).
+    let parse_done = StepRecord {
+        items: None,
+        ..finished_step("parse")
+    };
+    let price_done = StepRecord {
+        items: None,
+        ..finished_step("price")
+    };
+    // One batch: nothing runs the writer (a current-thread runtime) before
+    // the last is awaited.
+    let queued = [
+        a.save_step(&record.id, 0, &running, Commit::Soon),
+        a.save_step(&record.id, 1, &price_running, Commit::Soon),
+        a.save_step(&record.id, 0, &parse_done, Commit::Soon),
+        a.save_step(&record.id, 1, &price_done, Commit::Now),
+    ];
+    for result in futures::future::join_all(queued).await {
+        result.unwrap();
+    }
+    let stored = a.get_run(&record.id).await.unwrap().unwrap();
+    assert_eq!(stored.steps, [parse_done.clone(), price_done.clone()]);
+
+    // A step's end queued just before its run's end: the run's end carries it.
+    let other = create_held(&a).await;
+    let finished = RunRecord {
+        status: RunStatus::Succeeded,
+        steps: vec![parse_done, price_done],
+        ..other.clone()
+    };
+    let (step, finish) = tokio::join!(
+        a.save_step(&other.id, 1, &price_running, Commit::Soon),
+        a.finish_run(&finished)
+    );
+    step.unwrap();
+    finish.unwrap();
+    assert_eq!(a.get_run(&other.id).await.unwrap().unwrap(), finished);
+
+    let b = node(&backend, "b").await;
+    expire(&backend, "a").await;
+    assert_eq!(b.claim(10, true).await.unwrap().len(), 1);
+    let late = [
+        a.save_step(&record.id, 0, &running, Commit::Soon),
+        a.save_step(&record.id, 1, &price_running, Commit::Soon),
+    ];
+    let taken = RunRecord {
+        id: record.id.clone(),
+        ..finished.clone()
+    };
+    let (late, finish) = tokio::join!(futures::future::join_all(late), a.finish_run(&taken));
+    for result in late.into_iter().chain([finish]) {
+        assert!(matches!(result, Err(StoreError::Fenced(_))), "{result:?}");
+    }
+    assert_eq!(
+        b.get_run(&record.id).await.unwrap().unwrap().steps,
+        stored.steps
+    );
+
+    let gone = [
+        b.save_step(
+            "0190b5a4-7c1e-7d3a-9f2b-1c2d3e4f5a6b",
+            0,
+            &running,
+            Commit::Soon,
+        ),
+        b.save_step(
+            "0190b5a4-7c1e-7d3a-9f2b-1c2d3e4f5a6b",
+            1,
+            &running,
+            Commit::Now,
+        ),
+    ];
+    for result in futures::future::join_all(gone).await {
+        assert!(
+            matches!(&result, Err(e) if e.to_string().contains("0190b5a4-7c1e-7d3a-9f2b-1c2d3e4f5a6b")),
+            "{result:?}"
+        );
+    }
+}
