@@ -527,6 +527,10 @@ pub fn queued_record(plan: &Plan, run_id: String, input: Value) -> RunRecord {
             .iter()
             .map(|step| StepRecord::pending(&step.id, step.plugin.to_string()))
             .collect(),
+        retry_of: None,
+        rerun_of: None,
+        retries: Vec::new(),
+        parent: None,
     }
 }
 
@@ -966,6 +970,7 @@ fn attempt_record(
         logs: outcome.logs,
         log_bytes_dropped: outcome.log_bytes_dropped,
         progress: outcome.progress,
+        child_run: None,
     };
     (outcome.result, record)
 }

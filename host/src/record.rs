@@ -256,6 +256,10 @@ pub struct AttemptRecord {
     /// The last `host.progress` the plugin reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// A sub-workflow step's attempt: the child run it started (or, after a
+    /// restart, went on waiting for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_run: Option<String>,
 }
 
 impl AttemptRecord {
@@ -274,6 +278,7 @@ impl AttemptRecord {
             logs: Vec::new(),
             log_bytes_dropped: 0,
             progress: None,
+            child_run: None,
         }
     }
 }
@@ -292,8 +297,14 @@ pub struct Progress {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StepRecord {
     pub id: String,
-    /// The plugin reference as the workflow wrote it.
+    /// The plugin reference as the workflow wrote it; empty (and left out of
+    /// the JSON) for a sub-workflow step.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub plugin: String,
+    /// A sub-workflow step: the workflow each of its attempts runs as a
+    /// child run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
     /// What it resolved to when the run started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugin_version: Option<String>,
@@ -311,6 +322,10 @@ pub struct StepRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items: Option<usize>,
     pub attempts: Vec<AttemptRecord>,
+    /// A step a retry took over from the run it retries (its output, not
+    /// run again): that run's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<String>,
 }
 
 impl StepRecord {
@@ -328,6 +343,16 @@ impl StepRecord {
             duration_ms: None,
             items: None,
             attempts: Vec::new(),
+            reused_from: None,
+            workflow: None,
+        }
+    }
+
+    /// A sub-workflow step that has not started.
+    pub fn pending_workflow(id: impl Into<String>, workflow: impl Into<String>) -> StepRecord {
+        StepRecord {
+            workflow: Some(workflow.into()),
+            ..StepRecord::pending(id, String::new())
         }
     }
 }
@@ -356,6 +381,18 @@ impl std::fmt::Display for RunError {
     }
 }
 
+/// The sub-workflow step a child run was started by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ParentRef {
+    /// The parent run's id.
+    pub run: String,
+    /// The parent's step.
+    pub step: String,
+    /// The `for_each` position, for a fan-out step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<usize>,
+}
+
 /// A whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunRecord {
@@ -374,6 +411,18 @@ pub struct RunRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<f64>,
     pub steps: Vec<StepRecord>,
+    /// A retry: the run it retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<String>,
+    /// A rerun: the run it runs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<String>,
+    /// The retries of this run, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retries: Vec<String>,
+    /// A child run: the sub-workflow step that started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
 }
 
 /// Now, as RFC 3339 with milliseconds.

@@ -234,6 +234,8 @@ pub struct ListParams {
     /// Only runs in this state: `queued`, `running`, `succeeded`, `failed`, `cancelled`.
     #[param(value_type = Option<RunStatus>)]
     status: Option<String>,
+    /// Only the child runs of this run (started by its sub-workflow steps).
+    parent: Option<String>,
     /// Runs per page, 1 to 1000 (default 50).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
@@ -281,6 +283,7 @@ pub async fn list_runs(
     let query = RunQuery {
         workflow: params.workflow,
         status,
+        parent: params.parent.filter(|parent| !parent.is_empty()),
         limit,
         cursor: params.cursor.filter(|cursor| !cursor.is_empty()),
     };
@@ -529,6 +532,10 @@ mod tests {
         RunEvent::RunFinished {
             seq,
             run: RunRecord {
+                retry_of: None,
+                rerun_of: None,
+                retries: Vec::new(),
+                parent: None,
                 id: "r".to_owned(),
                 workflow: "w".to_owned(),
                 status: RunStatus::Succeeded,

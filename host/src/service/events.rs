@@ -384,6 +384,10 @@ mod tests {
 
     fn record(status: RunStatus, steps: Vec<StepRecord>) -> RunRecord {
         RunRecord {
+            retry_of: None,
+            rerun_of: None,
+            retries: Vec::new(),
+            parent: None,
             id: "run-1".to_owned(),
             workflow: "w".to_owned(),
             status,
@@ -412,6 +416,7 @@ mod tests {
         let mut done = StepRecord::pending("a", "p");
         done.status = StepStatus::Succeeded;
         done.attempts.push(AttemptRecord {
+            child_run: None,
             attempt: 1,
             item: None,
             status: StepStatus::Succeeded,
@@ -443,6 +448,7 @@ mod tests {
     #[test]
     fn a_followed_record_gives_each_event_once() {
         let attempt = |number: u32, status, logs: Vec<LogLine>| AttemptRecord {
+            child_run: None,
             attempt: number,
             item: None,
             status,

@@ -12,7 +12,9 @@ use super::catalog::{PinnedCatalog, WorkflowEntry};
 use super::events::ActiveRun;
 use crate::executor::{RunOptions, queued_record};
 use crate::record::{ErrorKind, RunError, RunRecord, RunStatus, new_run_id, now_rfc3339};
-use crate::store::{Created, NewRun, RunPage, RunQuery, StoreError, StoredItems, UnfinishedRun};
+use crate::store::{
+    Created, NO_ITEMS, NewRun, RunPage, RunQuery, StoreError, StoredItems, UnfinishedRun,
+};
 use crate::workflow::{self, Plan, SchemaViolation};
 
 /// Why a run was not accepted.
@@ -92,6 +94,7 @@ impl Service {
             workflow_source: &entry.source,
             workflow_file: &entry.file,
             idempotency_key,
+            items: &NO_ITEMS,
         };
         // A node of a cluster with more work than it can run leaves the run
         // ready for a node with room (this one too, once it has some).

@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::record::{
-    AttemptRecord, ErrorKind, ErrorRecord, LogLevel, LogLine, LogStream, Progress, RunError,
-    StepStatus, new_run_id,
+    AttemptRecord, ErrorKind, ErrorRecord, LogLevel, LogLine, LogStream, ParentRef, Progress,
+    RunError, StepStatus, new_run_id,
 };
 
 /// A database a test may use alone, and how to open stores on it.
@@ -67,6 +67,7 @@ macro_rules! contract_tests {
             state_stops_at_its_quota,
             two_stores_on_one_database_make_one_run_per_key,
             the_quota_holds_across_stores,
+            lineage_and_taken_over_items_are_stored_with_a_run,
         );
     };
     (@each $backend:ty; $($name:ident),* $(,)?) => {
@@ -92,6 +93,7 @@ pub(super) fn pending_step(id: &str) -> StepRecord {
 /// A step that failed once and then succeeded, with every optional field set.
 pub(super) fn finished_step(id: &str) -> StepRecord {
     let failed = AttemptRecord {
+        child_run: None,
         attempt: 1,
         item: Some(0),
         status: StepStatus::Failed,
@@ -118,6 +120,7 @@ pub(super) fn finished_step(id: &str) -> StepRecord {
         }),
     };
     let succeeded = AttemptRecord {
+        child_run: None,
         attempt: 2,
         item: Some(0),
         status: StepStatus::Succeeded,
@@ -131,6 +134,8 @@ pub(super) fn finished_step(id: &str) -> StepRecord {
         progress: None,
     };
     StepRecord {
+        reused_from: None,
+        workflow: None,
         id: id.into(),
         plugin: "json-transform@1.0.0".into(),
         plugin_version: Some("1.0.0".into()),
@@ -147,6 +152,10 @@ pub(super) fn finished_step(id: &str) -> StepRecord {
 
 pub(super) fn queued_run(workflow: &str) -> RunRecord {
     RunRecord {
+        retry_of: None,
+        rerun_of: None,
+        retries: Vec::new(),
+        parent: None,
         id: new_run_id(),
         workflow: workflow.into(),
         status: RunStatus::Queued,
@@ -168,6 +177,7 @@ pub(super) async fn create(store: &Arc<dyn Store>, record: &RunRecord) {
 
 pub(super) fn new_run<'a>(record: &'a RunRecord, key: Option<&'a str>) -> NewRun<'a> {
     NewRun {
+        items: &NO_ITEMS,
         record,
         workflow_source: SOURCE,
         workflow_file: "workflows/orders.toml",
@@ -319,6 +329,7 @@ pub(super) async fn list_pages_newest_first_without_gaps(backend: &impl Backend)
     let (ids, _) = all_pages(
         &store,
         RunQuery {
+            parent: None,
             workflow: Some("odd".into()),
             status: Some(RunStatus::Succeeded),
             limit: 3,
@@ -592,6 +603,7 @@ pub(super) async fn unfinished_runs_are_queued_or_running_oldest_first(backend: 
     let other_source = "name = \"billing\"\n";
     let created = store
         .create_run(NewRun {
+            items: &NO_ITEMS,
             record: &other,
             workflow_source: other_source,
             workflow_file: "billing.toml",
@@ -843,4 +855,111 @@ pub(super) async fn the_quota_holds_across_stores(backend: &impl Backend) {
     );
     assert_eq!(backend.usage("w").await, Some((10, 10 * 4)));
     assert_eq!(backend.scalar("SELECT count(*) FROM state").await, Some(10));
+}
+
+/// A retry's lineage and the items it took over are stored with it; the
+/// original lists its retries, oldest first; child runs list by parent; the
+/// run's workflow text is there to plan a retry from.
+pub(super) async fn lineage_and_taken_over_items_are_stored_with_a_run(backend: &impl Backend) {
+    let store = backend.open(StateQuota::default()).await;
+    let original = queued_run("orders");
+    create(&store, &original).await;
+    assert_eq!(
+        store.run_workflow(&original.id).await.unwrap(),
+        Some((SOURCE.to_owned(), "workflows/orders.toml".to_owned()))
+    );
+    assert_eq!(store.run_workflow(&new_run_id()).await.unwrap(), None);
+
+    let mut reused = finished_step("parse");
+    reused.attempts.clear();
+    reused.reused_from = Some(original.id.clone());
+    let retry = |steps: Vec<StepRecord>| RunRecord {
+        retry_of: Some(original.id.clone()),
+        steps,
+        ..queued_run("orders")
+    };
+    let first = retry(vec![reused.clone(), pending_step("price")]);
+    let item = ItemRecord {
+        item: json!({"sku": "a"}),
+        attempts: Vec::new(),
+        outcome: Some(ItemOutcome::Output(json!({"ok": true}))),
+    };
+    let items: StoredItems = [((1, 3), item.clone())].into();
+    let created = store
+        .create_run(NewRun {
+            items: &items,
+            ..new_run(&first, None)
+        })
+        .await
+        .unwrap();
+    assert!(matches!(created, Created::New));
+    let second = retry(vec![pending_step("parse"), pending_step("price")]);
+    create(&store, &second).await;
+
+    assert_eq!(store.get_run(&first.id).await.unwrap(), Some(first.clone()));
+    let stored = store.get_run(&original.id).await.unwrap().unwrap();
+    assert_eq!(stored.retries, [first.id.clone(), second.id.clone()]);
+    let unfinished = store.unfinished_runs().await.unwrap();
+    let first_unfinished = unfinished
+        .iter()
+        .find(|run| run.record.id == first.id)
+        .unwrap();
+    assert_eq!(first_unfinished.items, items);
+    assert_eq!(first_unfinished.record.steps[0], reused);
+
+    let children: Vec<RunRecord> = (0..3)
+        .map(|item| RunRecord {
+            parent: Some(ParentRef {
+                run: original.id.clone(),
+                step: "price".into(),
+                item: (item > 0).then_some(item),
+            }),
+            rerun_of: (item == 2).then(|| second.id.clone()),
+            ..queued_run("child")
+        })
+        .collect();
+    for child in &children {
+        create(&store, child).await;
+    }
+    let page = store
+        .list_runs(&RunQuery {
+            parent: Some(original.id.clone()),
+            ..RunQuery::default()
+        })
+        .await
+        .unwrap();
+    let listed: Vec<(&str, Option<&ParentRef>, Option<&str>)> = page
+        .runs
+        .iter()
+        .map(|run| {
+            (
+                run.id.as_str(),
+                run.parent.as_ref(),
+                run.rerun_of.as_deref(),
+            )
+        })
+        .collect();
+    let expected: Vec<(&str, Option<&ParentRef>, Option<&str>)> = children
+        .iter()
+        .rev()
+        .map(|run| {
+            (
+                run.id.as_str(),
+                run.parent.as_ref(),
+                run.rerun_of.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, expected);
+    assert!(
+        store
+            .list_runs(&RunQuery {
+                parent: Some(first.id.clone()),
+                ..RunQuery::default()
+            })
+            .await
+            .unwrap()
+            .runs
+            .is_empty()
+    );
 }

@@ -159,6 +159,9 @@ pub struct NewRun<'a> {
     pub workflow_source: &'a str,
     pub workflow_file: &'a str,
     pub idempotency_key: Option<&'a str>,
+    /// `for_each` items a retry took over from the run it retries, stored
+    /// with the run: its steps that run again start from them.
+    pub items: &'a StoredItems,
 }
 
 /// What `create_run` did.
@@ -227,6 +230,9 @@ pub struct Node {
 /// `for_each` items stored while their step runs, by (step index, position).
 pub type StoredItems = BTreeMap<(usize, usize), ItemRecord>;
 
+/// No items: what a new run that is not a retry starts from.
+pub static NO_ITEMS: StoredItems = StoredItems::new();
+
 /// One `for_each` item of a step that has not finished, as stored after each
 /// of its attempts starts and ends: after a restart, an item that had
 /// finished is not run again, and one cut short goes on numbering its
@@ -275,6 +281,8 @@ impl ItemOutcome {
 pub struct RunQuery {
     pub workflow: Option<String>,
     pub status: Option<RunStatus>,
+    /// The child runs of this run.
+    pub parent: Option<String>,
     /// At most this many (the store caps it at 1000; 0 means 50).
     pub limit: usize,
     /// Opaque: the `next_cursor` of the previous page.
@@ -363,8 +371,12 @@ pub trait Store: Send + Sync + 'static {
     /// for the same workflow, stores nothing and returns the earlier run.
     async fn create_run(&self, run: NewRun<'_>) -> Result<Created, StoreError>;
 
-    /// The whole record: run fields, every step, every attempt.
+    /// The whole record: run fields, every step, every attempt, and the
+    /// ids of the run's retries.
     async fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError>;
+
+    /// The workflow text the run was planned from, and its file name.
+    async fn run_workflow(&self, id: &str) -> Result<Option<(String, String)>, StoreError>;
 
     /// Runs newest first (by id: ids are UUIDv7, so by creation time).
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError>;

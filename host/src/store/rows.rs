@@ -11,6 +11,14 @@ use super::{DatabaseError, NewRun, StateQuota, StoreError};
 pub(super) const DEFAULT_PAGE: usize = 50;
 pub(super) const MAX_PAGE: usize = 1000;
 
+/// The columns of `runs` a [`RunRecord`](crate::record::RunRecord) is read
+/// from (without its steps and retries), in this order.
+pub(super) const RUN_COLUMNS: &str = "id, workflow, status, input, output, error, created_at, \
+     started_at, finished_at, duration_ms, retry_of, rerun_of, parent_run, parent_step, parent_item";
+/// How many [`RUN_COLUMNS`] there are: where the columns a query selects
+/// after them start.
+pub(super) const RUN_COLUMN_COUNT: usize = 15;
+
 /// A new run, encoded for its rows before it goes to the writer (the JSON
 /// and the digest cost CPU the writer thread should not spend).
 pub(super) struct NewRunRow {
@@ -29,6 +37,13 @@ pub(super) struct NewRunRow {
     pub(super) workflow_source: String,
     pub(super) workflow_file: String,
     pub(super) steps: Vec<String>,
+    pub(super) retry_of: Option<String>,
+    pub(super) rerun_of: Option<String>,
+    pub(super) parent_run: Option<String>,
+    pub(super) parent_step: Option<String>,
+    pub(super) parent_item: Option<i64>,
+    /// (step index, position, JSON `ItemRecord`).
+    pub(super) items: Vec<(i64, i64, String)>,
 }
 
 impl NewRunRow {
@@ -60,8 +75,42 @@ impl NewRunRow {
                 .enumerate()
                 .map(|(index, step)| encode_json(step, || format!("run {id}: step {index}")))
                 .collect::<Result<_, _>>()?,
+            retry_of: record.retry_of.clone(),
+            rerun_of: record.rerun_of.clone(),
+            parent_run: record.parent.as_ref().map(|parent| parent.run.clone()),
+            parent_step: record.parent.as_ref().map(|parent| parent.step.clone()),
+            parent_item: record
+                .parent
+                .as_ref()
+                .and_then(|parent| parent.item)
+                .map(step_index)
+                .transpose()?,
+            items: run
+                .items
+                .iter()
+                .map(|(&(index, position), item)| {
+                    Ok((
+                        step_index(index)?,
+                        step_index(position)?,
+                        encode_json(item, || format!("run {id}: step {index}: item {position}"))?,
+                    ))
+                })
+                .collect::<Result<_, StoreError>>()?,
         })
     }
+}
+
+/// A child run's parent from its three columns.
+pub(super) fn parent_ref(
+    run: Option<String>,
+    step: Option<String>,
+    item: Option<i64>,
+) -> Option<crate::record::ParentRef> {
+    Some(crate::record::ParentRef {
+        run: run?,
+        step: step?,
+        item: item.and_then(|item| usize::try_from(item).ok()),
+    })
 }
 
 pub(super) fn step_index(index: usize) -> Result<i64, StoreError> {
@@ -165,6 +214,7 @@ impl RunListing {
         let filters = [
             ("workflow", query.workflow.clone()),
             ("status", query.status.map(|s| s.as_str().to_owned())),
+            ("parent_run", query.parent.clone()),
         ];
         for (column, value) in filters {
             if let Some(value) = value {

@@ -21,7 +21,10 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::{LOST, Member, PgStore, load_items, load_steps, pg_error, query_cached, run_from_row};
+use super::{
+    LOST, Member, PgStore, RUN_COLUMN_COUNT, load_items, load_steps, pg_error, query_cached,
+    run_from_row,
+};
 use crate::store::{CatalogChange, DatabaseError, Node, StoreError, UnfinishedRun};
 
 /// The channel of `LISTEN/NOTIFY` that says work may be waiting: runs
@@ -199,10 +202,10 @@ impl PgStore {
             let items = load_items(&tx, &self.label, &id).await?;
             runs.push(UnfinishedRun {
                 record,
-                workflow_source: row.get(10),
-                workflow_file: row.get(11),
+                workflow_source: row.get(RUN_COLUMN_COUNT),
+                workflow_file: row.get(RUN_COLUMN_COUNT + 1),
                 items,
-                cancel_requested: row.get(12),
+                cancel_requested: row.get(RUN_COLUMN_COUNT + 2),
             });
         }
         tx.commit().await.map_err(failed)?;

@@ -34,8 +34,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
 use super::rows::{
-    FinishedRow, ListParam, NewRunRow, RunListing, decode_json, encode_json, step_index,
+    FinishedRow, ListParam, NewRunRow, RunListing, decode_json, encode_json, parent_ref, step_index,
 };
+pub(super) use super::rows::{RUN_COLUMN_COUNT, RUN_COLUMNS};
 use super::{
     Commit, Created, DatabaseError, ItemRecord, LINGER, NewRun, Queued, RunPage, RunQuery,
     StateQuota, Store, StoreError, StoredItems, UnfinishedRun,
@@ -61,11 +62,6 @@ const POOL_SIZE: usize = 16;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a read waits for a pooled connection.
 const POOL_WAIT: Duration = Duration::from_secs(10);
-
-/// Columns of `runs` that make a [`RunRecord`] (without steps), in the order
-/// [`run_from_row`] reads them.
-pub(super) const RUN_COLUMNS: &str =
-    "id, workflow, status, input, output, error, created_at, started_at, finished_at, duration_ms";
 
 /// Where the database is, for messages: `host:port/dbname`, never the
 /// password.
@@ -351,6 +347,19 @@ impl Store for PgStore {
         Ok(record)
     }
 
+    async fn run_workflow(&self, id: &str) -> Result<Option<(String, String)>, StoreError> {
+        let conn = self.reader().await?;
+        let rows = query_cached(
+            &conn,
+            &self.label,
+            "SELECT source, workflow_file
+             FROM runs JOIN workflow_sources ON digest = workflow_digest WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+        Ok(rows.first().map(|row| (row.get(0), row.get(1))))
+    }
+
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
         let listing = RunListing::new(query, RUN_COLUMNS, |n| format!("${n}"))?;
         let params: Vec<&(dyn ToSql + Sync)> = listing
@@ -458,8 +467,8 @@ impl Store for PgStore {
             let items = load_items(&tx, &self.label, &record.id).await?;
             unfinished.push(UnfinishedRun {
                 record,
-                workflow_source: row.get(10),
-                workflow_file: row.get(11),
+                workflow_source: row.get(RUN_COLUMN_COUNT),
+                workflow_file: row.get(RUN_COLUMN_COUNT + 1),
                 items,
                 cancel_requested: false,
             });
@@ -553,6 +562,14 @@ pub(super) async fn load_run(
     };
     let mut record = run_from_row(row)?;
     record.steps = load_steps(conn, label, id).await?;
+    let retries = query_cached(
+        conn,
+        label,
+        "SELECT id FROM runs WHERE retry_of = $1 ORDER BY id",
+        &[&id],
+    )
+    .await?;
+    record.retries = retries.iter().map(|row| row.get(0)).collect();
     Ok(Some(record))
 }
 
@@ -625,6 +642,10 @@ pub(super) fn run_from_row(row: &Row) -> Result<RunRecord, StoreError> {
         finished_at: row.get(8),
         duration_ms: row.get(9),
         steps: Vec::new(),
+        retry_of: row.get(10),
+        rerun_of: row.get(11),
+        retries: Vec::new(),
+        parent: parent_ref(row.get(12), row.get(13), row.get(14)),
         id,
     })
 }

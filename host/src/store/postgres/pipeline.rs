@@ -64,8 +64,9 @@ const SOURCE: &str =
 const RUN: &str = "WITH created AS (
          INSERT INTO runs (id, workflow, status, created_at, started_at, finished_at,
              duration_ms, input, output, error, idempotency_key, workflow_digest, workflow_file,
-             owner, epoch)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+             owner, epoch, retry_of, rerun_of, parent_run, parent_step, parent_item)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $18, $19,
+             $20, $21, $22)
          ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id),
      new_steps AS (
@@ -73,6 +74,12 @@ const RUN: &str = "WITH created AS (
          SELECT created.id, s.idx, s.record
          FROM created, unnest($16::bigint[], $17::text[]) AS s (idx, record))
      SELECT 1 FROM created";
+/// The `for_each` items a retry takes over, stored with it (unless its key
+/// was taken).
+const NEW_ITEMS: &str = "INSERT INTO step_items (run_id, idx, position, record)
+     SELECT $1, i.idx, i.position, i.record
+     FROM unnest($2::bigint[], $3::bigint[], $4::text[]) AS i (idx, position, record)
+     WHERE EXISTS (SELECT 1 FROM runs WHERE id = $1)";
 const STARTED: &str = "UPDATE runs SET status = 'running', started_at = $2
      WHERE id = $1 AND status IN ('queued', 'running') AND ($3::bigint IS NULL OR epoch = $3)";
 const STEP: &str = concat!(
@@ -140,26 +147,28 @@ pub(super) async fn run(
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     let failed = |e| pg_error(label, "a write", e);
     // Prepared once per connection (cached), before the pipeline.
-    let mut prepared = Vec::with_capacity(8);
-    for sql in [SOURCE, RUN, STARTED, STEP, STEPS, DROP_ITEMS, ITEM, FINISH] {
+    let mut prepared = Vec::with_capacity(9);
+    for sql in [
+        SOURCE, RUN, NEW_ITEMS, STARTED, STEP, STEPS, DROP_ITEMS, ITEM, FINISH,
+    ] {
         prepared.push(tx.prepare_cached(sql).await.map_err(failed)?);
     }
     let [
         source,
         run,
+        new_items,
         started,
         step,
         steps,
         drop_step_items,
         item,
         finish,
-    ] = <[_; 8]>::try_from(prepared).expect("eight statements");
+    ] = <[_; 9]>::try_from(prepared).expect("nine statements");
 
-    // Steps of one run written one after the other go in one statement: how
-    // many writes, from each one, that statement carries (0: carried by an
-    // earlier one).
     // Steps written just before their run's end are carried by the end,
-    // which writes every step's final record: by which write, if so.
+    // which writes every step's final record: by which write, if so. Steps
+    // of one run written one after the other go in one statement: how many
+    // writes, from each one, that statement carries (0: carried by another).
     let finishing = finishing(writes);
     let mut carries = vec![1usize; writes.len()];
     let mut first: Option<usize> = None;
@@ -202,6 +211,21 @@ pub(super) async fn run(
                 })
                 .unzip(),
             _ => (Vec::new(), Vec::new()),
+        })
+        .collect();
+    // A retry's items taken over: (indexes, positions, records).
+    let items: Vec<(Vec<i64>, Vec<i64>, Vec<&str>)> = writes
+        .iter()
+        .map(|write| match write {
+            Write::CreateRun { row, .. } => (
+                row.items.iter().map(|(index, _, _)| *index).collect(),
+                row.items.iter().map(|(_, position, _)| *position).collect(),
+                row.items
+                    .iter()
+                    .map(|(_, _, record)| record.as_str())
+                    .collect(),
+            ),
+            _ => (Vec::new(), Vec::new(), Vec::new()),
         })
         .collect();
     let epochs: Vec<i64> = writes
@@ -253,8 +277,21 @@ pub(super) async fn run(
                         &epochs[at],
                         indices,
                         records,
+                        &row.retry_of,
+                        &row.rerun_of,
+                        &row.parent_run,
+                        &row.parent_step,
+                        &row.parent_item,
                     ],
                 ));
+                let (item_indices, positions, item_records) = &items[at];
+                if !item_indices.is_empty() {
+                    statements.push(exec(
+                        tx,
+                        &new_items,
+                        vec![&row.id, item_indices, positions, item_records],
+                    ));
+                }
             }
             Write::RunStarted {
                 id,

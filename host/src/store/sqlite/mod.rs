@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::rows::{
-    FinishedRow, ListParam, NewRunRow, RunListing, decode_json, encode_json, state_after_set,
-    step_index,
+    FinishedRow, ListParam, NewRunRow, RUN_COLUMN_COUNT, RUN_COLUMNS, RunListing, decode_json,
+    encode_json, parent_ref, state_after_set, step_index,
 };
 use super::{
     Commit, Created, DatabaseError, ItemRecord, LINGER, NewRun, Queued, RunPage, RunQuery,
@@ -72,8 +72,6 @@ const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// Columns of `runs` that make a [`RunRecord`] (without steps), in the order
 /// [`run_from_row`] reads them.
-const RUN_COLUMNS: &str =
-    "id, workflow, status, input, output, error, created_at, started_at, finished_at, duration_ms";
 
 /// The SQLite [`Store`].
 pub struct SqliteStore {
@@ -286,8 +284,9 @@ impl Store for SqliteStore {
                 conn.prepare_cached(
                     "INSERT INTO runs (id, workflow, status, created_at, started_at, finished_at,
                          duration_ms, input, output, error, idempotency_key, workflow_digest,
-                         workflow_file)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                         workflow_file, retry_of, rerun_of, parent_run, parent_step, parent_item)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                         ?16, ?17, ?18)",
                 )?
                 .execute(rusqlite::params![
                     row.id,
@@ -303,12 +302,23 @@ impl Store for SqliteStore {
                     row.idempotency_key,
                     row.workflow_digest,
                     row.workflow_file,
+                    row.retry_of,
+                    row.rerun_of,
+                    row.parent_run,
+                    row.parent_step,
+                    row.parent_item,
                 ])?;
                 let mut insert_step = conn.prepare_cached(
                     "INSERT INTO steps (run_id, idx, record) VALUES (?1, ?2, ?3)",
                 )?;
                 for (index, step) in row.steps.iter().enumerate() {
                     insert_step.execute((&row.id, step_index(index)?, step))?;
+                }
+                let mut insert_item = conn.prepare_cached(
+                    "INSERT INTO step_items (run_id, idx, position, record) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for (index, position, item) in &row.items {
+                    insert_item.execute((&row.id, index, position, item))?;
                 }
                 Ok(Written::Run(Created::New))
             })
@@ -327,6 +337,20 @@ impl Store for SqliteStore {
             // One read transaction: the run and its steps from the same commit.
             let tx = conn.transaction()?;
             load_run(&tx, &id)
+        })
+        .await
+    }
+
+    async fn run_workflow(&self, id: &str) -> Result<Option<(String, String)>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT source, workflow_file
+                     FROM runs JOIN workflow_sources ON digest = workflow_digest WHERE id = ?1",
+                )?
+                .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?)
         })
         .await
     }
@@ -474,8 +498,8 @@ impl Store for SqliteStore {
                 let items = load_items(&tx, &record.id)?;
                 unfinished.push(UnfinishedRun {
                     record,
-                    workflow_source: row.get(10)?,
-                    workflow_file: row.get(11)?,
+                    workflow_source: row.get(RUN_COLUMN_COUNT)?,
+                    workflow_file: row.get(RUN_COLUMN_COUNT + 1)?,
                     items,
                     cancel_requested: false,
                 });
@@ -590,6 +614,10 @@ fn load_run(conn: &Connection, id: &str) -> Result<Option<RunRecord>, StoreError
     };
     let mut record = run_from_row(row)?;
     record.steps = load_steps(conn, id)?;
+    let mut retries = conn.prepare_cached("SELECT id FROM runs WHERE retry_of = ?1 ORDER BY id")?;
+    record.retries = retries
+        .query_map([id], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
     Ok(Some(record))
 }
 
@@ -649,6 +677,10 @@ fn run_from_row(row: &Row<'_>) -> Result<RunRecord, StoreError> {
         finished_at: row.get(8)?,
         duration_ms: row.get(9)?,
         steps: Vec::new(),
+        retry_of: row.get(10)?,
+        rerun_of: row.get(11)?,
+        retries: Vec::new(),
+        parent: parent_ref(row.get(12)?, row.get(13)?, row.get(14)?),
         id,
     })
 }
