@@ -33,6 +33,10 @@ use crate::store::{Commit, ItemOutcome, ItemRecord, Queued, Store, StoreError, S
 use crate::telemetry;
 use crate::workflow::{OnFailure, Plan, Scope, TemplateError};
 
+mod retry;
+
+pub use retry::{rerun_record, retry_record};
+
 /// Live notifications from a run, for progress bars and event streams.
 pub trait RunObserver: Send + Sync {
     fn step_started(&self, _step: &str, _attempt: u32, _item: Option<usize>) {}
@@ -681,7 +685,15 @@ impl RunContext {
                         }
                     }
                 }
-                (first_error.map_or(Ok(Value::Array(outputs)), Err), attempts)
+                // A failed fan-out keeps the outputs of the items that
+                // succeeded (`null` for the others): a retry reuses them.
+                match first_error {
+                    None => (Ok(Value::Array(outputs)), attempts),
+                    Some(error) => {
+                        record.output = Value::Array(outputs);
+                        (Err(error), attempts)
+                    }
+                }
             }
         };
 

@@ -19,6 +19,7 @@ mod limits;
 mod polyglot;
 mod recovery;
 mod retries;
+mod runs_cli;
 mod scheduling;
 mod secrets;
 mod serve;

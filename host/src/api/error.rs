@@ -66,6 +66,15 @@ pub enum ApiError {
     /// 409 `run_finished`: a finished run cannot be cancelled.
     #[error("run {id} already finished ({})", .status.as_str())]
     RunFinished { id: String, status: RunStatus },
+    /// 409 `run_not_finished`: a retry or rerun of a run still going.
+    #[error("run {id} has not finished ({}): retry or rerun it once it has, or cancel it first", .status.as_str())]
+    RunNotFinished { id: String, status: RunStatus },
+    /// 409 `build_gone`: a plugin build the run is pinned to is gone.
+    #[error("{0}; send \"upgrade\": true to use the builds loaded now")]
+    BuildGone(String),
+    /// 422 `unknown_step`: a retry `from` a step the workflow does not have.
+    #[error("the workflow has no step `{step}`; its steps are: {}", .steps.join(", "))]
+    UnknownStep { step: String, steps: Vec<String> },
     /// 409 `workflow_invalid`: the workflow has errors and refuses runs.
     #[error("workflow `{name}` has errors and refuses runs until it is fixed")]
     WorkflowInvalid {
@@ -116,12 +125,15 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RunFinished { .. }
+            | ApiError::RunNotFinished { .. }
+            | ApiError::BuildGone(_)
             | ApiError::WorkflowInvalid { .. }
             | ApiError::PluginConflict(_) => StatusCode::CONFLICT,
             ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidInput(_)
+            | ApiError::UnknownStep { .. }
             | ApiError::InvalidWorkflow { .. }
             | ApiError::InvalidPlugin(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ShuttingDown | ApiError::StoreUnavailable(_) => {
@@ -140,6 +152,9 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::RunFinished { .. } => "run_finished",
+            ApiError::RunNotFinished { .. } => "run_not_finished",
+            ApiError::BuildGone(_) => "build_gone",
+            ApiError::UnknownStep { .. } => "unknown_step",
             ApiError::WorkflowInvalid { .. } => "workflow_invalid",
             ApiError::RequestTimeout { .. } => "request_timeout",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
@@ -166,9 +181,10 @@ impl ApiError {
             ApiError::InvalidJson { line, column, .. } => {
                 Some(serde_json::json!({ "line": line, "column": column }))
             }
-            ApiError::RunFinished { status, .. } => {
+            ApiError::RunFinished { status, .. } | ApiError::RunNotFinished { status, .. } => {
                 Some(serde_json::json!({ "status": status.as_str() }))
             }
+            ApiError::UnknownStep { steps, .. } => Some(serde_json::json!({ "steps": steps })),
             ApiError::WorkflowInvalid { diagnostics, .. } => diagnostics.as_ref().map(list),
             ApiError::InvalidWorkflow { diagnostics, .. } => Some(list(diagnostics)),
             ApiError::InvalidInput(violations) => Some(Value::Array(
@@ -204,16 +220,18 @@ pub struct ErrorBody {
 pub struct ErrorInfo {
     /// Machine-readable: `invalid_json`, `invalid_request`, `unauthorized`,
     /// `not_found`, `method_not_allowed`, `request_timeout`, `run_finished`,
-    /// `workflow_invalid`, `plugin_conflict`, `payload_too_large`,
-    /// `unsupported_media_type`, `invalid_input`, `invalid_workflow`,
-    /// `invalid_plugin`, `unavailable`, `internal`.
+    /// `run_not_finished`, `build_gone`, `workflow_invalid`,
+    /// `plugin_conflict`, `payload_too_large`, `unsupported_media_type`,
+    /// `invalid_input`, `unknown_step`, `invalid_workflow`, `invalid_plugin`,
+    /// `unavailable`, `internal`.
     pub code: String,
     /// For people.
     pub message: String,
     /// `invalid_json`: `{line, column}`; `invalid_input`: `[{path, message}]`
     /// (JSON Pointers into the input); `invalid_workflow` and
     /// `workflow_invalid`: `[{file, line, column, message}]`;
-    /// `run_finished`: `{status}`.
+    /// `run_finished` and `run_not_finished`: `{status}`; `unknown_step`:
+    /// `{steps}` (the workflow's step ids).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<Value>,
 }

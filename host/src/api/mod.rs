@@ -64,6 +64,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/runs"),
     ("GET", "/v1/runs/{id}"),
     ("POST", "/v1/runs/{id}/cancel"),
+    ("POST", "/v1/runs/{id}/retry"),
+    ("POST", "/v1/runs/{id}/rerun"),
     ("GET", "/v1/runs/{id}/events"),
     ("GET", "/v1/workflows"),
     ("GET", "/v1/workflows/{name}"),
@@ -164,6 +166,8 @@ fn build(service: Service, config: ApiConfig, stop: CancellationToken) -> Router
         .route("/v1/runs", get(runs::list_runs))
         .route("/v1/runs/{id}", get(runs::get_run))
         .route("/v1/runs/{id}/cancel", post(runs::cancel_run))
+        .route("/v1/runs/{id}/retry", post(runs::retry_run))
+        .route("/v1/runs/{id}/rerun", post(runs::rerun_run))
         .route("/v1/runs/{id}/events", get(runs::run_events))
         .route("/v1/workflows", get(workflows::list_workflows))
         .route(

@@ -22,6 +22,8 @@ use super::{runs, system, workflows};
         runs::list_runs,
         runs::get_run,
         runs::cancel_run,
+        runs::retry_run,
+        runs::rerun_run,
         runs::run_events,
         workflows::list_workflows,
         workflows::get_workflow,

@@ -21,7 +21,7 @@ use utoipa::{IntoParams, PartialSchema, ToSchema};
 use super::extract::{ApiPath, ApiQuery, JsonBody, run_id};
 use super::{ApiError, AppState};
 use crate::record::{RunRecord, RunStatus};
-use crate::service::{CancelError, EventSubscription, RunEvent, SubmitError};
+use crate::service::{Again, CancelError, EventSubscription, RunEvent, SubmitError, Submitted};
 use crate::store::RunQuery;
 
 /// The longest `?wait=` a trigger may ask for: a client that wants longer
@@ -97,30 +97,50 @@ pub async fn trigger(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let wait = params.wait.as_deref().map(parse_wait).transpose()?;
-    let submitted = match state.service.submit(&name, input, key).await {
-        Ok(submitted) => submitted,
-        Err(SubmitError::UnknownWorkflow(name)) => {
-            return Err(ApiError::NotFound(format!("no workflow named `{name}`")));
+    let submitted = state
+        .service
+        .submit(&name, input, key)
+        .await
+        .map_err(|error| submit_error(&state, error))?;
+    answer_submitted(&state, submitted, wait).await
+}
+
+/// What a refused run is, to the client.
+fn submit_error(state: &AppState, error: SubmitError) -> ApiError {
+    match error {
+        SubmitError::UnknownWorkflow(name) => {
+            ApiError::NotFound(format!("no workflow named `{name}`"))
         }
-        Err(SubmitError::InvalidWorkflow { name, .. }) => {
+        SubmitError::NoSuchRun(id) => no_run(&id),
+        SubmitError::RunNotFinished { id, status } => ApiError::RunNotFinished { id, status },
+        SubmitError::UnknownStep { step, steps } => ApiError::UnknownStep { step, steps },
+        SubmitError::BuildGone(message) => ApiError::BuildGone(message),
+        SubmitError::InvalidWorkflow { name, .. } => {
             let diagnostics = state
                 .service
                 .workflow(&name)
                 .and_then(|entry| entry.plan.err())
                 .map(|diagnostics| (*diagnostics).clone());
-            return Err(ApiError::WorkflowInvalid { name, diagnostics });
+            ApiError::WorkflowInvalid { name, diagnostics }
         }
-        Err(SubmitError::InvalidInput(violations)) => {
-            return Err(ApiError::InvalidInput(violations));
-        }
-        Err(SubmitError::ShuttingDown) => return Err(ApiError::ShuttingDown),
-        Err(SubmitError::Store(error)) => return Err(error.into()),
-    };
+        SubmitError::InvalidInput(violations) => ApiError::InvalidInput(violations),
+        SubmitError::ShuttingDown => ApiError::ShuttingDown,
+        SubmitError::Store(error) => error.into(),
+    }
+}
+
+/// The answer to an accepted run: 202 with the run, or 200 with the
+/// finished run (`?wait`) or an earlier run its `Idempotency-Key` named.
+async fn answer_submitted(
+    state: &AppState,
+    submitted: Submitted,
+    wait: Option<Duration>,
+) -> Result<Response, ApiError> {
     let id = submitted.run.id.clone();
     let (status, run) = match wait {
         None if submitted.created => (StatusCode::ACCEPTED, submitted.run),
         None => (StatusCode::OK, submitted.run),
-        Some(timeout) => match wait_for(&state, &id, timeout).await? {
+        Some(timeout) => match wait_for(state, &id, timeout).await? {
             Some(finished) => (StatusCode::OK, finished),
             None => {
                 let current = state.service.get_run(&id).await?;
@@ -139,6 +159,124 @@ pub async fn trigger(
         );
     }
     Ok(response)
+}
+
+/// `POST /v1/runs/{id}/retry`'s body (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBody {
+    /// Run this step, and every step downstream of it, again in full.
+    #[serde(default)]
+    from: Option<String>,
+    /// Plan the retry as a new run of the workflow would be (the workflow
+    /// and plugin builds loaded now), not with the original's.
+    #[serde(default)]
+    upgrade: bool,
+}
+
+/// `POST /v1/runs/{id}/rerun`'s body (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RerunBody {
+    /// The new run's input (checked against the workflow's input schema);
+    /// default: the original's.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    input: Option<Value>,
+    /// Plan the rerun as a new run of the workflow would be.
+    #[serde(default)]
+    upgrade: bool,
+}
+
+/// Retry a finished run.
+///
+/// A new run on the same input, with the original's workflow version and
+/// plugin builds (unless `upgrade`): a step that succeeded or was skipped,
+/// and whose upstream is reused too, is reused (its output, `reused_from`,
+/// no attempts, its plugin not called); a `for_each` step that runs again
+/// reuses its items that succeeded. `from` runs that step and everything
+/// downstream again in full. Answers like a trigger.
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/retry",
+    tag = "runs",
+    params(
+        ("id" = String, Path, description = "The run to retry"),
+        TriggerParams,
+        ("Idempotency-Key" = Option<String>, Header, description = "As for a trigger", nullable = false),
+    ),
+    request_body(content = Option<RetryBody>, content_type = "application/json", description = "Optional"),
+    responses(
+        (status = 202, description = "The retry, accepted", body = RunRecord),
+        (status = 200, description = "With `?wait`: the finished retry; with an `Idempotency-Key` seen before: the earlier run", body = RunRecord),
+        (status = 400, description = "A bad id, body, `wait` or `Idempotency-Key`", body = super::ErrorBody),
+        (status = 404, description = "No run with this id", body = super::ErrorBody),
+        (status = 409, description = "`run_not_finished`, `build_gone` (a pinned plugin build is gone: send `upgrade`), or `workflow_invalid`", body = super::ErrorBody),
+        (status = 422, description = "`unknown_step`: `from` names no step (`details.steps` lists them)", body = super::ErrorBody),
+        (status = 503, description = "The server is shutting down, or the store is unavailable", body = super::ErrorBody),
+    ),
+)]
+pub async fn retry_run(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(params): ApiQuery<TriggerParams>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<RetryBody>,
+) -> Result<Response, ApiError> {
+    let id = run_id(&id)?;
+    let key = idempotency_key(&headers)?;
+    let wait = params.wait.as_deref().map(parse_wait).transpose()?;
+    let again = Again::Retry { from: body.from };
+    let submitted = state
+        .service
+        .run_again(&id, again, body.upgrade, key)
+        .await
+        .map_err(|error| submit_error(&state, error))?;
+    answer_submitted(&state, submitted, wait).await
+}
+
+/// Run a finished run again.
+///
+/// Every step runs again, on the original's input or the one given (checked
+/// against the workflow's input schema), with the original's workflow
+/// version and plugin builds unless `upgrade`. Answers like a trigger.
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/rerun",
+    tag = "runs",
+    params(
+        ("id" = String, Path, description = "The run to run again"),
+        TriggerParams,
+        ("Idempotency-Key" = Option<String>, Header, description = "As for a trigger", nullable = false),
+    ),
+    request_body(content = Option<RerunBody>, content_type = "application/json", description = "Optional"),
+    responses(
+        (status = 202, description = "The rerun, accepted", body = RunRecord),
+        (status = 200, description = "With `?wait`: the finished rerun; with an `Idempotency-Key` seen before: the earlier run", body = RunRecord),
+        (status = 400, description = "A bad id, body, `wait` or `Idempotency-Key`", body = super::ErrorBody),
+        (status = 404, description = "No run with this id", body = super::ErrorBody),
+        (status = 409, description = "`run_not_finished`, `build_gone` or `workflow_invalid`", body = super::ErrorBody),
+        (status = 422, description = "`invalid_input`: the input fails the workflow's input schema", body = super::ErrorBody),
+        (status = 503, description = "The server is shutting down, or the store is unavailable", body = super::ErrorBody),
+    ),
+)]
+pub async fn rerun_run(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(params): ApiQuery<TriggerParams>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<RerunBody>,
+) -> Result<Response, ApiError> {
+    let id = run_id(&id)?;
+    let key = idempotency_key(&headers)?;
+    let wait = params.wait.as_deref().map(parse_wait).transpose()?;
+    let again = Again::Rerun { input: body.input };
+    let submitted = state
+        .service
+        .run_again(&id, again, body.upgrade, key)
+        .await
+        .map_err(|error| submit_error(&state, error))?;
+    answer_submitted(&state, submitted, wait).await
 }
 
 /// The finished run, or `None` at the deadline or when the server stops.

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use super::Service;
 use crate::plugin::{Plugin, PluginRef, PluginRegistry};
-use crate::store::{CatalogChange, UnfinishedRun};
+use crate::record::RunRecord;
+use crate::store::CatalogChange;
 use crate::workflow::{self, Diagnostics, Plan, PluginCatalog};
 
 /// How long a watched dir must be quiet before it is rescanned.
@@ -453,11 +454,11 @@ impl Service {
 
     /// Makes the builds that unfinished runs were pinned to resolvable again,
     /// from the kept copies, when the plugin dirs no longer have them.
-    pub(super) async fn restore_pinned(&self, runs: &[UnfinishedRun]) {
+    pub(super) async fn restore_pinned(&self, runs: &[&RunRecord]) {
         let registry = &self.inner.registry;
         let mut wanted = std::collections::BTreeSet::new();
         for run in runs {
-            for step in &run.record.steps {
+            for step in &run.steps {
                 // The record keeps the reference as text, checked when the
                 // run was accepted.
                 if let Some(digest) = step

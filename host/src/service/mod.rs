@@ -33,7 +33,7 @@ use crate::store::{PgStore, SqliteStore, Store, StoreError};
 pub use catalog::{PutPluginError, PutWorkflowError, WorkflowEntry};
 use events::ActiveRun;
 pub use events::{EventSubscription, RunEvent};
-pub use runs::{CancelError, SubmitError, Submitted};
+pub use runs::{Again, CancelError, SubmitError, Submitted};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]

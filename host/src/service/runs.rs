@@ -12,9 +12,7 @@ use super::catalog::{PinnedCatalog, WorkflowEntry};
 use super::events::ActiveRun;
 use crate::executor::{RunOptions, queued_record};
 use crate::record::{ErrorKind, RunError, RunRecord, RunStatus, new_run_id, now_rfc3339};
-use crate::store::{
-    Created, NO_ITEMS, NewRun, RunPage, RunQuery, StoreError, StoredItems, UnfinishedRun,
-};
+use crate::store::{Created, NewRun, RunPage, RunQuery, StoreError, StoredItems, UnfinishedRun};
 use crate::workflow::{self, Plan, SchemaViolation};
 
 /// Why a run was not accepted.
@@ -22,6 +20,20 @@ use crate::workflow::{self, Plan, SchemaViolation};
 pub enum SubmitError {
     #[error("no workflow named `{0}`")]
     UnknownWorkflow(String),
+    /// A retry or rerun of a run that is not there.
+    #[error("no run with id {0}")]
+    NoSuchRun(String),
+    /// A retry or rerun of a run still going.
+    #[error(
+        "run {id} has not finished ({status}): retry or rerun it once it has, or cancel it first"
+    )]
+    RunNotFinished { id: String, status: RunStatus },
+    /// A retry `from` a step the workflow does not have.
+    #[error("the workflow has no step `{step}`; its steps are: {}", .steps.join(", "))]
+    UnknownStep { step: String, steps: Vec<String> },
+    /// A plugin build the run is pinned to is gone from this server.
+    #[error("{0}; retry with \"upgrade\": true to use the builds loaded now")]
+    BuildGone(String),
     #[error("workflow `{name}` has errors and refuses runs until fixed:\n{diagnostics}")]
     InvalidWorkflow { name: String, diagnostics: String },
     #[error("the input does not match the workflow's input schema")]
@@ -41,6 +53,16 @@ pub enum CancelError {
     Finished { id: String, status: RunStatus },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// How a new run goes again over a finished one.
+#[derive(Debug, Clone)]
+pub enum Again {
+    /// The same input; what succeeded is reused, except `from` (a step id)
+    /// and everything downstream of it.
+    Retry { from: Option<String> },
+    /// Every step again, on the original's input or this one.
+    Rerun { input: Option<Value> },
 }
 
 /// A run was accepted (or an earlier one with the same idempotency key found).
@@ -81,6 +103,28 @@ impl Service {
         // Pinned before it is stored: a restart resumes it with these builds.
         // A plugin gone since the workflow loaded fails the run when it starts.
         let _ = self.inner.executor.pin(&plan, &mut record);
+        self.accept(
+            plan,
+            &entry.source,
+            &entry.file,
+            record,
+            idempotency_key,
+            StoredItems::new(),
+        )
+        .await
+    }
+
+    /// Stores `record` (queued, its builds pinned) durably, then starts it
+    /// here, or leaves it for a node of the cluster with room.
+    async fn accept(
+        &self,
+        plan: Arc<Plan>,
+        workflow_source: &str,
+        workflow_file: &str,
+        record: RunRecord,
+        idempotency_key: Option<&str>,
+        items: StoredItems,
+    ) -> Result<Submitted, SubmitError> {
         // Registered before it is stored, so an event subscriber or a cancel
         // that sees it stored also finds it here.
         let active = Arc::new(ActiveRun::new(record.clone()));
@@ -91,10 +135,10 @@ impl Service {
             .insert(record.id.clone(), active.clone());
         let new_run = NewRun {
             record: &record,
-            workflow_source: &entry.source,
-            workflow_file: &entry.file,
+            workflow_source,
+            workflow_file,
             idempotency_key,
-            items: &NO_ITEMS,
+            items: &items,
         };
         // A node of a cluster with more work than it can run leaves the run
         // ready for a node with room (this one too, once it has some).
@@ -128,11 +172,99 @@ impl Service {
             }
         }
         crate::telemetry::run_accepted(&plan.name);
-        self.spawn(plan, record.clone(), StoredItems::new(), active);
+        self.spawn(plan, record.clone(), items, active);
         Ok(Submitted {
             run: record,
             created: true,
         })
+    }
+
+    /// A new run from the finished run `id`: a retry (`Again::Retry`) reuses
+    /// what succeeded, a rerun (`Again::Rerun`) runs every step again. Both
+    /// keep the original's workflow version and plugin builds unless
+    /// `upgrade`, which plans them as a new run of the workflow would be.
+    pub async fn run_again(
+        &self,
+        id: &str,
+        again: Again,
+        upgrade: bool,
+        idempotency_key: Option<&str>,
+    ) -> Result<Submitted, SubmitError> {
+        if self.inner.closing.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let original = self
+            .get_run(id)
+            .await?
+            .ok_or_else(|| SubmitError::NoSuchRun(id.to_owned()))?;
+        if !original.status.is_terminal() {
+            return Err(SubmitError::RunNotFinished {
+                id: id.to_owned(),
+                status: original.status,
+            });
+        }
+        let (plan, source, file) = if upgrade {
+            let name = &original.workflow;
+            let entry = self
+                .workflow(name)
+                .ok_or_else(|| SubmitError::UnknownWorkflow(name.clone()))?;
+            match entry.plan {
+                Ok(plan) => (plan, entry.source, entry.file),
+                Err(diagnostics) => {
+                    return Err(SubmitError::InvalidWorkflow {
+                        name: name.clone(),
+                        diagnostics: diagnostics.to_string(),
+                    });
+                }
+            }
+        } else {
+            let (source, file) = self
+                .inner
+                .store
+                .run_workflow(id)
+                .await?
+                .ok_or_else(|| SubmitError::NoSuchRun(id.to_owned()))?;
+            self.restore_pinned(&[&original]).await;
+            let plan = workflow::parse_str(
+                &source,
+                &file,
+                &original.workflow,
+                &PinnedCatalog(&self.inner.registry),
+            )
+            .map_err(|diagnostics| SubmitError::InvalidWorkflow {
+                name: original.workflow.clone(),
+                diagnostics: diagnostics.to_string(),
+            })?;
+            (Arc::new(plan), source, file)
+        };
+        let (mut record, items) = match again {
+            Again::Retry { from } => {
+                let from = match from {
+                    None => None,
+                    Some(step) => Some(plan.steps.iter().position(|s| s.id == step).ok_or_else(
+                        || SubmitError::UnknownStep {
+                            step,
+                            steps: plan.steps.iter().map(|s| s.id.clone()).collect(),
+                        },
+                    )?),
+                };
+                crate::executor::retry_record(&plan, &original, from, upgrade, new_run_id())
+            }
+            Again::Rerun { input } => {
+                let input = input.unwrap_or_else(|| original.input.clone());
+                if let Some(schema) = &plan.input_schema {
+                    schema.validate(&input).map_err(SubmitError::InvalidInput)?;
+                }
+                let record =
+                    crate::executor::rerun_record(&plan, &original, input, upgrade, new_run_id());
+                (record, StoredItems::new())
+            }
+        };
+        if let Err(error) = self.inner.executor.pin(&plan, &mut record) {
+            return Err(SubmitError::BuildGone(error.to_string()));
+        }
+        self.accept(plan, &source, &file, record, idempotency_key, items)
+            .await
     }
 
     /// Runs `record` in the background; `items` are the `for_each` items a
@@ -173,7 +305,8 @@ impl Service {
     /// Goes on with runs stored unfinished: after a restart, or claimed from
     /// a node of the cluster whose lease ran out.
     pub(super) async fn resume(&self, unfinished: Vec<UnfinishedRun>) -> Result<(), StoreError> {
-        self.restore_pinned(&unfinished).await;
+        let records: Vec<&RunRecord> = unfinished.iter().map(|run| &run.record).collect();
+        self.restore_pinned(&records).await;
         for mut run in unfinished {
             // Before its live snapshot is made, so `GET /v1/runs/{id}` shows
             // the attempts the stop cut short as interrupted, not running.

@@ -1,8 +1,12 @@
-//! The `trellis` command line: `run`, `validate`, `plugins list|inspect`, `serve`.
+//! The `trellis` command line: `run`, `validate`, `plugins list|inspect`,
+//! `serve`, and `runs`, a client of a running server (its own exit statuses).
 //!
 //! Contract (DESIGN.md): stdout carries only the result (the run's output JSON,
 //! or with `--json` the whole run record); stderr carries progress and errors.
 //! Exit status: 0 succeeded, 1 the run failed, 2 usage or validation error.
+
+mod client;
+mod runs;
 
 use std::io::IsTerminal;
 use std::num::NonZeroUsize;
@@ -85,6 +89,9 @@ enum Command {
     /// Settings come from `trellis.toml` (or `--config`), then `TRELLIS_*`
     /// variables, then these flags. Stops gracefully on Ctrl-C or SIGTERM.
     Serve(ServeArgs),
+    /// List, show, retry, rerun, cancel and follow the runs of a running
+    /// server (`trellis serve`), over its HTTP API.
+    Runs(runs::RunsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -189,7 +196,15 @@ impl PluginDirs {
 /// Parses the arguments, runs the command, maps the outcome to an exit status:
 /// an `Err` is a usage problem (bad flag value, missing directory) and exits 2.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::parse() {
+        // A blocking HTTP client, with its own exit statuses: it needs
+        // neither the runtime nor the logging set up below.
+        Cli {
+            command: Command::Runs(args),
+            ..
+        } => return runs::main(args),
+        cli => cli,
+    };
     // Once, now that the flags say how.
     match &cli.command {
         Command::Serve(args) => crate::telemetry::init(args.log_format, "info"),
@@ -243,6 +258,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Plugins(PluginsCommand::Inspect { file }) => inspect(&file).await,
         Command::Serve(args) => serve(args, cli.data_dir).await,
+        Command::Runs(_) => unreachable!("`main` runs `trellis runs` itself"),
     }
 }
 
