@@ -5,6 +5,7 @@
 
 mod support;
 
+mod again;
 mod attack;
 mod c_plugin;
 mod chaos;
