@@ -65,13 +65,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read connections opened up front, and the most kept idle.
 const READERS_AT_OPEN: usize = 2;
 const MAX_IDLE_READERS: usize = 4;
-/// Prepared statements kept per connection (`list_runs` alone has 8 shapes).
+/// Prepared statements kept per connection (`list_runs` alone has 16 shapes).
 const STATEMENT_CACHE: usize = 64;
 /// After a checkpoint the WAL file is truncated to this size.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
-
-/// Columns of `runs` that make a [`RunRecord`] (without steps), in the order
-/// [`run_from_row`] reads them.
 
 /// The SQLite [`Store`].
 pub struct SqliteStore {
