@@ -25,8 +25,8 @@ use crate::plugin::{
     AttemptOutcome, Invocation, Plugin, PluginRef, PluginRegistry, StateStore, StepEvents,
 };
 use crate::record::{
-    AttemptRecord, ErrorKind, ErrorRecord, LogLine, Progress, RunError, RunRecord, RunStatus,
-    StepRecord, StepStatus, new_run_id, now_rfc3339,
+    AttemptRecord, ErrorKind, ErrorRecord, LogLine, ParentRef, Progress, RunError, RunRecord,
+    RunStatus, StepRecord, StepStatus, new_run_id, now_rfc3339,
 };
 use crate::secrets::{Granted, Secrets};
 use crate::store::{Commit, ItemOutcome, ItemRecord, Queued, Store, StoreError, StoredItems};
@@ -50,6 +50,44 @@ pub trait RunObserver: Send + Sync {
     fn step_finished(&self, _step: &StepRecord) {}
 }
 
+/// Starts and follows child runs for sub-workflow steps; the service
+/// implements it (a child is a run like any other: stored, listed,
+/// cancellable).
+#[async_trait::async_trait]
+pub trait ChildRuns: Send + Sync {
+    /// Starts the child run `request` asks for (or, when one with its key
+    /// exists, after a restart, takes that one up again) and follows it to
+    /// its end, its cancel or the deadline.
+    async fn run_child(&self, request: ChildRequest) -> ChildOutcome;
+}
+
+/// What one attempt of a sub-workflow step asks of [`ChildRuns`].
+pub struct ChildRequest {
+    pub parent: ParentRef,
+    /// How deep the parent is nested (0: not a child itself).
+    pub parent_depth: usize,
+    pub workflow: String,
+    pub input: Value,
+    /// The same for the same attempt after a restart: the child is started
+    /// once.
+    pub key: String,
+    /// The step's `timeout`: the child's wall time at most.
+    pub timeout: std::time::Duration,
+    /// The parent's: cancelling it cancels the child.
+    pub cancel: CancellationToken,
+}
+
+/// How a child run ended.
+pub struct ChildOutcome {
+    /// The child run, if one was started.
+    pub run: Option<String>,
+    /// Its output, or why the attempt failed.
+    pub result: Result<Value, ErrorRecord>,
+}
+
+/// How deep sub-workflows may nest: a child of a child ... 16 levels down.
+pub const MAX_DEPTH: usize = 16;
+
 /// How a run is started.
 #[derive(Clone, Default)]
 pub struct RunOptions {
@@ -63,6 +101,11 @@ pub struct RunOptions {
     /// A resumed run: the `for_each` items its store kept
     /// ([`UnfinishedRun::items`](crate::store::UnfinishedRun::items)).
     pub items: StoredItems,
+    /// Where sub-workflow steps start their child runs; `None`: such a step
+    /// fails.
+    pub children: Option<Arc<dyn ChildRuns>>,
+    /// How deep this run is nested (0: not a child run).
+    pub depth: usize,
 }
 
 /// Executes runs. Cheap to clone; clones share the concurrency bound.
@@ -205,6 +248,8 @@ impl Executor {
             store: options.store.clone(),
             earlier_attempts,
             items,
+            children: options.children.clone(),
+            depth: options.depth,
         });
 
         let n = plan.steps.len();
@@ -250,7 +295,7 @@ impl Executor {
                 "step",
                 run_id = %run.run_id,
                 step_id = %run.plan.steps[index].id,
-                plugin = %run.plugins[index].label(),
+                task = %task_label(&run.plan.steps[index], run.plugins[index].as_deref()),
             );
             Box::pin(
                 async move { (index, run.run_step(index, scope, base).await) }.instrument(span),
@@ -414,9 +459,17 @@ impl Executor {
     /// retries and restarts. A step already pinned (a resumed run, or one
     /// pinned when it was accepted) gets that build or an error, never
     /// another build of the same name.
-    pub fn pin(&self, plan: &Plan, record: &mut RunRecord) -> Result<Vec<Arc<Plugin>>, RunError> {
+    pub fn pin(
+        &self,
+        plan: &Plan,
+        record: &mut RunRecord,
+    ) -> Result<Vec<Option<Arc<Plugin>>>, RunError> {
         let mut plugins = Vec::with_capacity(plan.steps.len());
         for (step, step_record) in plan.steps.iter().zip(&mut record.steps) {
+            if step.workflow.is_some() {
+                plugins.push(None);
+                continue;
+            }
             let reference = match &step_record.plugin_digest {
                 Some(digest) => PluginRef::digest(step.plugin.name.as_str(), digest),
                 None => step.plugin.clone(),
@@ -432,7 +485,7 @@ impl Executor {
                 })?;
             step_record.plugin_version = Some(plugin.version.to_string());
             step_record.plugin_digest = Some(format!("sha256:{}", plugin.digest));
-            plugins.push(plugin);
+            plugins.push(Some(plugin));
         }
         Ok(plugins)
     }
@@ -526,15 +579,28 @@ pub fn queued_record(plan: &Plan, run_id: String, input: Value) -> RunRecord {
         started_at: None,
         finished_at: None,
         duration_ms: None,
-        steps: plan
-            .steps
-            .iter()
-            .map(|step| StepRecord::pending(&step.id, step.plugin.to_string()))
-            .collect(),
+        steps: plan.steps.iter().map(pending_step).collect(),
         retry_of: None,
         rerun_of: None,
         retries: Vec::new(),
         parent: None,
+    }
+}
+
+/// A step of `plan` that has not started.
+fn pending_step(step: &crate::workflow::PlannedStep) -> StepRecord {
+    match &step.workflow {
+        Some(workflow) => StepRecord::pending_workflow(&step.id, workflow),
+        None => StepRecord::pending(&step.id, step.plugin.to_string()),
+    }
+}
+
+/// What a step runs, for logs: its plugin's label, or `workflow <name>`.
+fn task_label(step: &crate::workflow::PlannedStep, plugin: Option<&Plugin>) -> String {
+    match (plugin, &step.workflow) {
+        (Some(plugin), _) => plugin.label(),
+        (None, Some(workflow)) => format!("workflow {workflow}"),
+        (None, None) => step.plugin.to_string(),
     }
 }
 
@@ -559,7 +625,8 @@ type InstanceResult = (Result<Value, ErrorRecord>, Vec<AttemptRecord>);
 struct RunContext {
     executor: Executor,
     plan: Arc<Plan>,
-    plugins: Vec<Arc<Plugin>>,
+    /// Per step: its plugin (`None`: a sub-workflow step).
+    plugins: Vec<Option<Arc<Plugin>>>,
     run_id: String,
     observer: Option<Arc<dyn RunObserver>>,
     cancel: CancellationToken,
@@ -570,6 +637,8 @@ struct RunContext {
     /// The `for_each` items previous incarnations stored, for their item and
     /// outcome (their attempts are in `earlier_attempts`).
     items: StoredItems,
+    children: Option<Arc<dyn ChildRuns>>,
+    depth: usize,
 }
 
 impl RunContext {
@@ -738,7 +807,7 @@ impl RunContext {
     ) -> Option<Queued> {
         let store = self.store.as_ref()?;
         let step = &self.plan.steps[index];
-        let plugin = &self.plugins[index];
+        let plugin = self.plugins[index].as_deref();
         let position = item.map(|(position, _)| *position);
         let mut attempts: Vec<AttemptRecord> = self.earlier_attempts[index]
             .iter()
@@ -758,11 +827,11 @@ impl RunContext {
             return Some(store.save_item(&self.run_id, index, *position, &record, commit));
         }
         let record = StepRecord {
-            plugin_version: Some(plugin.version.to_string()),
-            plugin_digest: Some(format!("sha256:{}", plugin.digest)),
+            plugin_version: plugin.map(|plugin| plugin.version.to_string()),
+            plugin_digest: plugin.map(|plugin| format!("sha256:{}", plugin.digest)),
             status: StepStatus::Running,
             attempts,
-            ..StepRecord::pending(&step.id, step.plugin.to_string())
+            ..pending_step(step)
         };
         Some(store.save_step(&self.run_id, index, &record, commit))
     }
@@ -799,6 +868,12 @@ impl RunContext {
             Ok(input) => input,
             Err(err) => return (Err(template_error(&err)), Vec::new()),
         };
+        if let Some(workflow) = step.workflow.clone() {
+            return self
+                .clone()
+                .run_children(index, &workflow, input, item)
+                .await;
+        }
         let input = serde_json::to_string(&input).expect("a JSON value serialises");
         let mut config = BTreeMap::new();
         for (key, value) in &step.config {
@@ -863,7 +938,10 @@ impl RunContext {
                 telemetry::steps_in_flight(-1);
                 return (Err(cancelled_error()), attempts);
             }
-            let outcome = self.plugins[index]
+            let plugin = self.plugins[index]
+                .as_ref()
+                .expect("a plugin step has its plugin");
+            let outcome = plugin
                 .invoke(Invocation {
                     run_id: self.run_id.clone(),
                     workflow: self.plan.name.clone(),
@@ -882,7 +960,7 @@ impl RunContext {
             drop(permit);
             telemetry::steps_in_flight(-1);
             telemetry::step_attempt(
-                &self.plugins[index].name,
+                &plugin.name,
                 if outcome.result.is_ok() {
                     "succeeded"
                 } else {
@@ -942,6 +1020,163 @@ impl RunContext {
                 }
             }
         }
+    }
+}
+
+impl RunContext {
+    /// The attempts of a sub-workflow step (of one `for_each` item): each
+    /// starts a child run of `workflow` on `input` and ends with it, retried
+    /// as the step's policy says. No executor permit is held while a child
+    /// runs (its own steps take them).
+    async fn run_children(
+        self: Arc<Self>,
+        index: usize,
+        workflow: &str,
+        input: Value,
+        item: Option<(usize, Value)>,
+    ) -> InstanceResult {
+        let step = &self.plan.steps[index];
+        let position = item.as_ref().map(|(position, _)| *position);
+        let earlier: Vec<&AttemptRecord> = self.earlier_attempts[index]
+            .iter()
+            .filter(|a| a.item == position)
+            .collect();
+        let previous = earlier.iter().map(|a| a.attempt).max().unwrap_or(0);
+        // Attempts a stop cut short do not count: the attempt after one
+        // takes its child up again instead of starting another.
+        let cut_short = earlier
+            .iter()
+            .filter(|a| {
+                a.error
+                    .as_ref()
+                    .is_some_and(|e| e.kind == ErrorKind::Interrupted)
+            })
+            .count() as u32;
+        let mut attempt = previous + 1;
+        let last_attempt = step.retry.max_attempts.max(previous + 1);
+        let timeout = step.limits.apply(self.executor.inner.defaults).timeout;
+        let mut attempts = Vec::new();
+        loop {
+            if let Some(observer) = &self.observer {
+                observer.step_started(&step.id, attempt, position);
+            }
+            let write = self.save_progress(
+                index,
+                item.as_ref(),
+                &attempts,
+                Some(attempt),
+                None,
+                Commit::Now,
+            );
+            self.saved(index, write).await;
+            if self.cancel.is_cancelled() {
+                return (Err(cancelled_error()), attempts);
+            }
+            let started_at = now_rfc3339();
+            let started = Instant::now();
+            let outcome = match (&self.children, self.depth) {
+                (None, _) => ChildOutcome {
+                    run: None,
+                    result: Err(workflow_error(
+                        "sub-workflow steps run under `trellis serve`, which keeps child runs"
+                            .to_owned(),
+                    )),
+                },
+                (Some(_), depth) if depth >= MAX_DEPTH => ChildOutcome {
+                    run: None,
+                    result: Err(workflow_error(format!(
+                        "sub-workflows nest deeper than {MAX_DEPTH} levels: this run is \
+                         {depth} levels down already"
+                    ))),
+                },
+                (Some(children), depth) => {
+                    let request = ChildRequest {
+                        parent: ParentRef {
+                            run: self.run_id.clone(),
+                            step: step.id.clone(),
+                            item: position,
+                        },
+                        parent_depth: depth,
+                        workflow: workflow.to_owned(),
+                        input: input.clone(),
+                        key: format!(
+                            "child:{}:{}:{}:{}",
+                            self.run_id,
+                            step.id,
+                            position.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                            attempt - cut_short
+                        ),
+                        timeout,
+                        cancel: self.cancel.clone(),
+                    };
+                    children.run_child(request).await
+                }
+            };
+            let (status, error) = match &outcome.result {
+                Ok(_) => (StepStatus::Succeeded, None),
+                Err(error) if error.kind == ErrorKind::Cancelled => {
+                    (StepStatus::Cancelled, Some(error.clone()))
+                }
+                Err(error) => (StepStatus::Failed, Some(error.clone())),
+            };
+            let record = AttemptRecord {
+                child_run: outcome.run,
+                error,
+                ..AttemptRecord {
+                    status,
+                    duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                    ..AttemptRecord::running(attempt, position, started_at)
+                }
+            };
+            if let Some(observer) = &self.observer {
+                observer.attempt_finished(&step.id, &record);
+            }
+            attempts.push(record);
+            match outcome.result {
+                Err(error) if error.retryable && attempt < last_attempt => {
+                    let write = self.save_progress(
+                        index,
+                        item.as_ref(),
+                        &attempts,
+                        None,
+                        None,
+                        Commit::Now,
+                    );
+                    self.saved(index, write).await;
+                    let delay = step.retry.delay_before(attempt + 1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.cancel.cancelled() => return (Err(cancelled_error()), attempts),
+                    }
+                    attempt += 1;
+                }
+                result => {
+                    if item.is_some()
+                        && let Some(write) = self.save_progress(
+                            index,
+                            item.as_ref(),
+                            &attempts,
+                            None,
+                            Some(&result),
+                            Commit::Soon,
+                        )
+                    {
+                        write.detach();
+                    }
+                    return (result, attempts);
+                }
+            }
+        }
+    }
+}
+
+/// A sub-workflow step that cannot start its child.
+fn workflow_error(message: String) -> ErrorRecord {
+    ErrorRecord {
+        kind: ErrorKind::Workflow,
+        message,
+        retryable: false,
+        details: None,
     }
 }
 

@@ -147,6 +147,11 @@ pub enum ErrorKind {
     /// A secret the step names could not be read (not configured, its
     /// variable unset, its file unreadable).
     Secret,
+    /// A sub-workflow step could not start its child run: the workflow is
+    /// not loaded or has errors, or sub-workflows nest too deep.
+    Workflow,
+    /// A child run's input fails its workflow's input schema.
+    InvalidInput,
     /// The run or step was cancelled.
     Cancelled,
     /// The host stopped (crashed, was killed) while the attempt ran.
@@ -174,6 +179,8 @@ impl ErrorKind {
             ErrorKind::TemplateLimit => "template over its limit",
             ErrorKind::Plugin => "plugin unavailable",
             ErrorKind::Secret => "secret unavailable",
+            ErrorKind::Workflow => "sub-workflow unavailable",
+            ErrorKind::InvalidInput => "invalid input",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Interrupted => "interrupted",
             ErrorKind::DependencyFailed => "dependency failed",

@@ -24,5 +24,6 @@ mod runs_cli;
 mod scheduling;
 mod secrets;
 mod serve;
+mod subworkflows;
 mod templates;
 mod validation;

@@ -2,7 +2,7 @@
 //! watched for changes, uploaded through the API, and a kept copy (blob) of
 //! every plugin build a run may be pinned to.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,9 +69,39 @@ pub struct WorkflowEntry {
 
 impl Service {
     pub(super) fn plan(&self, source: &str, file: &str, default_name: &str) -> WorkflowEntry {
-        let catalog = crate::workflow::WithSecrets {
+        self.plan_among(source, file, default_name, &self.known_workflows())
+    }
+
+    /// Every workflow loaded (valid or not) and the workflows it calls.
+    fn known_workflows(&self) -> HashMap<String, Vec<String>> {
+        self.inner
+            .workflows
+            .read()
+            .unwrap()
+            .values()
+            .map(|entry| match &entry.plan {
+                Ok(plan) => (entry.name.clone(), plan.calls()),
+                Err(_) => workflow::name_and_calls(&entry.source, &entry.name),
+            })
+            .collect()
+    }
+
+    /// Plans a workflow against the plugins, the secrets and `workflows` (the
+    /// ones its sub-workflow steps may call).
+    fn plan_among(
+        &self,
+        source: &str,
+        file: &str,
+        default_name: &str,
+        workflows: &HashMap<String, Vec<String>>,
+    ) -> WorkflowEntry {
+        let secrets = crate::workflow::WithSecrets {
             plugins: self.inner.registry.as_ref(),
             secrets: self.inner.executor.secrets(),
+        };
+        let catalog = crate::workflow::WithWorkflows {
+            inner: &secrets,
+            workflows,
         };
         match workflow::parse_str(source, file, default_name, &catalog) {
             Ok(plan) => WorkflowEntry {
@@ -267,26 +297,46 @@ impl Service {
 
     pub(super) fn rescan_workflows(&self) {
         let mut seen = std::collections::BTreeSet::new();
+        // Every file first, so a workflow may call one that loads after it.
+        let mut files = Vec::new();
+        let mut known = self.known_workflows();
         for dir in &self.inner.workflow_dirs {
             for path in files_with_extension(dir, "toml") {
-                let file = path.display().to_string();
-                seen.insert(file.clone());
                 let Ok(source) = std::fs::read_to_string(&path) else {
+                    seen.insert(path.display().to_string());
                     continue;
                 };
-                let unchanged = self
-                    .workflows()
-                    .iter()
-                    .any(|w| w.file == file && w.source == source);
-                if unchanged {
-                    continue;
-                }
                 let stem = path
                     .file_stem()
                     .and_then(|s| s.to_str())
                     .unwrap_or("workflow")
                     .to_string();
-                let entry = self.plan(&source, &file, &stem);
+                let (name, calls) = workflow::name_and_calls(&source, &stem);
+                known.insert(name, calls);
+                files.push((path, source, stem));
+            }
+        }
+        for (path, source, stem) in files {
+            let file = path.display().to_string();
+            seen.insert(file.clone());
+            {
+                // A file that did not change is planned again only if it
+                // had errors (a workflow it calls may have come since).
+                let unchanged = self
+                    .workflows()
+                    .iter()
+                    .any(|w| w.file == file && w.source == source && w.plan.is_ok());
+                if unchanged {
+                    continue;
+                }
+                let entry = self.plan_among(&source, &file, &stem, &known);
+                let was_refused = self
+                    .workflows()
+                    .iter()
+                    .any(|w| w.file == file && w.source == source);
+                if was_refused && entry.plan.is_err() {
+                    continue;
+                }
                 let mut workflows = self.inner.workflows.write().unwrap();
                 match &entry.plan {
                     Ok(_) => {
@@ -510,6 +560,12 @@ fn files_with_extension(dir: &Path, extension: &str) -> Vec<PathBuf> {
 pub(super) struct PinnedCatalog<'a>(pub(super) &'a PluginRegistry);
 
 impl PluginCatalog for PinnedCatalog<'_> {
+    /// Any: the run was checked when it was accepted, and a child workflow
+    /// is looked up again when its step starts.
+    fn workflow_calls(&self, _name: &str) -> Option<Vec<String>> {
+        Some(Vec::new())
+    }
+
     fn check(&self, reference: &PluginRef) -> Result<(), String> {
         if self.0.resolve(reference).is_ok() || self.0.has_retired(&reference.name) {
             Ok(())

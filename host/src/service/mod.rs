@@ -9,11 +9,13 @@
 //!   dirs, uploads, and the kept copies (blobs) of every plugin build a run
 //!   may be pinned to;
 //! - `runs`: the run lifecycle: submit, recover after a restart, wait, cancel;
-//! - `events`: each run's live record and event stream while it runs.
+//! - `events`: each run's live record and event stream while it runs;
+//! - `children`: the child runs of sub-workflow steps.
 //!
 //! This file starts the service and holds what the three share.
 
 mod catalog;
+mod children;
 mod cluster;
 mod events;
 mod runs;

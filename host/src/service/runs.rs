@@ -116,7 +116,7 @@ impl Service {
 
     /// Stores `record` (queued, its builds pinned) durably, then starts it
     /// here, or leaves it for a node of the cluster with room.
-    async fn accept(
+    pub(super) async fn accept(
         &self,
         plan: Arc<Plan>,
         workflow_source: &str,
@@ -279,12 +279,15 @@ impl Service {
         let service = self.clone();
         let span = tracing::info_span!("run", run_id = %record.id, workflow = %record.workflow);
         let run = async move {
+            let depth = service.depth_of(&record).await;
             let options = RunOptions {
                 run_id: Some(record.id.clone()),
                 observer: Some(active.clone()),
                 cancel: active.cancel.clone(),
                 store: Some(service.inner.store.clone()),
                 items,
+                children: Some(Arc::new(super::children::Children(service.clone()))),
+                depth,
             };
             let record = service.inner.executor.execute(plan, record, options).await;
             crate::telemetry::run_finished(&record.workflow, record.status.as_str());

@@ -19,6 +19,14 @@ pub trait PluginCatalog {
         let _ = name;
         Ok(())
     }
+
+    /// The workflows that workflow `name` calls from its sub-workflow steps,
+    /// if a workflow of that name is known; `None` if not. The default knows
+    /// no workflows.
+    fn workflow_calls(&self, name: &str) -> Option<Vec<String>> {
+        let _ = name;
+        None
+    }
 }
 
 /// The loaded plugins: a reference must resolve to one of them.
@@ -42,6 +50,10 @@ impl PluginCatalog for WithSecrets<'_> {
         self.plugins.check(reference)
     }
 
+    fn workflow_calls(&self, name: &str) -> Option<Vec<String>> {
+        self.plugins.workflow_calls(name)
+    }
+
     fn check_secret(&self, name: &str) -> Result<(), String> {
         if self.secrets.contains(name) {
             return Ok(());
@@ -59,4 +71,50 @@ impl PluginCatalog for WithSecrets<'_> {
             )
         })
     }
+}
+
+/// A catalog that also knows the workflows a sub-workflow step may call:
+/// each one's name and the workflows it calls in turn (for cycles).
+pub struct WithWorkflows<'a> {
+    pub inner: &'a dyn PluginCatalog,
+    pub workflows: &'a std::collections::HashMap<String, Vec<String>>,
+}
+
+impl PluginCatalog for WithWorkflows<'_> {
+    fn check(&self, reference: &PluginRef) -> Result<(), String> {
+        self.inner.check(reference)
+    }
+
+    fn check_secret(&self, name: &str) -> Result<(), String> {
+        self.inner.check_secret(name)
+    }
+
+    fn workflow_calls(&self, name: &str) -> Option<Vec<String>> {
+        self.workflows.get(name).cloned()
+    }
+}
+
+/// A workflow's name (`name`, else `default_name`) and the workflows its
+/// sub-workflow steps call, read from its text without validating it (a
+/// workflow with errors still says what it calls). Text that is not TOML
+/// calls nothing.
+pub fn name_and_calls(source: &str, default_name: &str) -> (String, Vec<String>) {
+    let Ok(table) = source.parse::<toml::Table>() else {
+        return (default_name.to_owned(), Vec::new());
+    };
+    let name = table
+        .get("name")
+        .and_then(toml::Value::as_str)
+        .unwrap_or(default_name)
+        .to_owned();
+    let mut calls: Vec<String> = Vec::new();
+    let steps = table.get("step").and_then(toml::Value::as_array);
+    for step in steps.into_iter().flatten() {
+        if let Some(called) = step.get("workflow").and_then(toml::Value::as_str)
+            && !calls.iter().any(|known| known == called)
+        {
+            calls.push(called.to_owned());
+        }
+    }
+    (name, calls)
 }

@@ -54,7 +54,7 @@ use std::path::Path;
 
 pub use crate::diagnostic::{Diagnostic, Diagnostics};
 pub use bounds::Bound;
-pub use catalog::{PluginCatalog, WithSecrets};
+pub use catalog::{PluginCatalog, WithSecrets, WithWorkflows, name_and_calls};
 pub use plan::{Backoff, InputSchema, OnFailure, Plan, PlannedStep, RetryPolicy, SchemaViolation};
 pub use readable::Readable;
 pub use template::{CompiledTemplate, Scope, TemplateError, TemplateValue, Templates};

@@ -38,6 +38,18 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The workflows this one's sub-workflow steps call, each once, in step
+    /// order.
+    pub fn calls(&self) -> Vec<String> {
+        let mut calls: Vec<String> = Vec::new();
+        for name in self.steps.iter().filter_map(|step| step.workflow.as_ref()) {
+            if !calls.contains(name) {
+                calls.push(name.clone());
+            }
+        }
+        calls
+    }
+
     /// The step with this id.
     pub fn step(&self, id: &str) -> Option<&PlannedStep> {
         self.index.get(id).map(|&index| &self.steps[index])
@@ -180,8 +192,12 @@ fn is_short(value: &serde_json::Value, limit: usize) -> bool {
 #[derive(Debug)]
 pub struct PlannedStep {
     pub id: String,
-    /// The plugin reference: `name`, `name@1.2.0` or `name@sha256:<hex>`.
+    /// The plugin reference: `name`, `name@1.2.0` or `name@sha256:<hex>`
+    /// (an empty name for a sub-workflow step).
     pub plugin: PluginRef,
+    /// A sub-workflow step: the workflow each attempt (each item) runs as a
+    /// child run, instead of a plugin.
+    pub workflow: Option<String>,
     /// Indices into [`Plan::steps`] (all smaller than this step's own index):
     /// the explicit `needs` and every step a template refers to; sorted, no
     /// duplicates.

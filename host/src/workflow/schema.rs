@@ -61,6 +61,9 @@ pub struct InputTable {
 pub struct StepTable {
     pub id: Option<Spanned<String>>,
     pub plugin: Option<Spanned<String>>,
+    /// A sub-workflow step: the workflow each attempt runs as a child run
+    /// (instead of `plugin`).
+    pub workflow: Option<Spanned<String>>,
     pub description: Option<String>,
     #[serde(default)]
     pub needs: Vec<Spanned<String>>,

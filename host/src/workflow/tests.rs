@@ -311,7 +311,7 @@ fn missing_id_and_plugin() {
         errors("[[step]]\nplugin = \"noop\"\n[[step]]\nid = \"b\"\n"),
         [
             "w.toml:1:1: step #1 has no `id`",
-            "w.toml:3:1: step `b` has no `plugin`"
+            "w.toml:3:1: step `b` has no `plugin` (or `workflow`, for a sub-workflow)"
         ]
     );
 }

@@ -36,6 +36,7 @@ pub(crate) fn validate(
         catalog,
         templates: TemplatesBuilder::new(),
         ids: HashMap::new(),
+        name: String::new(),
     };
     validator.workflow(parsed, file_name, default_name)
 }
@@ -43,6 +44,8 @@ pub(crate) fn validate(
 struct Validator<'r, 's> {
     report: &'r mut Reporter<'s>,
     catalog: &'r dyn PluginCatalog,
+    /// The workflow's own name (a sub-workflow step may not lead back to it).
+    name: String,
     templates: TemplatesBuilder,
     /// Step id -> (index in file order, span of the id).
     ids: HashMap<String, (usize, Range<usize>)>,
@@ -52,6 +55,7 @@ struct Validator<'r, 's> {
 struct Draft {
     id: String,
     plugin: PluginRef,
+    workflow: Option<String>,
     /// (file index of the needed step, where the dependency is written).
     needs: Vec<(usize, Range<usize>)>,
     input: TemplateValue,
@@ -118,6 +122,74 @@ impl Place {
 }
 
 impl Validator<'_, '_> {
+    /// A sub-workflow step's `workflow`: a known workflow that does not lead
+    /// back to this one. `None` (reported) if not.
+    fn sub_workflow(&mut self, workflow: &Spanned<String>, label: &str) -> Option<String> {
+        let called = workflow.get_ref();
+        if *called == self.name {
+            self.report.error(
+                &workflow.span(),
+                format!(
+                    "{label} calls workflow `{called}`, this workflow itself: workflows may not \
+                     call each other in a cycle"
+                ),
+            );
+            return None;
+        }
+        if self.catalog.workflow_calls(called).is_none() {
+            self.report.error(
+                &workflow.span(),
+                format!(
+                    "{label} calls workflow `{called}`, but no workflow of that name is loaded"
+                ),
+            );
+            return None;
+        }
+        // Depth first from the called workflow; `path[i]` calls `path[i + 1]`.
+        let mut path = vec![called.clone()];
+        let mut seen = std::collections::HashSet::new();
+        if let Some(cycle) = self.leads_back(&mut path, &mut seen) {
+            self.report.error(
+                &workflow.span(),
+                format!(
+                    "{label} calls workflow `{called}`, and {}: workflows may not call each \
+                     other in a cycle",
+                    cycle
+                ),
+            );
+            return None;
+        }
+        Some(called.clone())
+    }
+
+    /// How the last workflow of `path` calls this one again, in words, if it
+    /// does.
+    fn leads_back(
+        &self,
+        path: &mut Vec<String>,
+        seen: &mut std::collections::HashSet<String>,
+    ) -> Option<String> {
+        let last = path.last()?.clone();
+        if !seen.insert(last.clone()) {
+            return None;
+        }
+        for next in self.catalog.workflow_calls(&last).unwrap_or_default() {
+            path.push(next.clone());
+            if next == self.name {
+                let steps: Vec<String> = path
+                    .windows(2)
+                    .map(|pair| format!("`{}` calls `{}`", pair[0], pair[1]))
+                    .collect();
+                return Some(steps.join(", "));
+            }
+            if let Some(cycle) = self.leads_back(path, seen) {
+                return Some(cycle);
+            }
+            path.pop();
+        }
+        None
+    }
+
     fn workflow(mut self, parsed: Parsed, file_name: &str, default_name: &str) -> Option<Plan> {
         let file = &parsed.file;
         let name = match &file.name {
@@ -139,6 +211,7 @@ impl Validator<'_, '_> {
                 default_name.to_owned()
             }
         };
+        self.name.clone_from(&name);
 
         let limits = self.limits(file.limits.as_ref());
         let defaults = RetrySources {
@@ -226,6 +299,7 @@ impl Validator<'_, '_> {
                 PlannedStep {
                     id: draft.id,
                     plugin: draft.plugin,
+                    workflow: draft.workflow,
                     needs,
                     input: draft.input,
                     config: draft.config,
@@ -273,8 +347,24 @@ impl Validator<'_, '_> {
             None => format!("step #{}", index + 1),
         };
 
-        let plugin = match &table.plugin {
-            Some(plugin) => {
+        let workflow = table
+            .workflow
+            .as_ref()
+            .map(|workflow| self.sub_workflow(workflow, &label));
+        let plugin = match (&table.plugin, &table.workflow) {
+            (Some(plugin), Some(workflow)) => {
+                self.report.error(
+                    &workflow.span(),
+                    format!(
+                        "{label} has both `plugin` and `workflow`: a step runs a plugin or a \
+                         sub-workflow, so keep one"
+                    ),
+                );
+                let _ = plugin;
+                None
+            }
+            (None, Some(_)) => Some(PluginRef::latest("")),
+            (Some(plugin), None) => {
                 let written = plugin.get_ref();
                 let checked = written
                     .parse::<PluginRef>()
@@ -290,14 +380,40 @@ impl Validator<'_, '_> {
                     }
                 }
             }
-            None => {
-                if !parsed.dropped_step_key(index, "plugin") {
-                    self.report
-                        .error(&step.span(), format!("{label} has no `plugin`"));
+            (None, None) => {
+                if !parsed.dropped_step_key(index, "plugin")
+                    && !parsed.dropped_step_key(index, "workflow")
+                {
+                    self.report.error(
+                        &step.span(),
+                        format!("{label} has no `plugin` (or `workflow`, for a sub-workflow)"),
+                    );
                 }
                 None
             }
         };
+        if table.workflow.is_some() {
+            // What only a plugin reads.
+            let only_plugins = [
+                ("config", table.config.as_ref().map(|config| config.span())),
+                (
+                    "allow_hosts",
+                    table.allow_hosts.first().map(|host| host.span()),
+                ),
+                ("secrets", table.secrets.first().map(|name| name.span())),
+            ];
+            for (key, span) in only_plugins {
+                if let Some(span) = span {
+                    self.report.error(
+                        &span,
+                        format!(
+                            "{label} runs a sub-workflow: `{key}` is for plugin steps (the \
+                             child workflow's own steps set theirs)"
+                        ),
+                    );
+                }
+            }
+        }
 
         let mut needs = Vec::new();
         for need in &table.needs {
@@ -430,6 +546,7 @@ impl Validator<'_, '_> {
         Some(Draft {
             id: id?,
             plugin: plugin?,
+            workflow: workflow.flatten(),
             needs,
             input,
             config,

@@ -1,0 +1,208 @@
+//! Child runs: a sub-workflow step's attempt starts a run of another
+//! workflow, a run like any other (stored, listed, followed, cancellable),
+//! and ends with it.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::Service;
+use crate::executor::{ChildOutcome, ChildRequest, ChildRuns, MAX_DEPTH, queued_record};
+use crate::record::{ErrorKind, ErrorRecord, RunRecord, RunStatus, new_run_id};
+use crate::store::{StoreError, StoredItems};
+
+/// The service, as the executor's [`ChildRuns`].
+pub(super) struct Children(pub(super) Service);
+
+#[async_trait::async_trait]
+impl ChildRuns for Children {
+    async fn run_child(&self, request: ChildRequest) -> ChildOutcome {
+        let service = &self.0;
+        let failed = |kind, message: String, retryable| ChildOutcome {
+            run: None,
+            result: Err(ErrorRecord {
+                kind,
+                message,
+                retryable,
+                details: None,
+            }),
+        };
+        let name = &request.workflow;
+        let Some(entry) = service.workflow(name) else {
+            return failed(
+                ErrorKind::Workflow,
+                format!("no workflow named `{name}` is loaded"),
+                false,
+            );
+        };
+        let plan = match entry.plan {
+            Ok(plan) => plan,
+            Err(diagnostics) => {
+                return failed(
+                    ErrorKind::Workflow,
+                    format!("workflow `{name}` has errors and refuses runs:\n{diagnostics}"),
+                    false,
+                );
+            }
+        };
+        if let Some(schema) = &plan.input_schema
+            && let Err(violations) = schema.validate(&request.input)
+        {
+            let said: Vec<String> = violations
+                .iter()
+                .map(|v| format!("{}: {}", v.path, v.message))
+                .collect();
+            return ChildOutcome {
+                run: None,
+                result: Err(ErrorRecord {
+                    kind: ErrorKind::InvalidInput,
+                    message: format!(
+                        "the input does not match the input schema of workflow `{name}`: {}",
+                        said.join("; ")
+                    ),
+                    retryable: false,
+                    details: Some(json!(
+                        violations
+                            .iter()
+                            .map(|v| json!({ "path": v.path, "message": v.message }))
+                            .collect::<Vec<_>>()
+                    )),
+                }),
+            };
+        }
+        let mut record = queued_record(&plan, new_run_id(), request.input);
+        record.parent = Some(request.parent);
+        let _ = service.inner.executor.pin(&plan, &mut record);
+        let submitted = match service
+            .accept(
+                plan,
+                &entry.source,
+                &entry.file,
+                record,
+                Some(&request.key),
+                StoredItems::new(),
+            )
+            .await
+        {
+            Ok(submitted) => submitted,
+            Err(error) => {
+                // The store was unreachable, or the server is stopping: the
+                // step's retries may do better.
+                return failed(
+                    ErrorKind::Workflow,
+                    format!("cannot start a run of workflow `{name}`: {error}"),
+                    true,
+                );
+            }
+        };
+        let id = submitted.run.id.clone();
+        let ended = tokio::select! {
+            ended = service.until_finished(&id) => ended,
+            () = request.cancel.cancelled() => {
+                let _ = service.cancel(&id).await;
+                return ChildOutcome {
+                    run: Some(id),
+                    result: Err(ErrorRecord {
+                        kind: ErrorKind::Cancelled,
+                        message: "the run was cancelled".into(),
+                        retryable: false,
+                        details: None,
+                    }),
+                };
+            }
+            () = tokio::time::sleep(request.timeout) => {
+                let _ = service.cancel(&id).await;
+                return ChildOutcome {
+                    result: Err(ErrorRecord {
+                        kind: ErrorKind::Timeout,
+                        message: format!(
+                            "child run {id} of workflow `{name}` did not finish within the step's \
+                             timeout of {}; it was cancelled",
+                            humantime::format_duration(request.timeout)
+                        ),
+                        retryable: true,
+                        details: None,
+                    }),
+                    run: Some(id),
+                };
+            }
+        };
+        let result = match ended {
+            Err(error) => Err(ErrorRecord {
+                kind: ErrorKind::Workflow,
+                message: format!("cannot follow child run {id}: {error}"),
+                retryable: true,
+                details: None,
+            }),
+            Ok(child) => outcome(&child),
+        };
+        ChildOutcome {
+            run: Some(id),
+            result,
+        }
+    }
+}
+
+/// A finished child run, as its parent's attempt sees it.
+fn outcome(child: &RunRecord) -> Result<serde_json::Value, ErrorRecord> {
+    match child.status {
+        RunStatus::Succeeded => Ok(child.output.clone()),
+        status => {
+            let (kind, why) = match &child.error {
+                Some(error) => (error.kind, error.to_string()),
+                None => (ErrorKind::Workflow, status.to_string()),
+            };
+            Err(ErrorRecord {
+                kind: if status == RunStatus::Cancelled {
+                    ErrorKind::Cancelled
+                } else {
+                    kind
+                },
+                message: format!("child run {} {status}: {why}", child.id),
+                // A failed child fails the attempt; the step's retry policy
+                // decides whether another child run is started.
+                retryable: status == RunStatus::Failed,
+                details: Some(json!({ "child_run": child.id })),
+            })
+        }
+    }
+}
+
+impl Service {
+    /// The run once it finished, wherever it runs: here (its end is
+    /// awaited), or elsewhere or not taken up yet (the store is read now and
+    /// then).
+    pub(super) async fn until_finished(&self, id: &str) -> Result<RunRecord, StoreError> {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if let Some(finished) = self.wait(id, Duration::from_secs(3600)).await? {
+                return Ok(finished);
+            }
+            if self.inner.store.get_run(id).await?.is_none() {
+                return Err(StoreError::Database(
+                    format!("there is no run {id}").as_str().into(),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// How deep `record` is nested: 0 for a run without a parent, else its
+    /// parent's depth plus one (at most [`MAX_DEPTH`] + 1 lookups).
+    pub(super) async fn depth_of(&self, record: &RunRecord) -> usize {
+        let mut depth = 0;
+        let mut parent = record.parent.clone();
+        while let Some(up) = parent {
+            depth += 1;
+            if depth > MAX_DEPTH {
+                break;
+            }
+            parent = match self.get_run(&up.run).await {
+                Ok(Some(run)) => run.parent,
+                _ => None,
+            };
+        }
+        depth
+    }
+}
