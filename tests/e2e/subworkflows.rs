@@ -383,3 +383,37 @@ fn nesting_deeper_than_sixteen_fails_the_step_that_would_go_deeper() {
         "{deepest}"
     );
 }
+
+/// `trellis run` (no server) runs child workflows in memory: the ones next
+/// to the workflow file.
+#[test]
+fn trellis_run_finds_child_workflows_next_to_the_file() {
+    let sandbox = crate::support::Sandbox::new();
+    sandbox.write("child.toml", CHILD);
+    let parent = sandbox.write("parent.toml", PARENT);
+    let outcome = crate::support::run_file(&parent, Some(r#"{ "items": [3, 4] }"#), &["--json"]);
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+    let record = outcome.json();
+    assert_eq!(
+        step(&record, "fan")["output"],
+        json!([{ "n": 3, "runs": 1 }, { "n": 4, "runs": 1 }])
+    );
+    let child_runs: Vec<&Value> = step(&record, "fan")["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|attempt| &attempt["child_run"])
+        .collect();
+    assert!(child_runs.iter().all(|id| id.is_string()), "{record}");
+
+    let broken = sandbox.write("broken.toml", "[[step]]\nid = \"x\"\nworkflow = \"nope\"\n");
+    let outcome = crate::support::exec(&["validate", broken.to_str().unwrap()]);
+    assert_eq!(outcome.code, 2, "{}", outcome.stderr);
+    assert!(
+        outcome
+            .stderr
+            .contains("broken.toml:3:12: step `x` calls workflow `nope`, but no workflow of that name is loaded"),
+        "{}",
+        outcome.stderr
+    );
+}

@@ -6,6 +6,7 @@
 //! Exit status: 0 succeeded, 1 the run failed, 2 usage or validation error.
 
 mod client;
+mod local;
 mod runs;
 
 use std::io::IsTerminal;
@@ -250,7 +251,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let config = Config::load(config.as_deref(), Settings::default())?;
             let dirs = plugins.resolve(&config)?;
             let secrets = exists.then(|| Secrets::new(config.secrets));
-            validate(&workflows, &dirs, cache, secrets.as_ref()).await
+            let workflow_dirs = config.workflow_dirs.clone();
+            validate(&workflows, &dirs, &workflow_dirs, cache, secrets.as_ref()).await
         }
         Command::Plugins(PluginsCommand::List { plugins, json }) => {
             let config = Config::load(None, Settings::default())?;
@@ -397,10 +399,12 @@ async fn run(
         }
     };
     let secrets = Secrets::new(config.secrets.clone());
-    let catalog = crate::workflow::WithSecrets {
+    let with_secrets = crate::workflow::WithSecrets {
         plugins: registry.as_ref(),
         secrets: &secrets,
     };
+    let workflows = local::LocalWorkflows::find(&[workflow], &config.workflow_dirs);
+    let catalog = workflows.catalog(&with_secrets);
     let plan = match crate::workflow::load_file(workflow, &catalog) {
         Ok(plan) => Arc::new(plan),
         Err(diagnostics) => {
@@ -410,18 +414,26 @@ async fn run(
         }
     };
     let executor = Executor::new(
-        registry,
+        registry.clone(),
         config.limits,
         config.max_concurrent_steps,
         Arc::new(MemoryStateStore::default()),
     )
-    .with_secrets(secrets);
+    .with_secrets(secrets.clone());
+    let children = Arc::new_cyclic(|this| local::LocalChildren {
+        workflows,
+        executor: executor.clone(),
+        registry,
+        secrets,
+        this: this.clone(),
+    });
     let progress = std::io::stderr()
         .is_terminal()
         .then(|| Arc::new(ProgressObserver::new(plan.steps.len())));
     let options = RunOptions {
         observer: progress.clone().map(|p| p as Arc<dyn RunObserver>),
         cancel,
+        children: Some(children as Arc<dyn crate::executor::ChildRuns>),
         ..RunOptions::default()
     };
     let record = executor.run(plan, input, options).await;
@@ -472,21 +484,24 @@ fn status_word(status: RunStatus) -> &'static str {
 async fn validate(
     workflows: &[PathBuf],
     dirs: &[PathBuf],
+    workflow_dirs: &[PathBuf],
     cache: Option<CodeCache>,
     secrets: Option<&Secrets>,
 ) -> Result<ExitCode> {
     let registry = load_registry(dirs, cache).await?;
+    let files: Vec<&Path> = workflows.iter().map(PathBuf::as_path).collect();
+    let known = local::LocalWorkflows::find(&files, workflow_dirs);
     let mut ok = true;
     for path in workflows {
         let loaded = match secrets {
             Some(secrets) => crate::workflow::load_file(
                 path,
-                &crate::workflow::WithSecrets {
+                &known.catalog(&crate::workflow::WithSecrets {
                     plugins: &registry,
                     secrets,
-                },
+                }),
             ),
-            None => crate::workflow::load_file(path, &registry),
+            None => crate::workflow::load_file(path, &known.catalog(&registry)),
         };
         match loaded {
             Ok(plan) => println!(
