@@ -264,3 +264,83 @@ fn onboarding_a_complete_record() {
         "Onboard Katherine Johnson <kjohnson@example.org>, Trajectories, from 2025-06-02.\nAccounts: git:katherine.johnson, chat:katherine.johnson\nWelcome email: \"Welcome to Trajectories, Katherine!\"\nHR record: complete"
     );
 }
+
+/// The README's retry walkthrough with `workflows/ticket.toml`: the ticket
+/// system is down, the run fails at `file`; it comes back, `trellis runs
+/// retry` starts a run in which only `file` and `report` run, and `trellis
+/// runs watch` follows it to exit status 0. (The ticket system is a stand-in
+/// on a free port instead of 8089.)
+#[test]
+fn the_ticket_example_is_retried_from_the_cli_after_its_failed_step() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(workspace().join("workflows/ticket.toml"))
+        .unwrap()
+        .replace("127.0.0.1:8089", &format!("127.0.0.1:{port}"));
+    let server = Serve::new().workflow("ticket.toml", &text).start();
+    let first = server.post("/v1/workflows/ticket/runs?wait=30s", "{}");
+    assert_eq!(first.status, 200, "{}", first.body);
+    let first = first.json();
+    assert_eq!(first["status"], "failed", "{first}");
+    assert_eq!(first["error"]["step"], "file");
+    let id = first["id"].as_str().unwrap();
+
+    // The ticket system comes back: it answers every request 200.
+    let tickets = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || {
+        for stream in tickets.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut head);
+            let _ = std::io::Write::write_all(
+                &mut stream,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+            );
+        }
+    });
+    let cli = |args: &[&str]| {
+        let mut command = trellis();
+        command
+            .arg("runs")
+            .args(args)
+            .args(["--server", &server.base]);
+        Outcome::from(command.output().unwrap())
+    };
+    let retried = cli(&["retry", id]);
+    assert_eq!(retried.code, 0, "{}", retried.stderr);
+    let new = retried.stdout.split_whitespace().next().unwrap().to_owned();
+    let watched = cli(&["watch", &new]);
+    assert_eq!(watched.code, 0, "{}{}", watched.stdout, watched.stderr);
+    assert!(
+        watched
+            .stdout
+            .contains(&format!("step draft succeeded (reused from {id})")),
+        "{}",
+        watched.stdout
+    );
+    assert!(
+        watched.stdout.contains("step file started (attempt 1)"),
+        "{}",
+        watched.stdout
+    );
+    assert!(
+        !watched.stdout.contains("step draft started"),
+        "{}",
+        watched.stdout
+    );
+    let retry = server.get(&format!("/v1/runs/{new}")).json();
+    assert_eq!(retry["retry_of"], id);
+    assert_eq!(
+        retry["output"]["report"],
+        "Filed \"Laptop for Grace Hopper, starting 2025-03-03\": the ticket system answered HTTP 200"
+    );
+    let shown = cli(&["get", &new]);
+    assert!(
+        shown.stdout.contains(&format!("reused from {id}")),
+        "{}",
+        shown.stdout
+    );
+}

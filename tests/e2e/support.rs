@@ -86,7 +86,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn from(output: Output) -> Outcome {
+    pub fn from(output: Output) -> Outcome {
         Outcome {
             code: output.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
