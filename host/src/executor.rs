@@ -974,50 +974,65 @@ impl RunContext {
                 observer.attempt_finished(&step.id, &attempt_record);
             }
             attempts.push(attempt_record);
-            match result {
-                Err(error) if error.retryable && attempt < last_attempt => {
-                    let write = self.save_progress(
-                        index,
-                        item.as_ref(),
-                        &attempts,
-                        None,
-                        None,
-                        Commit::Now,
-                    );
-                    self.saved(index, write).await;
-                    let delay = step.retry.delay_before(attempt + 1);
-                    // After the store has the failed attempt: what a restart
-                    // during the backoff shows of it (tests wait for this).
-                    tracing::debug!(
-                        attempt,
-                        item = position,
-                        ?delay,
-                        "attempt failed and stored; retrying after the backoff"
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.cancel.cancelled() => return (Err(cancelled_error()), attempts),
-                    }
-                    attempt += 1;
+            match self
+                .after_attempt(
+                    index,
+                    item.as_ref(),
+                    &attempts,
+                    result,
+                    attempt,
+                    last_attempt,
+                )
+                .await
+            {
+                Some(result) => return (result, attempts),
+                None => attempt += 1,
+            }
+        }
+    }
+
+    /// After an attempt of step `index` (of one `for_each` item) that ended
+    /// with `result`: `None` when it is to be tried again (the failed attempt
+    /// is stored and the backoff waited out), else the instance's result (an
+    /// item's outcome is queued for the store).
+    async fn after_attempt(
+        &self,
+        index: usize,
+        item: Option<&(usize, Value)>,
+        attempts: &[AttemptRecord],
+        result: Result<Value, ErrorRecord>,
+        attempt: u32,
+        last_attempt: u32,
+    ) -> Option<Result<Value, ErrorRecord>> {
+        match result {
+            Err(error) if error.retryable && attempt < last_attempt => {
+                let write = self.save_progress(index, item, attempts, None, None, Commit::Now);
+                self.saved(index, write).await;
+                let delay = self.plan.steps[index].retry.delay_before(attempt + 1);
+                // After the store has the failed attempt: what a restart
+                // during the backoff shows of it (tests wait for this).
+                tracing::debug!(
+                    attempt,
+                    item = item.map(|(position, _)| *position),
+                    ?delay,
+                    "attempt failed and stored; retrying after the backoff"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => None,
+                    _ = self.cancel.cancelled() => Some(Err(cancelled_error())),
                 }
-                result => {
-                    // A step's own record is stored when it finishes; an
-                    // item's, with its outcome, now, without waiting: the
-                    // step's record is queued after it.
-                    if item.is_some()
-                        && let Some(write) = self.save_progress(
-                            index,
-                            item.as_ref(),
-                            &attempts,
-                            None,
-                            Some(&result),
-                            Commit::Soon,
-                        )
-                    {
-                        write.detach();
-                    }
-                    return (result, attempts);
+            }
+            result => {
+                // A step's own record is stored when it finishes; an item's,
+                // with its outcome, now, without waiting: the step's record
+                // is queued after it.
+                if item.is_some()
+                    && let Some(write) =
+                        self.save_progress(index, item, attempts, None, Some(&result), Commit::Soon)
+                {
+                    write.detach();
                 }
+                Some(result)
             }
         }
     }
@@ -1132,39 +1147,19 @@ impl RunContext {
                 observer.attempt_finished(&step.id, &record);
             }
             attempts.push(record);
-            match outcome.result {
-                Err(error) if error.retryable && attempt < last_attempt => {
-                    let write = self.save_progress(
-                        index,
-                        item.as_ref(),
-                        &attempts,
-                        None,
-                        None,
-                        Commit::Now,
-                    );
-                    self.saved(index, write).await;
-                    let delay = step.retry.delay_before(attempt + 1);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.cancel.cancelled() => return (Err(cancelled_error()), attempts),
-                    }
-                    attempt += 1;
-                }
-                result => {
-                    if item.is_some()
-                        && let Some(write) = self.save_progress(
-                            index,
-                            item.as_ref(),
-                            &attempts,
-                            None,
-                            Some(&result),
-                            Commit::Soon,
-                        )
-                    {
-                        write.detach();
-                    }
-                    return (result, attempts);
-                }
+            match self
+                .after_attempt(
+                    index,
+                    item.as_ref(),
+                    &attempts,
+                    outcome.result,
+                    attempt,
+                    last_attempt,
+                )
+                .await
+            {
+                Some(result) => return (result, attempts),
+                None => attempt += 1,
             }
         }
     }

@@ -223,16 +223,8 @@ pub async fn retry_run(
     headers: HeaderMap,
     JsonBody(body): JsonBody<RetryBody>,
 ) -> Result<Response, ApiError> {
-    let id = run_id(&id)?;
-    let key = idempotency_key(&headers)?;
-    let wait = params.wait.as_deref().map(parse_wait).transpose()?;
     let again = Again::Retry { from: body.from };
-    let submitted = state
-        .service
-        .run_again(&id, again, body.upgrade, key)
-        .await
-        .map_err(|error| submit_error(&state, error))?;
-    answer_submitted(&state, submitted, wait).await
+    run_again(&state, &id, &params, &headers, again, body.upgrade).await
 }
 
 /// Run a finished run again.
@@ -267,16 +259,28 @@ pub async fn rerun_run(
     headers: HeaderMap,
     JsonBody(body): JsonBody<RerunBody>,
 ) -> Result<Response, ApiError> {
-    let id = run_id(&id)?;
-    let key = idempotency_key(&headers)?;
-    let wait = params.wait.as_deref().map(parse_wait).transpose()?;
     let again = Again::Rerun { input: body.input };
+    run_again(&state, &id, &params, &headers, again, body.upgrade).await
+}
+
+/// A retry or a rerun of run `id`, answered like a trigger.
+async fn run_again(
+    state: &AppState,
+    id: &str,
+    params: &TriggerParams,
+    headers: &HeaderMap,
+    again: Again,
+    upgrade: bool,
+) -> Result<Response, ApiError> {
+    let id = run_id(id)?;
+    let key = idempotency_key(headers)?;
+    let wait = params.wait.as_deref().map(parse_wait).transpose()?;
     let submitted = state
         .service
-        .run_again(&id, again, body.upgrade, key)
+        .run_again(&id, again, upgrade, key)
         .await
-        .map_err(|error| submit_error(&state, error))?;
-    answer_submitted(&state, submitted, wait).await
+        .map_err(|error| submit_error(state, error))?;
+    answer_submitted(state, submitted, wait).await
 }
 
 /// The finished run, or `None` at the deadline or when the server stops.
