@@ -417,3 +417,83 @@ fn trellis_run_finds_child_workflows_next_to_the_file() {
         outcome.stderr
     );
 }
+
+/// A run keeps the versions of the workflows it calls from when it was
+/// accepted: a child workflow replaced while the parent runs does not change
+/// what the parent's later children run (a new parent gets the new one).
+#[test]
+fn child_workflow_versions_are_pinned_when_the_parent_is_accepted() {
+    let gate = crate::support::Gate::start();
+    let parent = format!(
+        r#"
+[[step]]
+id = "hold"
+plugin = "http-request"
+allow_hosts = ["{host}"]
+input = {{ url = "{url}" }}
+
+[[step]]
+id = "call"
+workflow = "versioned-child"
+needs = ["hold"]
+input = {{}}
+"#,
+        host = gate.host(),
+        url = gate.url("/held")
+    );
+    let child = |version: u32| {
+        format!(
+            "[[step]]\nid = \"v\"\nplugin = \"noop\"\ninput = {{ version = {version} }}\n[output]\nversion = \"{{{{ steps.v.output.version }}}}\"\n"
+        )
+    };
+    let server = Serve::new()
+        .workflow("versioned-child.toml", &child(1))
+        .workflow("held.toml", &parent)
+        .start();
+    let accepted = server.post("/v1/workflows/held/runs", "{}");
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let id = accepted.json()["id"].as_str().unwrap().to_owned();
+    gate.await_waiting(1);
+    let reply = server.call(
+        "PUT",
+        "/v1/workflows/versioned-child",
+        &[],
+        Some(child(2).as_bytes()),
+    );
+    assert_eq!(reply.status / 100, 2, "{}", reply.body);
+    gate.open();
+    let held = server.wait_for_run(&id);
+    assert_eq!(
+        step(&held, "call")["output"],
+        json!({ "version": 1 }),
+        "{held}"
+    );
+
+    let later = run(&server, "held", "{}");
+    assert_eq!(
+        step(&later, "call")["output"],
+        json!({ "version": 2 }),
+        "{later}"
+    );
+    // A retry keeps the original's pins; with `upgrade` it takes the new ones.
+    let retry = server.post(
+        &format!("/v1/runs/{id}/retry?wait=60s"),
+        r#"{ "from": "call" }"#,
+    );
+    assert_eq!(
+        step(&retry.json(), "call")["output"],
+        json!({ "version": 1 }),
+        "{}",
+        retry.body
+    );
+    let upgraded = server.post(
+        &format!("/v1/runs/{id}/retry?wait=60s"),
+        r#"{ "from": "call", "upgrade": true }"#,
+    );
+    assert_eq!(
+        step(&upgraded.json(), "call")["output"],
+        json!({ "version": 2 }),
+        "{}",
+        upgraded.body
+    );
+}

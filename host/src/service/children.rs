@@ -6,10 +6,14 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use std::sync::Arc;
+
 use super::Service;
+use super::catalog::PinnedCatalog;
 use crate::executor::{ChildOutcome, ChildRequest, ChildRuns, MAX_DEPTH, queued_record};
 use crate::record::{ErrorKind, ErrorRecord, RunRecord, RunStatus, new_run_id};
-use crate::store::{StoreError, StoredItems};
+use crate::store::{StoreError, StoredItems, WorkflowText};
+use crate::workflow;
 
 /// The service, as the executor's [`ChildRuns`].
 pub(super) struct Children(pub(super) Service);
@@ -28,21 +32,62 @@ impl ChildRuns for Children {
             }),
         };
         let name = &request.workflow;
-        let Some(entry) = service.workflow(name) else {
-            return failed(
-                ErrorKind::Workflow,
-                format!("no workflow named `{name}` is loaded"),
-                false,
-            );
-        };
-        let plan = match entry.plan {
-            Ok(plan) => plan,
-            Err(diagnostics) => {
+        // The version the topmost run pinned when it was accepted (a run
+        // from before pins existed takes the one loaded now).
+        let pins = match service.inner.store.run_workflow(&request.parent.run).await {
+            Ok(stored) => stored.map(|stored| stored.pins).unwrap_or_default(),
+            Err(error) => {
                 return failed(
                     ErrorKind::Workflow,
-                    format!("workflow `{name}` has errors and refuses runs:\n{diagnostics}"),
-                    false,
+                    format!("cannot read the workflows the run pinned: {error}"),
+                    true,
                 );
+            }
+        };
+        let (plan, text) = match pins.get(name) {
+            Some(text) => match workflow::parse_str(
+                &text.source,
+                &text.file,
+                name,
+                &PinnedCatalog(&service.inner.registry),
+            ) {
+                Ok(plan) => (Arc::new(plan), text.clone()),
+                Err(diagnostics) => {
+                    return failed(
+                        ErrorKind::Workflow,
+                        format!(
+                            "the pinned version of workflow `{name}` no longer loads:\n{diagnostics}"
+                        ),
+                        false,
+                    );
+                }
+            },
+            None => {
+                let Some(entry) = service.workflow(name) else {
+                    return failed(
+                        ErrorKind::Workflow,
+                        format!("no workflow named `{name}` is loaded"),
+                        false,
+                    );
+                };
+                match entry.plan {
+                    Ok(plan) => (
+                        plan,
+                        WorkflowText {
+                            source: entry.source,
+                            file: entry.file,
+                        },
+                    ),
+                    Err(diagnostics) => {
+                        return failed(
+                            ErrorKind::Workflow,
+                            format!(
+                                "workflow `{name}` has errors and refuses runs:\n{diagnostics}"
+                            ),
+                            false,
+                        );
+                    }
+                }
             }
         };
         if let Some(schema) = &plan.input_schema
@@ -76,11 +121,11 @@ impl ChildRuns for Children {
         let submitted = match service
             .accept(
                 plan,
-                &entry.source,
-                &entry.file,
+                &text,
                 record,
                 Some(&request.key),
                 StoredItems::new(),
+                &pins,
             )
             .await
         {

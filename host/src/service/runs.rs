@@ -12,7 +12,10 @@ use super::catalog::{PinnedCatalog, WorkflowEntry};
 use super::events::ActiveRun;
 use crate::executor::{RunOptions, queued_record};
 use crate::record::{ErrorKind, RunError, RunRecord, RunStatus, new_run_id, now_rfc3339};
-use crate::store::{Created, NewRun, RunPage, RunQuery, StoreError, StoredItems, UnfinishedRun};
+use crate::store::{
+    Created, NewRun, PinnedWorkflows, RunPage, RunQuery, StoreError, StoredItems, UnfinishedRun,
+    WorkflowText,
+};
 use crate::workflow::{self, Plan, SchemaViolation};
 
 /// Why a run was not accepted.
@@ -103,15 +106,46 @@ impl Service {
         // Pinned before it is stored: a restart resumes it with these builds.
         // A plugin gone since the workflow loaded fails the run when it starts.
         let _ = self.inner.executor.pin(&plan, &mut record);
+        let pins = self.pins_for(&plan);
+        let text = WorkflowText {
+            source: entry.source,
+            file: entry.file,
+        };
         self.accept(
             plan,
-            &entry.source,
-            &entry.file,
+            &text,
             record,
             idempotency_key,
             StoredItems::new(),
+            &pins,
         )
         .await
+    }
+
+    /// The workflows `plan`'s sub-workflow steps call, and theirs, all the
+    /// way down, as they are loaded now (a run keeps these versions).
+    pub(super) fn pins_for(&self, plan: &Plan) -> PinnedWorkflows {
+        let mut pins = PinnedWorkflows::new();
+        let mut wanted = plan.calls();
+        while let Some(name) = wanted.pop() {
+            if pins.contains_key(&name) {
+                continue;
+            }
+            let Some(entry) = self.workflow(&name) else {
+                continue;
+            };
+            if let Ok(called) = &entry.plan {
+                wanted.extend(called.calls());
+            }
+            pins.insert(
+                name,
+                WorkflowText {
+                    source: entry.source,
+                    file: entry.file,
+                },
+            );
+        }
+        pins
     }
 
     /// Stores `record` (queued, its builds pinned) durably, then starts it
@@ -119,11 +153,11 @@ impl Service {
     pub(super) async fn accept(
         &self,
         plan: Arc<Plan>,
-        workflow_source: &str,
-        workflow_file: &str,
+        text: &WorkflowText,
         record: RunRecord,
         idempotency_key: Option<&str>,
         items: StoredItems,
+        pins: &PinnedWorkflows,
     ) -> Result<Submitted, SubmitError> {
         // Registered before it is stored, so an event subscriber or a cancel
         // that sees it stored also finds it here.
@@ -135,10 +169,11 @@ impl Service {
             .insert(record.id.clone(), active.clone());
         let new_run = NewRun {
             record: &record,
-            workflow_source,
-            workflow_file,
+            workflow_source: &text.source,
+            workflow_file: &text.file,
             idempotency_key,
             items: &items,
+            pins,
         };
         // A node of a cluster with more work than it can run leaves the run
         // ready for a node with room (this one too, once it has some).
@@ -203,13 +238,20 @@ impl Service {
                 status: original.status,
             });
         }
-        let (plan, source, file) = if upgrade {
+        let (plan, text, pins) = if upgrade {
             let name = &original.workflow;
             let entry = self
                 .workflow(name)
                 .ok_or_else(|| SubmitError::UnknownWorkflow(name.clone()))?;
             match entry.plan {
-                Ok(plan) => (plan, entry.source, entry.file),
+                Ok(plan) => {
+                    let pins = self.pins_for(&plan);
+                    let text = WorkflowText {
+                        source: entry.source,
+                        file: entry.file,
+                    };
+                    (plan, text, pins)
+                }
                 Err(diagnostics) => {
                     return Err(SubmitError::InvalidWorkflow {
                         name: name.clone(),
@@ -218,7 +260,7 @@ impl Service {
                 }
             }
         } else {
-            let (source, file) = self
+            let stored = self
                 .inner
                 .store
                 .run_workflow(id)
@@ -226,8 +268,8 @@ impl Service {
                 .ok_or_else(|| SubmitError::NoSuchRun(id.to_owned()))?;
             self.restore_pinned(&[&original]).await;
             let plan = workflow::parse_str(
-                &source,
-                &file,
+                &stored.text.source,
+                &stored.text.file,
                 &original.workflow,
                 &PinnedCatalog(&self.inner.registry),
             )
@@ -235,7 +277,7 @@ impl Service {
                 name: original.workflow.clone(),
                 diagnostics: diagnostics.to_string(),
             })?;
-            (Arc::new(plan), source, file)
+            (Arc::new(plan), stored.text, stored.pins)
         };
         let (mut record, items) = match again {
             Again::Retry { from } => {
@@ -263,7 +305,7 @@ impl Service {
         if let Err(error) = self.inner.executor.pin(&plan, &mut record) {
             return Err(SubmitError::BuildGone(error.to_string()));
         }
-        self.accept(plan, &source, &file, record, idempotency_key, items)
+        self.accept(plan, &text, record, idempotency_key, items, &pins)
             .await
     }
 

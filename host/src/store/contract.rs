@@ -177,6 +177,7 @@ pub(super) async fn create(store: &Arc<dyn Store>, record: &RunRecord) {
 
 pub(super) fn new_run<'a>(record: &'a RunRecord, key: Option<&'a str>) -> NewRun<'a> {
     NewRun {
+        pins: &NO_PINS,
         items: &NO_ITEMS,
         record,
         workflow_source: SOURCE,
@@ -604,6 +605,7 @@ pub(super) async fn unfinished_runs_are_queued_or_running_oldest_first(backend: 
     let created = store
         .create_run(NewRun {
             items: &NO_ITEMS,
+            pins: &NO_PINS,
             record: &other,
             workflow_source: other_source,
             workflow_file: "billing.toml",
@@ -864,10 +866,15 @@ pub(super) async fn lineage_and_taken_over_items_are_stored_with_a_run(backend: 
     let store = backend.open(StateQuota::default()).await;
     let original = queued_run("orders");
     create(&store, &original).await;
+    let stored = store.run_workflow(&original.id).await.unwrap().unwrap();
     assert_eq!(
-        store.run_workflow(&original.id).await.unwrap(),
-        Some((SOURCE.to_owned(), "workflows/orders.toml".to_owned()))
+        stored.text,
+        WorkflowText {
+            source: SOURCE.to_owned(),
+            file: "workflows/orders.toml".to_owned(),
+        }
     );
+    assert!(stored.pins.is_empty());
     assert_eq!(store.run_workflow(&new_run_id()).await.unwrap(), None);
 
     let mut reused = finished_step("parse");
@@ -885,14 +892,35 @@ pub(super) async fn lineage_and_taken_over_items_are_stored_with_a_run(backend: 
         outcome: Some(ItemOutcome::Output(json!({"ok": true}))),
     };
     let items: StoredItems = [((1, 3), item.clone())].into();
+    // It pins two workflows it may call; one has the same text as the run's.
+    let pins: PinnedWorkflows = [
+        (
+            "provision".to_owned(),
+            WorkflowText {
+                source: "[[step]]\nid = \"p\"\nplugin = \"json\"\n".to_owned(),
+                file: "workflows/provision.toml".to_owned(),
+            },
+        ),
+        (
+            "orders".to_owned(),
+            WorkflowText {
+                source: SOURCE.to_owned(),
+                file: "elsewhere/orders.toml".to_owned(),
+            },
+        ),
+    ]
+    .into();
     let created = store
         .create_run(NewRun {
             items: &items,
+            pins: &pins,
             ..new_run(&first, None)
         })
         .await
         .unwrap();
     assert!(matches!(created, Created::New));
+    let stored = store.run_workflow(&first.id).await.unwrap().unwrap();
+    assert_eq!(stored.pins, pins);
     let second = retry(vec![pending_step("parse"), pending_step("price")]);
     create(&store, &second).await;
 

@@ -162,6 +162,32 @@ pub struct NewRun<'a> {
     /// `for_each` items a retry took over from the run it retries, stored
     /// with the run: its steps that run again start from them.
     pub items: &'a StoredItems,
+    /// The versions of the workflows its sub-workflow steps call (and
+    /// theirs, all the way down), fixed when it was accepted.
+    pub pins: &'a PinnedWorkflows,
+}
+
+/// A workflow's text as a run was planned from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowText {
+    pub source: String,
+    /// The file it was loaded from.
+    pub file: String,
+}
+
+/// The workflows a run's sub-workflow steps may start, by name, as they
+/// were when the run (or its topmost parent) was accepted.
+pub type PinnedWorkflows = BTreeMap<String, WorkflowText>;
+
+/// No pinned workflows: a run without sub-workflow steps.
+pub static NO_PINS: PinnedWorkflows = PinnedWorkflows::new();
+
+/// What a run was planned from: its workflow's text and the workflows it
+/// may call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunWorkflow {
+    pub text: WorkflowText,
+    pub pins: PinnedWorkflows,
 }
 
 /// What `create_run` did.
@@ -375,8 +401,9 @@ pub trait Store: Send + Sync + 'static {
     /// ids of the run's retries.
     async fn get_run(&self, id: &str) -> Result<Option<RunRecord>, StoreError>;
 
-    /// The workflow text the run was planned from, and its file name.
-    async fn run_workflow(&self, id: &str) -> Result<Option<(String, String)>, StoreError>;
+    /// The workflow text the run was planned from, and the versions of the
+    /// workflows it may call.
+    async fn run_workflow(&self, id: &str) -> Result<Option<RunWorkflow>, StoreError>;
 
     /// Runs newest first (by id: ids are UUIDv7, so by creation time).
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError>;

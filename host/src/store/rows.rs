@@ -44,6 +44,33 @@ pub(super) struct NewRunRow {
     pub(super) parent_item: Option<i64>,
     /// (step index, position, JSON `ItemRecord`).
     pub(super) items: Vec<(i64, i64, String)>,
+    /// JSON `{ name: { digest, file } }` of the pinned workflows, if any.
+    pub(super) pins: Option<String>,
+    /// (digest, source) of each pinned workflow.
+    pub(super) pin_sources: Vec<(String, String)>,
+}
+
+/// A pinned workflow as the `pins` column holds it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct PinRow {
+    pub(super) digest: String,
+    pub(super) file: String,
+}
+
+/// The `pins` column of a run: name -> (digest, file); empty for none.
+pub(super) fn decode_pins(
+    id: &str,
+    column: Option<&str>,
+) -> Result<std::collections::BTreeMap<String, PinRow>, StoreError> {
+    match column {
+        None => Ok(std::collections::BTreeMap::new()),
+        Some(text) => decode_json(text, || format!("run {id}: pins")),
+    }
+}
+
+/// The sha256 of a workflow's text, hex: its key in `workflow_sources`.
+pub(super) fn source_digest(source: &str) -> String {
+    hex::encode(Sha256::digest(source.as_bytes()))
 }
 
 impl NewRunRow {
@@ -66,7 +93,7 @@ impl NewRunRow {
                 .map(|error| encode_json(error, || format!("run {id}: error")))
                 .transpose()?,
             idempotency_key: run.idempotency_key.map(str::to_owned),
-            workflow_digest: hex::encode(Sha256::digest(run.workflow_source.as_bytes())),
+            workflow_digest: source_digest(run.workflow_source),
             workflow_source: run.workflow_source.to_owned(),
             workflow_file: run.workflow_file.to_owned(),
             steps: record
@@ -96,6 +123,29 @@ impl NewRunRow {
                     ))
                 })
                 .collect::<Result<_, StoreError>>()?,
+            pins: if run.pins.is_empty() {
+                None
+            } else {
+                let rows: std::collections::BTreeMap<&str, PinRow> = run
+                    .pins
+                    .iter()
+                    .map(|(name, text)| {
+                        (
+                            name.as_str(),
+                            PinRow {
+                                digest: source_digest(&text.source),
+                                file: text.file.clone(),
+                            },
+                        )
+                    })
+                    .collect();
+                Some(encode_json(&rows, || format!("run {id}: pins"))?)
+            },
+            pin_sources: run
+                .pins
+                .values()
+                .map(|text| (source_digest(&text.source), text.source.clone()))
+                .collect(),
         })
     }
 }

@@ -34,12 +34,13 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
 use super::rows::{
-    FinishedRow, ListParam, NewRunRow, RunListing, decode_json, encode_json, parent_ref, step_index,
+    FinishedRow, ListParam, NewRunRow, RunListing, decode_json, decode_pins, encode_json,
+    parent_ref, step_index,
 };
 pub(super) use super::rows::{RUN_COLUMN_COUNT, RUN_COLUMNS};
 use super::{
-    Commit, Created, DatabaseError, ItemRecord, LINGER, NewRun, Queued, RunPage, RunQuery,
-    StateQuota, Store, StoreError, StoredItems, UnfinishedRun,
+    Commit, Created, DatabaseError, ItemRecord, LINGER, NewRun, PinnedWorkflows, Queued, RunPage,
+    RunQuery, RunWorkflow, StateQuota, Store, StoreError, StoredItems, UnfinishedRun, WorkflowText,
 };
 use crate::record::{RunRecord, RunStatus, StepRecord};
 use writer::{Write, WriteCommand, Written, writer_loop};
@@ -347,17 +348,49 @@ impl Store for PgStore {
         Ok(record)
     }
 
-    async fn run_workflow(&self, id: &str) -> Result<Option<(String, String)>, StoreError> {
+    async fn run_workflow(&self, id: &str) -> Result<Option<RunWorkflow>, StoreError> {
         let conn = self.reader().await?;
         let rows = query_cached(
             &conn,
             &self.label,
-            "SELECT source, workflow_file
+            "SELECT source, workflow_file, pins
              FROM runs JOIN workflow_sources ON digest = workflow_digest WHERE id = $1",
             &[&id],
         )
         .await?;
-        Ok(rows.first().map(|row| (row.get(0), row.get(1))))
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let mut pinned = PinnedWorkflows::new();
+        for (name, pin) in decode_pins(id, row.get(2))? {
+            let sources = query_cached(
+                &conn,
+                &self.label,
+                "SELECT source FROM workflow_sources WHERE digest = $1",
+                &[&pin.digest],
+            )
+            .await?;
+            let source = sources.first().map(|row| row.get(0)).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "run {id}: pinned workflow `{name}` ({}) is not stored",
+                    pin.digest
+                ))
+            })?;
+            pinned.insert(
+                name,
+                WorkflowText {
+                    source,
+                    file: pin.file,
+                },
+            );
+        }
+        Ok(Some(RunWorkflow {
+            text: WorkflowText {
+                source: row.get(0),
+                file: row.get(1),
+            },
+            pins: pinned,
+        }))
     }
 
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {

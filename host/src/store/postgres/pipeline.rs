@@ -64,9 +64,9 @@ const SOURCE: &str =
 const RUN: &str = "WITH created AS (
          INSERT INTO runs (id, workflow, status, created_at, started_at, finished_at,
              duration_ms, input, output, error, idempotency_key, workflow_digest, workflow_file,
-             owner, epoch, retry_of, rerun_of, parent_run, parent_step, parent_item)
+             owner, epoch, retry_of, rerun_of, parent_run, parent_step, parent_item, pins)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $18, $19,
-             $20, $21, $22)
+             $20, $21, $22, $23)
          ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id),
      new_steps AS (
@@ -255,6 +255,9 @@ pub(super) async fn run(
                         vec![&row.workflow_digest, &row.workflow_source],
                     ));
                 }
+                for (digest, text) in &row.pin_sources {
+                    statements.push(exec(tx, &source, vec![digest, text]));
+                }
                 mains.push((statements.len(), Check::Created));
                 statements.push(exec(
                     tx,
@@ -282,6 +285,7 @@ pub(super) async fn run(
                         &row.parent_run,
                         &row.parent_step,
                         &row.parent_item,
+                        &row.pins,
                     ],
                 ));
                 let (item_indices, positions, item_records) = &items[at];

@@ -107,14 +107,17 @@ pub(super) const MIGRATIONS: &[&str] = &[
         made_at     timestamptz NOT NULL DEFAULT clock_timestamp()
     );
     "#,
-    // 3: lineage: retries, reruns and child runs.
+    // 3: lineage (retries, reruns, child runs) and pinned sub-workflows.
     r#"
     ALTER TABLE runs
         ADD COLUMN retry_of    text COLLATE "C",      -- the run a retry retries
         ADD COLUMN rerun_of    text COLLATE "C",      -- the run a rerun runs again
         ADD COLUMN parent_run  text COLLATE "C",      -- a child run's parent run,
         ADD COLUMN parent_step text,                  -- its sub-workflow step
-        ADD COLUMN parent_item bigint;                -- and `for_each` position
+        ADD COLUMN parent_item bigint,                -- and `for_each` position
+        -- The workflows its sub-workflow steps may call, as they were when it
+        -- was accepted: JSON { name: { digest, file } }.
+        ADD COLUMN pins        text;
     CREATE INDEX runs_by_retry_of ON runs (retry_of) WHERE retry_of IS NOT NULL;
     CREATE INDEX runs_by_parent ON runs (parent_run, id) WHERE parent_run IS NOT NULL;
     "#,

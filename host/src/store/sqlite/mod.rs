@@ -34,11 +34,11 @@ use tokio::sync::oneshot;
 
 use super::rows::{
     FinishedRow, ListParam, NewRunRow, RUN_COLUMN_COUNT, RUN_COLUMNS, RunListing, decode_json,
-    encode_json, parent_ref, state_after_set, step_index,
+    decode_pins, encode_json, parent_ref, state_after_set, step_index,
 };
 use super::{
-    Commit, Created, DatabaseError, ItemRecord, LINGER, NewRun, Queued, RunPage, RunQuery,
-    StateQuota, Store, StoreError, StoredItems, UnfinishedRun,
+    Commit, Created, DatabaseError, ItemRecord, LINGER, NewRun, PinnedWorkflows, Queued, RunPage,
+    RunQuery, RunWorkflow, StateQuota, Store, StoreError, StoredItems, UnfinishedRun, WorkflowText,
 };
 use crate::record::{RunRecord, RunStatus, StepRecord};
 use schema::{configure_writer, migrate};
@@ -273,17 +273,21 @@ impl Store for SqliteStore {
                         return Ok(Written::Run(Created::Existing(Box::new(record))));
                     }
                 }
-                conn.prepare_cached(
+                let mut insert_source = conn.prepare_cached(
                     "INSERT INTO workflow_sources (digest, source) VALUES (?1, ?2)
                      ON CONFLICT DO NOTHING",
-                )?
-                .execute((&row.workflow_digest, &row.workflow_source))?;
+                )?;
+                insert_source.execute((&row.workflow_digest, &row.workflow_source))?;
+                for (digest, source) in &row.pin_sources {
+                    insert_source.execute((digest, source))?;
+                }
                 conn.prepare_cached(
                     "INSERT INTO runs (id, workflow, status, created_at, started_at, finished_at,
                          duration_ms, input, output, error, idempotency_key, workflow_digest,
-                         workflow_file, retry_of, rerun_of, parent_run, parent_step, parent_item)
+                         workflow_file, retry_of, rerun_of, parent_run, parent_step, parent_item,
+                         pins)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                         ?16, ?17, ?18)",
+                         ?16, ?17, ?18, ?19)",
                 )?
                 .execute(rusqlite::params![
                     row.id,
@@ -304,6 +308,7 @@ impl Store for SqliteStore {
                     row.parent_run,
                     row.parent_step,
                     row.parent_item,
+                    row.pins,
                 ])?;
                 let mut insert_step = conn.prepare_cached(
                     "INSERT INTO steps (run_id, idx, record) VALUES (?1, ?2, ?3)",
@@ -338,16 +343,44 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn run_workflow(&self, id: &str) -> Result<Option<(String, String)>, StoreError> {
+    async fn run_workflow(&self, id: &str) -> Result<Option<RunWorkflow>, StoreError> {
         let id = id.to_owned();
         self.read(move |conn| {
-            Ok(conn
+            let found: Option<(String, String, Option<String>)> = conn
                 .prepare_cached(
-                    "SELECT source, workflow_file
+                    "SELECT source, workflow_file, pins
                      FROM runs JOIN workflow_sources ON digest = workflow_digest WHERE id = ?1",
                 )?
-                .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
-                .optional()?)
+                .query_row([&id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+                .optional()?;
+            let Some((source, file, pins)) = found else {
+                return Ok(None);
+            };
+            let mut source_of =
+                conn.prepare_cached("SELECT source FROM workflow_sources WHERE digest = ?1")?;
+            let mut pinned = PinnedWorkflows::new();
+            for (name, pin) in decode_pins(&id, pins.as_deref())? {
+                let source: String = source_of
+                    .query_row([&pin.digest], |row| row.get(0))
+                    .optional()?
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "run {id}: pinned workflow `{name}` ({}) is not stored",
+                            pin.digest
+                        ))
+                    })?;
+                pinned.insert(
+                    name,
+                    WorkflowText {
+                        source,
+                        file: pin.file,
+                    },
+                );
+            }
+            Ok(Some(RunWorkflow {
+                text: WorkflowText { source, file },
+                pins: pinned,
+            }))
         })
         .await
     }

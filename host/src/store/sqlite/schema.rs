@@ -87,13 +87,16 @@ pub(super) const MIGRATIONS: &[&str] = &[
             WHERE workflow = old.workflow;
     END;
     ",
-    // 4: lineage: retries, reruns and child runs.
+    // 4: lineage (retries, reruns, child runs) and pinned sub-workflows.
     "
     ALTER TABLE runs ADD COLUMN retry_of TEXT;      -- the run a retry retries
     ALTER TABLE runs ADD COLUMN rerun_of TEXT;      -- the run a rerun runs again
     ALTER TABLE runs ADD COLUMN parent_run TEXT;    -- a child run's parent run,
     ALTER TABLE runs ADD COLUMN parent_step TEXT;   -- its sub-workflow step
     ALTER TABLE runs ADD COLUMN parent_item INTEGER; -- and `for_each` position
+    -- The workflows its sub-workflow steps may call, as they were when it was
+    -- accepted: JSON { name: { digest, file } } (sources in workflow_sources).
+    ALTER TABLE runs ADD COLUMN pins TEXT;
     CREATE INDEX runs_by_retry_of ON runs (retry_of) WHERE retry_of IS NOT NULL;
     CREATE INDEX runs_by_parent ON runs (parent_run, id) WHERE parent_run IS NOT NULL;
     ",

@@ -106,7 +106,8 @@ async fn an_older_schema_is_migrated_in_place() {
 const UNDO_4: &str = "DROP INDEX runs_by_retry_of; DROP INDEX runs_by_parent;
     ALTER TABLE runs DROP COLUMN retry_of; ALTER TABLE runs DROP COLUMN rerun_of;
     ALTER TABLE runs DROP COLUMN parent_run; ALTER TABLE runs DROP COLUMN parent_step;
-    ALTER TABLE runs DROP COLUMN parent_item; PRAGMA user_version = 3;";
+    ALTER TABLE runs DROP COLUMN parent_item; ALTER TABLE runs DROP COLUMN pins;
+    PRAGMA user_version = 3;";
 const UNDO_3: &str = "DROP TRIGGER state_inserted; DROP TRIGGER state_updated;
     DROP TRIGGER state_deleted; DROP TABLE state_usage; PRAGMA user_version = 2;";
 
