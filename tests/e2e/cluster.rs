@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::support::*;
 
@@ -702,4 +702,66 @@ fn a_busy_node_leaves_new_runs_to_a_node_with_room() {
     assert_eq!(on_a + on_b, ids.len() as u64, "a ran {on_a}, b ran {on_b}");
     assert!(on_b > 0, "b ran none of them");
     eprintln!("a ran {on_a} runs, b ran {on_b}");
+}
+
+/// Retry and sub-workflows on PostgreSQL across two nodes: a parent whose
+/// second child fails once, run on one node, is retried on the other, which
+/// reuses the children that succeeded; lineage and children read the same
+/// from both.
+#[test]
+fn a_parent_with_children_is_retried_on_another_node() {
+    let Some(store) = fresh_store("a_parent_with_children_is_retried_on_another_node") else {
+        return;
+    };
+    let flaky = "[[step]]\nid = \"maybe\"\nplugin = \"fail\"\n\
+        input = { counter = \"flaky-{{ input.n }}\", fail_first = \"{{ 1 if input.n == 1 else 0 }}\" }\n";
+    let parent = "[[step]]\nid = \"fan\"\nworkflow = \"flaky\"\nfor_each = \"{{ [0, 1, 2] }}\"\n\
+        input = { n = \"{{ item }}\" }\n";
+    let start = |id: &str| {
+        Serve::new()
+            .workflow("flaky.toml", flaky)
+            .workflow("parent.toml", parent)
+            .env("TRELLIS_STORE", &store)
+            .env("TRELLIS_NODE_ID", id)
+            .start()
+    };
+    let (a, b) = (start("a"), start("b"));
+    let first = a.post("/v1/workflows/parent/runs?wait=60s", "{}");
+    assert_eq!(first.status, 200, "{}", first.body);
+    let first = first.json();
+    assert_eq!(first["status"], "failed", "{first}");
+    let id = first["id"].as_str().unwrap();
+
+    let retry = b.post(&format!("/v1/runs/{id}/retry?wait=60s"), "");
+    assert_eq!(retry.status, 200, "{}", retry.body);
+    let retry = retry.json();
+    assert_eq!(retry["status"], "succeeded", "{retry}");
+    assert_eq!(retry["retry_of"], id);
+    let counters: Vec<i64> = step(&retry, "fan")["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|output| output["maybe"]["counter"].as_i64().unwrap())
+        .collect();
+    assert_eq!(counters, [1, 2, 1]);
+    let retry_id = retry["id"].as_str().unwrap();
+    for server in [&a, &b] {
+        let children = server.get(&format!("/v1/runs?parent={retry_id}")).json();
+        let items: Vec<&Value> = children["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|child| &child["parent"]["item"])
+            .collect();
+        assert_eq!(items, [&json!(1)], "only item 1 ran again: {children}");
+        let original = server.get(&format!("/v1/runs/{id}")).json();
+        assert_eq!(original["retries"], json!([retry_id]));
+        assert_eq!(
+            server.get(&format!("/v1/runs?parent={id}")).json()["runs"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+    }
 }
