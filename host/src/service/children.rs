@@ -2,11 +2,10 @@
 //! workflow, a run like any other (stored, listed, followed, cancellable),
 //! and ends with it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-
-use std::sync::Arc;
 
 use super::Service;
 use super::catalog::PinnedCatalog;
