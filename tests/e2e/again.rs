@@ -225,12 +225,17 @@ fn a_retry_from_a_step_runs_it_and_what_is_downstream_in_full() {
         assert!(step(&retry, ran).get("reused_from").is_none());
         assert_eq!(count(&retry, ran), 2, "{ran}");
     }
-    // Without `from`, a run that succeeded is reused whole.
-    let whole = again(&server, id(&first), "retry", "");
-    for reused in ["a", "b", "c", "d"] {
-        assert_eq!(step(&whole, reused)["reused_from"], first["id"]);
+    // Without `from` (no body, `{}` or `null`), a run that succeeded is
+    // reused whole.
+    for body in ["", "{}", "null"] {
+        let whole = again(&server, id(&first), "retry", body);
+        for reused in ["a", "b", "c", "d"] {
+            assert_eq!(step(&whole, reused)["reused_from"], first["id"], "{body}");
+        }
+        assert_eq!(whole["output"], first["output"]);
     }
-    assert_eq!(whole["output"], first["output"]);
+    let rerun = again(&server, id(&first), "rerun", "null");
+    assert_eq!(rerun["input"], first["input"]);
 }
 
 #[test]

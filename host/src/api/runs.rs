@@ -221,8 +221,10 @@ pub async fn retry_run(
     ApiPath(id): ApiPath<String>,
     ApiQuery(params): ApiQuery<TriggerParams>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<RetryBody>,
+    JsonBody(body): JsonBody<Option<RetryBody>>,
 ) -> Result<Response, ApiError> {
+    // No body, `{}` and `null` all mean the defaults.
+    let body = body.unwrap_or_default();
     let again = Again::Retry { from: body.from };
     run_again(&state, &id, &params, &headers, again, body.upgrade).await
 }
@@ -257,8 +259,9 @@ pub async fn rerun_run(
     ApiPath(id): ApiPath<String>,
     ApiQuery(params): ApiQuery<TriggerParams>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<RerunBody>,
+    JsonBody(body): JsonBody<Option<RerunBody>>,
 ) -> Result<Response, ApiError> {
+    let body = body.unwrap_or_default();
     let again = Again::Rerun { input: body.input };
     run_again(&state, &id, &params, &headers, again, body.upgrade).await
 }
