@@ -181,7 +181,7 @@ pub struct RerunBody {
     /// The new run's input (checked against the workflow's input schema);
     /// default: the original's.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Value>)]
     input: Option<Value>,
     /// Plan the rerun as a new run of the workflow would be.
     #[serde(default)]
@@ -201,9 +201,11 @@ pub struct RerunBody {
     path = "/v1/runs/{id}/retry",
     tag = "runs",
     params(
-        ("id" = String, Path, description = "The run to retry"),
+        ("id" = String, Path, description = "The run to retry (a UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"),
         TriggerParams,
-        ("Idempotency-Key" = Option<String>, Header, description = "As for a trigger", nullable = false),
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "As for a trigger: 1 to 255 printable ASCII characters; the same key again answers with the first run",
+            nullable = false, min_length = 1, max_length = 255, pattern = r"^[!-~]([ -~]*[!-~])?$"),
     ),
     request_body(content = Option<RetryBody>, content_type = "application/json", description = "Optional"),
     responses(
@@ -239,9 +241,11 @@ pub async fn retry_run(
     path = "/v1/runs/{id}/rerun",
     tag = "runs",
     params(
-        ("id" = String, Path, description = "The run to run again"),
+        ("id" = String, Path, description = "The run to run again (a UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"),
         TriggerParams,
-        ("Idempotency-Key" = Option<String>, Header, description = "As for a trigger", nullable = false),
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "As for a trigger: 1 to 255 printable ASCII characters; the same key again answers with the first run",
+            nullable = false, min_length = 1, max_length = 255, pattern = r"^[!-~]([ -~]*[!-~])?$"),
     ),
     request_body(content = Option<RerunBody>, content_type = "application/json", description = "Optional"),
     responses(
