@@ -31,7 +31,7 @@ use crate::record::{
 use crate::secrets::{Granted, Secrets};
 use crate::store::{Commit, ItemOutcome, ItemRecord, Queued, Store, StoreError, StoredItems};
 use crate::telemetry;
-use crate::workflow::{OnFailure, Plan, Scope, TemplateError};
+use crate::workflow::{OnFailure, Plan, SchemaViolation, Scope, TemplateError};
 
 mod retry;
 
@@ -917,21 +917,12 @@ impl RunContext {
             };
             telemetry::steps_in_flight(1);
             tracing::debug!(attempt, item = position, "attempt started");
-            if let Some(observer) = &self.observer {
-                observer.step_started(&step.id, attempt, position);
-            }
             // Committed before the plugin runs: whatever the attempt does, a
             // restart knows it started.
-            let write = self.save_progress(
-                index,
-                item.as_ref(),
-                &attempts,
-                Some(attempt),
-                None,
-                Commit::Now,
-            );
-            self.saved(index, write).await;
-            if self.cancel.is_cancelled() {
+            if !self
+                .start_attempt(index, item.as_ref(), &attempts, attempt)
+                .await
+            {
                 // Cancelled, or the store refused the start: another node
                 // holds the run now (fenced), and the plugin must not run.
                 drop(permit);
@@ -989,6 +980,26 @@ impl RunContext {
                 None => attempt += 1,
             }
         }
+    }
+
+    /// Says attempt `attempt` of step `index` (of one `for_each` item) has
+    /// started, and waits until the store has it: `false` if the run was
+    /// cancelled meanwhile, or the store refused (another node holds the
+    /// run), and the attempt must not go on.
+    async fn start_attempt(
+        &self,
+        index: usize,
+        item: Option<&(usize, Value)>,
+        attempts: &[AttemptRecord],
+        attempt: u32,
+    ) -> bool {
+        if let Some(observer) = &self.observer {
+            let position = item.map(|(position, _)| *position);
+            observer.step_started(&self.plan.steps[index].id, attempt, position);
+        }
+        let write = self.save_progress(index, item, attempts, Some(attempt), None, Commit::Now);
+        self.saved(index, write).await;
+        !self.cancel.is_cancelled()
     }
 
     /// After an attempt of step `index` (of one `for_each` item) that ended
@@ -1072,19 +1083,10 @@ impl RunContext {
         let timeout = step.limits.apply(self.executor.inner.defaults).timeout;
         let mut attempts = Vec::new();
         loop {
-            if let Some(observer) = &self.observer {
-                observer.step_started(&step.id, attempt, position);
-            }
-            let write = self.save_progress(
-                index,
-                item.as_ref(),
-                &attempts,
-                Some(attempt),
-                None,
-                Commit::Now,
-            );
-            self.saved(index, write).await;
-            if self.cancel.is_cancelled() {
+            if !self
+                .start_attempt(index, item.as_ref(), &attempts, attempt)
+                .await
+            {
                 return (Err(cancelled_error()), attempts);
             }
             let started_at = now_rfc3339();
@@ -1162,6 +1164,53 @@ impl RunContext {
                 None => attempt += 1,
             }
         }
+    }
+}
+
+/// A finished child run as its parent's attempt sees it: its output, or
+/// why the attempt failed (a failed child is retryable: the step's retry
+/// policy decides whether another child run starts).
+pub fn child_result(child: &RunRecord) -> Result<Value, ErrorRecord> {
+    if child.status == RunStatus::Succeeded {
+        return Ok(child.output.clone());
+    }
+    let status = child.status;
+    let (kind, why) = match &child.error {
+        Some(error) => (error.kind, error.to_string()),
+        None => (ErrorKind::Workflow, status.to_string()),
+    };
+    Err(ErrorRecord {
+        kind: if status == RunStatus::Cancelled {
+            ErrorKind::Cancelled
+        } else {
+            kind
+        },
+        message: format!("child run {} {status}: {why}", child.id),
+        retryable: status == RunStatus::Failed,
+        details: Some(serde_json::json!({ "child_run": child.id })),
+    })
+}
+
+/// A child run's input that fails its workflow's `[input] schema`: the
+/// step fails with `invalid_input`, not retried.
+pub fn child_input_error(workflow: &str, violations: &[SchemaViolation]) -> ErrorRecord {
+    let said: Vec<String> = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.path, v.message))
+        .collect();
+    ErrorRecord {
+        kind: ErrorKind::InvalidInput,
+        message: format!(
+            "the input does not match the input schema of workflow `{workflow}`: {}",
+            said.join("; ")
+        ),
+        retryable: false,
+        details: Some(Value::Array(
+            violations
+                .iter()
+                .map(|v| serde_json::json!({ "path": v.path, "message": v.message }))
+                .collect(),
+        )),
     }
 }
 

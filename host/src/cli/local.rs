@@ -7,9 +7,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::executor::{ChildOutcome, ChildRequest, ChildRuns, Executor, RunOptions, queued_record};
+use crate::executor::{
+    ChildOutcome, ChildRequest, ChildRuns, Executor, RunOptions, child_input_error, child_result,
+    queued_record,
+};
 use crate::plugin::PluginRegistry;
-use crate::record::{ErrorKind, ErrorRecord, RunStatus, new_run_id};
+use crate::record::{ErrorKind, ErrorRecord, new_run_id};
 use crate::secrets::Secrets;
 use crate::workflow::{self, PluginCatalog, WithSecrets, WithWorkflows};
 
@@ -119,17 +122,10 @@ impl ChildRuns for LocalChildren {
         if let Some(schema) = &plan.input_schema
             && let Err(violations) = schema.validate(&request.input)
         {
-            let said: Vec<String> = violations
-                .iter()
-                .map(|v| format!("{}: {}", v.path, v.message))
-                .collect();
-            return failed(
-                ErrorKind::InvalidInput,
-                format!(
-                    "the input does not match the input schema of workflow `{name}`: {}",
-                    said.join("; ")
-                ),
-            );
+            return ChildOutcome {
+                run: None,
+                result: Err(child_input_error(name, &violations)),
+            };
         }
         let mut record = queued_record(&plan, new_run_id(), request.input);
         record.parent = Some(request.parent);
@@ -163,25 +159,7 @@ impl ChildRuns for LocalChildren {
                 };
             }
         };
-        let result = match child.status {
-            RunStatus::Succeeded => Ok(child.output),
-            status => Err(ErrorRecord {
-                kind: match (&child.error, status) {
-                    (_, RunStatus::Cancelled) => ErrorKind::Cancelled,
-                    (Some(error), _) => error.kind,
-                    (None, _) => ErrorKind::Workflow,
-                },
-                message: format!(
-                    "child run {id} {status}: {}",
-                    child
-                        .error
-                        .as_ref()
-                        .map_or_else(|| status.to_string(), ToString::to_string)
-                ),
-                retryable: status == RunStatus::Failed,
-                details: None,
-            }),
-        };
+        let result = child_result(&child);
         ChildOutcome {
             run: Some(id),
             result,

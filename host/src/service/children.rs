@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
-
 use super::Service;
 use super::catalog::PinnedCatalog;
-use crate::executor::{ChildOutcome, ChildRequest, ChildRuns, MAX_DEPTH, queued_record};
-use crate::record::{ErrorKind, ErrorRecord, RunRecord, RunStatus, new_run_id};
+use crate::executor::{
+    ChildOutcome, ChildRequest, ChildRuns, MAX_DEPTH, child_input_error, child_result,
+    queued_record,
+};
+use crate::record::{ErrorKind, ErrorRecord, RunRecord, new_run_id};
 use crate::store::{StoreError, StoredItems, WorkflowText};
 use crate::workflow;
 
@@ -92,26 +93,9 @@ impl ChildRuns for Children {
         if let Some(schema) = &plan.input_schema
             && let Err(violations) = schema.validate(&request.input)
         {
-            let said: Vec<String> = violations
-                .iter()
-                .map(|v| format!("{}: {}", v.path, v.message))
-                .collect();
             return ChildOutcome {
                 run: None,
-                result: Err(ErrorRecord {
-                    kind: ErrorKind::InvalidInput,
-                    message: format!(
-                        "the input does not match the input schema of workflow `{name}`: {}",
-                        said.join("; ")
-                    ),
-                    retryable: false,
-                    details: Some(json!(
-                        violations
-                            .iter()
-                            .map(|v| json!({ "path": v.path, "message": v.message }))
-                            .collect::<Vec<_>>()
-                    )),
-                }),
+                result: Err(child_input_error(name, &violations)),
             };
         }
         let mut record = queued_record(&plan, new_run_id(), request.input);
@@ -178,36 +162,11 @@ impl ChildRuns for Children {
                 retryable: true,
                 details: None,
             }),
-            Ok(child) => outcome(&child),
+            Ok(child) => child_result(&child),
         };
         ChildOutcome {
             run: Some(id),
             result,
-        }
-    }
-}
-
-/// A finished child run, as its parent's attempt sees it.
-fn outcome(child: &RunRecord) -> Result<serde_json::Value, ErrorRecord> {
-    match child.status {
-        RunStatus::Succeeded => Ok(child.output.clone()),
-        status => {
-            let (kind, why) = match &child.error {
-                Some(error) => (error.kind, error.to_string()),
-                None => (ErrorKind::Workflow, status.to_string()),
-            };
-            Err(ErrorRecord {
-                kind: if status == RunStatus::Cancelled {
-                    ErrorKind::Cancelled
-                } else {
-                    kind
-                },
-                message: format!("child run {} {status}: {why}", child.id),
-                // A failed child fails the attempt; the step's retry policy
-                // decides whether another child run is started.
-                retryable: status == RunStatus::Failed,
-                details: Some(json!({ "child_run": child.id })),
-            })
         }
     }
 }
