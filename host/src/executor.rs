@@ -917,8 +917,9 @@ impl RunContext {
             };
             telemetry::steps_in_flight(1);
             tracing::debug!(attempt, item = position, "attempt started");
-            // Committed before the plugin runs: whatever the attempt does, a
-            // restart knows it started.
+            // Stored before a plugin with side effects runs (whatever the
+            // attempt does, a restart knows it started); queued for one
+            // without (see `start_attempt`).
             if !self
                 .start_attempt(index, item.as_ref(), &attempts, attempt)
                 .await
@@ -983,9 +984,16 @@ impl RunContext {
     }
 
     /// Says attempt `attempt` of step `index` (of one `for_each` item) has
-    /// started, and waits until the store has it: `false` if the run was
-    /// cancelled meanwhile, or the store refused (another node holds the
-    /// run), and the attempt must not go on.
+    /// started: `false` if the run was cancelled meanwhile, or the store
+    /// refused (another node holds the run), and the attempt must not go on.
+    ///
+    /// A step with side effects (a sub-workflow, a plugin that can send
+    /// HTTP or write state) waits until the store has its start, and so,
+    /// since a run's writes commit in the order they were queued, everything
+    /// before it: its upstream results are durable before it changes the
+    /// world, and a restart knows it started. A side-effect-free plugin's
+    /// start is queued and not waited for: after a crash it may run again,
+    /// which changes nothing, and its run does not wait for a commit per step.
     async fn start_attempt(
         &self,
         index: usize,
@@ -997,8 +1005,19 @@ impl RunContext {
             let position = item.map(|(position, _)| *position);
             observer.step_started(&self.plan.steps[index].id, attempt, position);
         }
-        let write = self.save_progress(index, item, attempts, Some(attempt), None, Commit::Now);
-        self.saved(index, write).await;
+        let side_effect_free = self.plugins[index]
+            .as_deref()
+            .is_some_and(|plugin| plugin.side_effects.none());
+        if side_effect_free {
+            if let Some(write) =
+                self.save_progress(index, item, attempts, Some(attempt), None, Commit::Soon)
+            {
+                write.detach();
+            }
+        } else {
+            let write = self.save_progress(index, item, attempts, Some(attempt), None, Commit::Now);
+            self.saved(index, write).await;
+        }
         !self.cancel.is_cancelled()
     }
 

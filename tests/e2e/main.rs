@@ -24,6 +24,7 @@ mod runs_cli;
 mod scheduling;
 mod secrets;
 mod serve;
+mod side_effects;
 mod subworkflows;
 mod templates;
 mod validation;

@@ -253,6 +253,14 @@ pub struct PluginSummary {
     pub output_schema: Option<Value>,
     /// The interfaces the component imports.
     pub imports: Vec<String>,
+    /// What the plugin can change outside its output, read from its imports:
+    /// `http` (it imports `wasi:http`), `state` (it imports `state.set` or
+    /// `state.delete`), `import <name>` (an interface not known to be
+    /// harmless). Empty: side-effect free. Such a step does not wait for the
+    /// store before it starts (after a crash it may run again, which changes
+    /// nothing); a step with side effects starts only once everything before
+    /// it is stored.
+    pub side_effects: Vec<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -307,6 +315,7 @@ fn plugin_summary(plugin: &crate::plugin::Plugin) -> PluginSummary {
         input_schema: schema(&plugin.input_schema),
         output_schema: schema(&plugin.output_schema),
         imports: plugin.imports.clone(),
+        side_effects: plugin.side_effects.kinds().to_vec(),
     }
 }
 

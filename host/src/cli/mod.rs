@@ -588,6 +588,7 @@ fn plugin_json(plugin: &crate::plugin::Plugin) -> Value {
         "size": plugin.size,
         "path": plugin.path,
         "imports": plugin.imports,
+        "side_effects": plugin.side_effects.kinds(),
         "input_schema": schema(&plugin.input_schema),
         "output_schema": schema(&plugin.output_schema),
     })

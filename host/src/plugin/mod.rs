@@ -3,12 +3,14 @@
 //! each step attempt runs in (host imports, limits, captured output).
 
 pub mod bindings;
+mod effects;
 mod http;
 mod log;
 mod reference;
 mod registry;
 mod sandbox;
 
+pub use effects::SideEffects;
 pub use log::StepEvents;
 pub use reference::{PluginPin, PluginRef, PluginRefError};
 pub use registry::{

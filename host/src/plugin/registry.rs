@@ -11,6 +11,7 @@ use wasmtime::Trap;
 use wasmtime::component::{Component, Linker};
 
 use super::bindings::{Task, TaskPre};
+use super::effects::SideEffects;
 use super::reference::{PluginPin, PluginRef};
 use super::sandbox::{self, AttemptOutcome, Invocation, StepState};
 use crate::engine::{
@@ -120,6 +121,8 @@ pub struct Plugin {
     pub path: Option<PathBuf>,
     /// The imports the component declares.
     pub imports: Vec<String>,
+    /// What it can change outside its output (from its imports).
+    pub side_effects: SideEffects,
     pre: TaskPre<StepState>,
     engine: Engine,
 }
@@ -265,6 +268,7 @@ impl PluginRegistry {
             .imports(self.engine.wasmtime())
             .map(|(name, _)| name.to_string())
             .collect();
+        let side_effects = SideEffects::of(&component, self.engine.wasmtime());
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
@@ -309,6 +313,7 @@ impl PluginRegistry {
             size: bytes.len() as u64,
             path,
             imports,
+            side_effects,
             pre,
             engine: self.engine.clone(),
         })

@@ -14,9 +14,12 @@
 //!
 //! Each write is one statement, and some share one: a new run and its steps;
 //! a finished run, its steps and the end of its items; steps of one run
-//! queued one after the other (a step's end and the next one's start); a
-//! step's end queued just before its run's end (which writes every step's
-//! final record). A 3-step run costs six statements, where it cost twelve.
+//! queued one after the other (a step's end and the next one's start); and
+//! whatever of a run's progress is queued in the same batch as its end
+//! (which sets its start, writes every step's final record and drops its
+//! items). A 3-step run whose steps wait for the store costs six
+//! statements, where it cost twelve; one of side-effect-free steps, whose
+//! progress lands with its end, costs two.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -241,6 +244,11 @@ pub(super) async fn run(
     // its changing nothing means.
     let mut mains: Vec<(usize, Check)> = Vec::with_capacity(writes.len());
     for (at, write) in writes.iter().enumerate() {
+        if finishing[at].is_some() {
+            // Carried by the run's end, whose statement comes later.
+            mains.push((usize::MAX, Check::Held));
+            continue;
+        }
         let (indices, records) = &arrays[at];
         match write {
             Write::CreateRun {
@@ -304,10 +312,6 @@ pub(super) async fn run(
             } => {
                 mains.push((statements.len(), Check::Started));
                 statements.push(exec(tx, &started, vec![id, started_at, fence]));
-            }
-            // Carried by the run's end, whose statement comes later.
-            Write::SaveStep { .. } if finishing[at].is_some() => {
-                mains.push((usize::MAX, Check::Held));
             }
             // Carried by the statement of an earlier write.
             Write::SaveStep { .. } if carries[at] == 0 => {
@@ -405,8 +409,12 @@ pub(super) async fn run(
     Ok(results)
 }
 
-/// For each write, the run's end that carries it: a step written just before
-/// its run's end (nothing of other runs between them), under the same fence.
+/// For each write, the run's end that carries it: a write of the run's
+/// progress queued before its end in the same batch, under the same fence,
+/// that the end's statement makes moot: the run's start (the end sets
+/// `started_at`), a step's record (the end writes every step's final one)
+/// and an item's (the end drops the run's items). Writes of other runs may
+/// lie between; any other write of the same run stops the search.
 fn finishing(writes: &[&Write]) -> Vec<Option<usize>> {
     let mut finishing = vec![None; writes.len()];
     for (at, write) in writes.iter().enumerate() {
@@ -414,20 +422,34 @@ fn finishing(writes: &[&Write]) -> Vec<Option<usize>> {
             continue;
         };
         for before in (0..at).rev() {
-            match writes[before] {
+            let carried = match writes[before] {
                 Write::SaveStep {
                     run_id,
                     index,
                     fence: step_fence,
                     ..
-                } if *run_id == run.id
-                    && step_fence == fence
-                    && run.steps.iter().any(|(stored, _)| stored == index) =>
-                {
-                    finishing[before] = Some(at);
+                } if *run_id == run.id => {
+                    step_fence == fence && run.steps.iter().any(|(stored, _)| stored == index)
                 }
-                _ => break,
+                Write::RunStarted {
+                    id,
+                    fence: started_fence,
+                    ..
+                } if *id == run.id => started_fence == fence,
+                Write::SaveItem {
+                    run_id,
+                    fence: item_fence,
+                    ..
+                } if *run_id == run.id => item_fence == fence,
+                Write::CreateRun { row, .. } if row.id == run.id => false,
+                Write::FinishRun { run: other, .. } if other.id == run.id => false,
+                // Another run's write, or plugin state.
+                _ => continue,
+            };
+            if !carried {
+                break;
             }
+            finishing[before] = Some(at);
         }
     }
     finishing
@@ -485,4 +507,95 @@ async fn pipeline(mut statements: Vec<Statement<'_>>) -> Vec<Result<u64, tokio_p
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::rows::FinishedRow;
+
+    fn step(run: &str, index: i64, fence: Option<i64>) -> Write {
+        Write::SaveStep {
+            run_id: run.to_owned(),
+            index,
+            record: "{}".to_owned(),
+            drop_items: false,
+            fence,
+        }
+    }
+
+    fn finish(run: &str, steps: &[i64], fence: Option<i64>) -> Write {
+        Write::FinishRun {
+            run: Box::new(FinishedRow {
+                id: run.to_owned(),
+                status: "succeeded",
+                output: "null".to_owned(),
+                error: None,
+                started_at: None,
+                finished_at: None,
+                duration_ms: None,
+                steps: steps
+                    .iter()
+                    .map(|index| (*index, "{}".to_owned()))
+                    .collect(),
+            }),
+            fence,
+        }
+    }
+
+    fn started(run: &str, fence: Option<i64>) -> Write {
+        Write::RunStarted {
+            id: run.to_owned(),
+            started_at: String::new(),
+            fence,
+        }
+    }
+
+    /// A run's progress queued in the batch of its end is carried by the
+    /// end, other runs' writes between them or not; a write of the run the
+    /// end cannot stand for (another fence, a step it does not write) keeps
+    /// its statement, and so does everything of the run before it.
+    #[test]
+    fn a_runs_end_carries_its_progress_queued_in_the_same_batch() {
+        let writes = [
+            started("x", Some(1)),
+            step("x", 0, Some(1)),
+            started("y", Some(1)),
+            step("y", 0, Some(1)),
+            step("x", 0, Some(1)),
+            step("x", 1, Some(1)),
+            step("y", 1, Some(1)),
+            finish("x", &[0, 1], Some(1)),
+            step("y", 2, Some(1)),
+        ];
+        let writes: Vec<&Write> = writes.iter().collect();
+        assert_eq!(
+            finishing(&writes),
+            [
+                Some(7),
+                Some(7),
+                None,
+                None,
+                Some(7),
+                Some(7),
+                None,
+                None,
+                None
+            ]
+        );
+
+        let writes = [
+            started("x", Some(1)),
+            step("x", 0, Some(2)),
+            step("x", 5, Some(1)),
+            step("x", 1, Some(1)),
+            finish("x", &[0, 1], Some(1)),
+        ];
+        let writes: Vec<&Write> = writes.iter().collect();
+        assert_eq!(
+            finishing(&writes),
+            [None, None, None, Some(4), None],
+            "the unknown step 5 stops the search"
+        );
+    }
 }

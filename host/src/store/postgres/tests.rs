@@ -679,3 +679,84 @@ async fn steps_queued_together_land_in_order_and_are_fenced_together() {
         );
     }
 }
+
+/// Runs whose whole progress is queued together (side-effect-free steps do
+/// not wait for the store): each run's start and steps, interleaved with
+/// other runs', land with its end, which carries them; a run not finished in
+/// the batch keeps each write; and once the runs are taken over, every one of
+/// those writes says it was fenced and none lands.
+#[tokio::test]
+async fn runs_queued_interleaved_with_their_ends_land_and_are_fenced() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    let a = node(&backend, "a").await;
+    let mut running = pending_step("parse");
+    running.status = StepStatus::Running;
+    let done = StepRecord {
+        items: None,
+        ..finished_step("parse")
+    };
+    let runs = [
+        create_held(&a).await,
+        create_held(&a).await,
+        create_held(&a).await,
+    ];
+    let finished: Vec<RunRecord> = runs
+        .iter()
+        .map(|run| RunRecord {
+            status: RunStatus::Succeeded,
+            started_at: Some("2026-12-07T21:00:00.000Z".to_owned()),
+            steps: vec![done.clone(), pending_step("price")],
+            ..run.clone()
+        })
+        .collect();
+    let batch = |store: &PgStore| {
+        let mut queued = Vec::new();
+        for run in &runs {
+            queued.push(store.run_started(&run.id, "2026-12-07T21:00:00.000Z"));
+        }
+        for run in &runs {
+            queued.push(store.save_step(&run.id, 0, &running, Commit::Soon));
+        }
+        for run in &runs {
+            queued.push(store.save_step(&run.id, 0, &done, Commit::Soon));
+        }
+        queued
+    };
+    // One batch per writer: nothing runs the writers (a current-thread
+    // runtime) before the joins are awaited. The third run does not finish.
+    let (progress, first, second) = tokio::join!(
+        futures::future::join_all(batch(&a)),
+        a.finish_run(&finished[0]),
+        a.finish_run(&finished[1]),
+    );
+    for result in progress.into_iter().chain([first, second]) {
+        result.unwrap();
+    }
+    for run in &finished[..2] {
+        assert_eq!(a.get_run(&run.id).await.unwrap().unwrap(), *run);
+    }
+    let open = a.get_run(&runs[2].id).await.unwrap().unwrap();
+    assert_eq!(open.status, RunStatus::Running);
+    assert_eq!(open.steps, [done.clone(), pending_step("price")]);
+
+    let b = node(&backend, "b").await;
+    expire(&backend, "a").await;
+    assert_eq!(b.claim(10, true).await.unwrap().len(), 1);
+    let open_id = &runs[2].id;
+    let late = [
+        a.run_started(open_id, "2026-12-07T21:00:00.000Z"),
+        a.save_step(open_id, 0, &running, Commit::Soon),
+        a.save_step(open_id, 0, &done, Commit::Soon),
+    ];
+    let end = RunRecord {
+        id: open_id.clone(),
+        ..finished[0].clone()
+    };
+    let (late, end) = tokio::join!(futures::future::join_all(late), a.finish_run(&end));
+    for result in late.into_iter().chain([end]) {
+        assert!(matches!(result, Err(StoreError::Fenced(_))), "{result:?}");
+    }
+    assert_eq!(b.get_run(open_id).await.unwrap().unwrap(), open);
+}
