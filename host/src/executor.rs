@@ -33,8 +33,10 @@ use crate::store::{Commit, ItemOutcome, ItemRecord, Queued, Store, StoreError, S
 use crate::telemetry;
 use crate::workflow::{OnFailure, Plan, SchemaViolation, Scope, TemplateError};
 
+mod remote;
 mod retry;
 
+pub use remote::{RemoteAttempt, RemoteOutcome, RemoteSteps};
 pub use retry::{rerun_record, retry_record};
 
 /// Live notifications from a run, for progress bars and event streams.
@@ -106,6 +108,9 @@ pub struct RunOptions {
     pub children: Option<Arc<dyn ChildRuns>>,
     /// How deep this run is nested (0: not a child run).
     pub depth: usize,
+    /// Where attempts waiting for a permit are also offered (a cluster's
+    /// other nodes); `None`: they wait here.
+    pub remote: Option<Arc<dyn RemoteSteps>>,
 }
 
 /// Executes runs. Cheap to clone; clones share the concurrency bound.
@@ -250,6 +255,7 @@ impl Executor {
             items,
             children: options.children.clone(),
             depth: options.depth,
+            remote: options.remote.clone(),
         });
 
         let n = plan.steps.len();
@@ -639,6 +645,15 @@ struct RunContext {
     items: StoredItems,
     children: Option<Arc<dyn ChildRuns>>,
     depth: usize,
+    remote: Option<Arc<dyn RemoteSteps>>,
+}
+
+/// Where an attempt runs.
+enum Slot {
+    /// Here, under this permit.
+    Here(tokio::sync::OwnedSemaphorePermit),
+    /// On another node, which ran it: its outcome, and that node.
+    Ran(AttemptOutcome, String),
 }
 
 impl RunContext {
@@ -902,55 +917,105 @@ impl RunContext {
             .max()
             .unwrap_or(0);
         let mut attempt = previous + 1;
-        let last_attempt = step.retry.max_attempts.max(previous + 1);
+        let mut last_attempt = step.retry.max_attempts.max(previous + 1);
         loop {
             let waiting = self.executor.inner.waiting.fetch_add(1, Ordering::Relaxed) + 1;
             telemetry::queue_depth(waiting);
-            let permit = tokio::select! {
-                permit = self.executor.inner.permits.clone().acquire_owned() => Some(permit.expect("the semaphore is never closed")),
+            let permits = self.executor.inner.permits.clone();
+            // A permit here; after `OFFER_AFTER` without one, and with other
+            // nodes to offer it to, whichever comes first: a permit here or a
+            // node that claims the attempt (stored as started first).
+            let offerable = self
+                .remote
+                .as_ref()
+                .is_some_and(|remote| remote.available());
+            let first = tokio::select! {
+                permit = permits.clone().acquire_owned() => Some(Some(permit.expect("the semaphore is never closed"))),
                 _ = self.cancel.cancelled() => None,
+                () = tokio::time::sleep(remote::OFFER_AFTER), if offerable => Some(None),
+            };
+            let mut offered = false;
+            let slot = match first {
+                None => None,
+                Some(Some(permit)) => Some(Slot::Here(permit)),
+                Some(None) => {
+                    offered = true;
+                    if self
+                        .start_attempt(index, item.as_ref(), &attempts, attempt)
+                        .await
+                    {
+                        let request = RemoteAttempt {
+                            run_id: self.run_id.clone(),
+                            workflow: self.plan.name.clone(),
+                            step_id: step.id.clone(),
+                            attempt,
+                            plugin: self.plugins[index]
+                                .as_ref()
+                                .map_or_else(String::new, |plugin| plugin.name.clone()),
+                            digest: self.plugins[index]
+                                .as_ref()
+                                .map_or_else(String::new, |plugin| plugin.digest.clone()),
+                            input: input.clone(),
+                            config: config.clone(),
+                            secrets: step.secrets.clone(),
+                            allow_hosts: step.allow_hosts.iter().map(ToString::to_string).collect(),
+                            limits,
+                        };
+                        self.permit_or_remote(&request).await
+                    } else {
+                        None
+                    }
+                }
             };
             let waiting = self.executor.inner.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
             telemetry::queue_depth(waiting);
-            let Some(permit) = permit else {
+            let Some(slot) = slot else {
                 return (Err(cancelled_error()), attempts);
             };
-            telemetry::steps_in_flight(1);
-            tracing::debug!(attempt, item = position, "attempt started");
-            // Stored before a plugin with side effects runs (whatever the
-            // attempt does, a restart knows it started); queued for one
-            // without (see `start_attempt`).
-            if !self
-                .start_attempt(index, item.as_ref(), &attempts, attempt)
-                .await
-            {
-                // Cancelled, or the store refused the start: another node
-                // holds the run now (fenced), and the plugin must not run.
-                drop(permit);
-                telemetry::steps_in_flight(-1);
-                return (Err(cancelled_error()), attempts);
-            }
             let plugin = self.plugins[index]
                 .as_ref()
                 .expect("a plugin step has its plugin");
-            let outcome = plugin
-                .invoke(Invocation {
-                    run_id: self.run_id.clone(),
-                    workflow: self.plan.name.clone(),
-                    step_id: step.id.clone(),
-                    attempt,
-                    input: input.clone(),
-                    config: config.clone(),
-                    secrets: secrets.clone(),
-                    allow_hosts: step.allow_hosts.clone(),
-                    limits,
-                    state: self.executor.inner.state.clone(),
-                    events: events.clone(),
-                    cancel: self.cancel.clone(),
-                })
-                .await;
-            drop(permit);
-            telemetry::steps_in_flight(-1);
+            let (outcome, ran_on) = match slot {
+                Slot::Ran(outcome, node) => (outcome, Some(node)),
+                Slot::Here(permit) => {
+                    telemetry::steps_in_flight(1);
+                    tracing::debug!(attempt, item = position, "attempt started");
+                    // Stored before a plugin with side effects runs (whatever
+                    // the attempt does, a restart knows it started); queued
+                    // for one without (see `start_attempt`).
+                    if !offered
+                        && !self
+                            .start_attempt(index, item.as_ref(), &attempts, attempt)
+                            .await
+                    {
+                        // Cancelled, or the store refused the start: another
+                        // node holds the run now (fenced), and the plugin must
+                        // not run.
+                        drop(permit);
+                        telemetry::steps_in_flight(-1);
+                        return (Err(cancelled_error()), attempts);
+                    }
+                    let outcome = plugin
+                        .invoke(Invocation {
+                            run_id: self.run_id.clone(),
+                            workflow: self.plan.name.clone(),
+                            step_id: step.id.clone(),
+                            attempt,
+                            input: input.clone(),
+                            config: config.clone(),
+                            secrets: secrets.clone(),
+                            allow_hosts: step.allow_hosts.clone(),
+                            limits,
+                            state: self.executor.inner.state.clone(),
+                            events: events.clone(),
+                            cancel: self.cancel.clone(),
+                        })
+                        .await;
+                    drop(permit);
+                    telemetry::steps_in_flight(-1);
+                    (outcome, None)
+                }
+            };
             telemetry::step_attempt(
                 &plugin.name,
                 if outcome.result.is_ok() {
@@ -961,7 +1026,17 @@ impl RunContext {
                 outcome.duration,
                 outcome.fuel_consumed,
             );
-            let (result, attempt_record) = attempt_record(attempt, position, outcome);
+            let (result, mut attempt_record) = attempt_record(attempt, position, outcome);
+            if ran_on.is_some()
+                && result
+                    .as_ref()
+                    .is_err_and(|error| error.kind == ErrorKind::Interrupted)
+            {
+                // Its node died during it: one more attempt, as after a
+                // restart, whatever the retry policy says.
+                last_attempt = last_attempt.max(attempt + 1);
+            }
+            attempt_record.node = ran_on;
             if let Some(observer) = &self.observer {
                 observer.attempt_finished(&step.id, &attempt_record);
             }
@@ -979,6 +1054,57 @@ impl RunContext {
             {
                 Some(result) => return (result, attempts),
                 None => attempt += 1,
+            }
+        }
+    }
+
+    /// A permit here, or the outcome of a node that claimed `request` first;
+    /// `None` if the run was cancelled (or is no longer this node's)
+    /// meanwhile. If the offer cannot be made, the attempt waits here.
+    async fn permit_or_remote(&self, request: &RemoteAttempt) -> Option<Slot> {
+        let remote = self.remote.as_ref()?;
+        let permits = self.executor.inner.permits.clone();
+        let task = match remote.offer(request).await {
+            Ok(task) => task,
+            Err(err) => {
+                if matches!(err, StoreError::Fenced(_)) {
+                    tracing::warn!(run_id = %self.run_id, "{err}; stopping the run here");
+                    self.cancel.cancel();
+                    return None;
+                }
+                tracing::warn!(run_id = %self.run_id, error = %err, "cannot offer a step to the cluster; it waits for room here");
+                return tokio::select! {
+                    permit = permits.acquire_owned() => Some(Slot::Here(permit.expect("the semaphore is never closed"))),
+                    _ = self.cancel.cancelled() => None,
+                };
+            }
+        };
+        let ran = |outcome: Option<RemoteOutcome>| {
+            outcome.map(|outcome| {
+                let (outcome, node) = outcome.into_parts();
+                Slot::Ran(outcome, node)
+            })
+        };
+        tokio::select! {
+            permit = permits.acquire_owned() => {
+                let permit = permit.expect("the semaphore is never closed");
+                if remote.withdraw(&task).await {
+                    return Some(Slot::Here(permit));
+                }
+                // Another node claimed it first: its outcome it is.
+                drop(permit);
+                tokio::select! {
+                    outcome = remote.outcome(&task) => ran(outcome),
+                    _ = self.cancel.cancelled() => {
+                        remote.forget(&task).await;
+                        None
+                    }
+                }
+            }
+            outcome = remote.outcome(&task) => ran(outcome),
+            _ = self.cancel.cancelled() => {
+                remote.forget(&task).await;
+                None
             }
         }
     }
@@ -1281,6 +1407,7 @@ fn attempt_record(
         log_bytes_dropped: outcome.log_bytes_dropped,
         progress: outcome.progress,
         child_run: None,
+        node: None,
     };
     (outcome.result, record)
 }

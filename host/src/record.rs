@@ -267,6 +267,10 @@ pub struct AttemptRecord {
     /// restart, went on waiting for).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub child_run: Option<String>,
+    /// The node that ran the attempt, when another node of the cluster than
+    /// the one holding the run claimed it (its `node_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl AttemptRecord {
@@ -286,6 +290,7 @@ impl AttemptRecord {
             log_bytes_dropped: 0,
             progress: None,
             child_run: None,
+            node: None,
         }
     }
 }

@@ -765,3 +765,93 @@ fn a_parent_with_children_is_retried_on_another_node() {
         );
     }
 }
+
+/// Four items of 800 ms each on a node that runs one attempt at a time.
+const FAN: &str = r#"
+[[step]]
+id = "each"
+plugin = "sleep"
+for_each = "{{ input.items }}"
+input = { ms = "{{ item }}" }
+"#;
+
+fn fan_node(store: &str, id: &str, steps: &str) -> Server {
+    Serve::new()
+        .workflow("fan.toml", FAN)
+        .env("TRELLIS_STORE", store)
+        .env("TRELLIS_NODE_ID", id)
+        .env("TRELLIS_LEASE", "3s")
+        .env("TRELLIS_MAX_CONCURRENT_STEPS", steps)
+        .start()
+}
+
+/// Steps, not only runs, move between nodes: the items of a fan-out that
+/// wait for a permit on a full node are claimed by a node with room, run
+/// there once each, and their outcomes finish the run on the node that holds
+/// it; a cancel of that run stops the step the other node runs for it.
+#[test]
+fn steps_waiting_on_a_full_node_run_on_a_node_with_room() {
+    let Some(store) = fresh_store("steps_waiting_on_a_full_node_run_on_a_node_with_room") else {
+        return;
+    };
+    let b = fan_node(&store, "b", "8");
+    // `a` joins second: it sees `b` from the start.
+    let a = fan_node(&store, "a", "1");
+    let reply = a.post(
+        "/v1/workflows/fan/runs?wait=60s",
+        r#"{"items": [800, 800, 800, 800]}"#,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let run = reply.json();
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let each = step(&run, "each");
+    assert_eq!(
+        each["output"],
+        serde_json::json!([{"slept_ms": 800}, {"slept_ms": 800}, {"slept_ms": 800}, {"slept_ms": 800}]),
+        "{each:#}"
+    );
+    let attempts = each["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 4, "one attempt per item: {each:#}");
+    let mut items: Vec<u64> = attempts
+        .iter()
+        .map(|a| a["item"].as_u64().unwrap())
+        .collect();
+    items.sort_unstable();
+    assert_eq!(items, [0, 1, 2, 3], "{each:#}");
+    let on_b = attempts.iter().filter(|a| a["node"] == "b").count();
+    let here = attempts.iter().filter(|a| a["node"].is_null()).count();
+    assert!(on_b >= 1, "no item ran on b: {each:#}");
+    assert_eq!(on_b + here, 4, "{each:#}");
+    // `b`'s attempts keep their receipts.
+    for attempt in attempts.iter().filter(|a| a["node"] == "b") {
+        assert_eq!(attempt["status"], "succeeded", "{attempt:#}");
+        assert!(
+            attempt["duration_ms"].as_f64().unwrap() >= 800.0,
+            "{attempt:#}"
+        );
+        assert!(
+            attempt["fuel_consumed"].as_u64().unwrap() > 0,
+            "{attempt:#}"
+        );
+    }
+
+    // A long fan-out: `b` takes some of its items; a cancel on `a` stops them.
+    let reply = a.post(
+        "/v1/workflows/fan/runs",
+        r#"{"items": [60000, 60000, 60000]}"#,
+    );
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    // `b` logs the runs whose steps it claims.
+    b.await_stderr(&id);
+    let asked = Instant::now();
+    let reply = a.post(&format!("/v1/runs/{id}/cancel"), "");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["status"], "cancelled", "{}", reply.body);
+    b.await_stderr("was dropped by its run's node: stopping it");
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "b stopped the step {took:?} after the cancel"
+    );
+}

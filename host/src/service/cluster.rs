@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::Service;
-use crate::store::{CatalogChange, Listener, Node, PgStore, Renewal, StoreError};
+use crate::store::{CatalogChange, DONE_NOTE, Listener, Node, PgStore, Renewal, StoreError};
 
 /// Runs claimed in one transaction.
 const CLAIM_BATCH: i64 = 64;
@@ -40,6 +40,37 @@ pub(super) struct Cluster {
     /// Runs may be waiting ready (a busy node left them; this one was busy
     /// when told): claim some when there is room.
     pub(super) ready_waiting: AtomicBool,
+    /// Steps this node offered and waits for, by task: woken by the task's
+    /// `done:` note.
+    pub(super) waiters:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>,
+    /// Other live nodes at the last renewal: steps are offered only if some.
+    pub(super) peers: std::sync::atomic::AtomicUsize,
+}
+
+impl Cluster {
+    /// Resolves when task `task` is said to be done (or at once, if it was
+    /// said since the last call for it).
+    pub(super) fn task_done(&self, task: &str) -> impl std::future::Future<Output = ()> + use<> {
+        let notify = self
+            .waiters
+            .lock()
+            .unwrap()
+            .entry(task.to_owned())
+            .or_default()
+            .clone();
+        async move { notify.notified().await }
+    }
+
+    pub(super) fn forget_waiter(&self, task: &str) {
+        self.waiters.lock().unwrap().remove(task);
+    }
+
+    fn tell_done(&self, task: &str) {
+        if let Some(notify) = self.waiters.lock().unwrap().get(task) {
+            notify.notify_one();
+        }
+    }
 }
 
 /// `<hostname>-<pid>`: the default `node_id`, unique among the processes
@@ -80,6 +111,8 @@ impl Service {
             lease = ?cluster.lease,
             "joined the cluster"
         );
+        // The nodes there are (someone to offer steps to?) from the start.
+        self.act_on(cluster.store.renew(cluster.lease, 0).await?);
         // Uploads made on other nodes first: a run claimed next may need them.
         self.sync_catalog(cluster).await?;
         self.claim_all(cluster).await?;
@@ -261,6 +294,16 @@ impl Service {
                         listener = None;
                         relisten = tokio::time::Instant::now() + RELISTEN_AFTER;
                     }
+                    // A step another node ran: wake who waits for it.
+                    Some(note) if note.starts_with(DONE_NOTE) => {
+                        cluster.tell_done(&note[DONE_NOTE.len()..]);
+                        continue;
+                    }
+                    // A step offered: claim, if there is room.
+                    Some("task") => {
+                        self.claim_tasks_logged(cluster).await;
+                        continue;
+                    }
                     // A ready run: claim, if there is room; nothing else.
                     Some("ready") => {
                         cluster.ready_waiting.store(true, Ordering::Relaxed);
@@ -270,6 +313,7 @@ impl Service {
                     Some(_) => {}
                 },
                 () = cluster.wake.notified() => {
+                    self.claim_tasks_logged(cluster).await;
                     self.claim_ready_logged(cluster).await;
                     continue;
                 }
@@ -288,7 +332,26 @@ impl Service {
             if let Err(err) = self.claim_all(cluster).await {
                 tracing::warn!(error = %err, "cannot claim runs; trying again");
             }
+            if let Err(err) = cluster.store.sweep_tasks().await {
+                tracing::debug!(error = %err, "cannot sweep step tasks; trying again");
+            }
+            self.claim_tasks_logged(cluster).await;
         }
+    }
+
+    async fn claim_tasks_logged(&self, cluster: &Cluster) {
+        if let Err(err) = self.claim_tasks(cluster).await {
+            tracing::warn!(error = %err, "cannot claim offered steps; trying again");
+        }
+    }
+
+    /// This node's place in the cluster.
+    pub(super) fn cluster(&self) -> Result<&Cluster, StoreError> {
+        self.inner.cluster.as_ref().ok_or_else(|| {
+            StoreError::Database(crate::store::DatabaseError::new(
+                "this node is not a cluster's: it offers no steps",
+            ))
+        })
     }
 
     async fn claim_ready_logged(&self, cluster: &Cluster) {
@@ -300,6 +363,9 @@ impl Service {
     /// Stops here the runs another node took over (their late writes are
     /// fenced anyway) and those someone asked to cancel.
     fn act_on(&self, renewal: Renewal) {
+        if let Some(cluster) = &self.inner.cluster {
+            cluster.peers.store(renewal.peers, Ordering::Relaxed);
+        }
         let active = self.inner.active.lock().unwrap();
         for id in &renewal.lost {
             if let Some(run) = active.get(id) {

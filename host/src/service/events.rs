@@ -417,6 +417,7 @@ mod tests {
         done.status = StepStatus::Succeeded;
         done.attempts.push(AttemptRecord {
             child_run: None,
+            node: None,
             attempt: 1,
             item: None,
             status: StepStatus::Succeeded,
@@ -449,6 +450,7 @@ mod tests {
     fn a_followed_record_gives_each_event_once() {
         let attempt = |number: u32, status, logs: Vec<LogLine>| AttemptRecord {
             child_run: None,
+            node: None,
             attempt: number,
             item: None,
             status,

@@ -19,6 +19,7 @@ mod children;
 mod cluster;
 mod events;
 mod runs;
+mod tasks;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -120,6 +121,8 @@ impl Service {
             catalog_seq: tokio::sync::Mutex::new(0),
             wake: tokio::sync::Notify::new(),
             ready_waiting: std::sync::atomic::AtomicBool::new(false),
+            waiters: std::sync::Mutex::default(),
+            peers: std::sync::atomic::AtomicUsize::new(0),
         });
         let engine = Engine::new()?;
         let registry =

@@ -330,6 +330,7 @@ impl Service {
                 items,
                 children: Some(Arc::new(super::children::Children(service.clone()))),
                 depth,
+                remote: service.remote_steps(),
             };
             let record = service.inner.executor.execute(plan, record, options).await;
             crate::telemetry::run_finished(&record.workflow, record.status.as_str());

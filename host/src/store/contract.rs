@@ -94,6 +94,7 @@ pub(super) fn pending_step(id: &str) -> StepRecord {
 pub(super) fn finished_step(id: &str) -> StepRecord {
     let failed = AttemptRecord {
         child_run: None,
+        node: None,
         attempt: 1,
         item: Some(0),
         status: StepStatus::Failed,
@@ -121,6 +122,7 @@ pub(super) fn finished_step(id: &str) -> StepRecord {
     };
     let succeeded = AttemptRecord {
         child_run: None,
+        node: None,
         attempt: 2,
         item: Some(0),
         status: StepStatus::Succeeded,

@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::record::{AttemptRecord, ErrorKind, ErrorRecord, RunRecord, RunStatus, StepRecord};
 
-pub use postgres::{Listener, PgStore, Renewal};
+pub use postgres::{ClaimedTask, DONE_NOTE, Listener, PgStore, Renewal, TaskState};
 pub use sqlite::{Durability, SqliteStore};
 
 /// `postgres://user:secret@host/db` -> `postgres://user:<redacted>@host/db`.

@@ -39,6 +39,8 @@ pub struct Renewal {
     pub lost: Vec<String>,
     /// Runs someone asked to cancel (on any node).
     pub cancel: Vec<String>,
+    /// Other nodes whose lease holds: someone to offer steps to.
+    pub peers: usize,
 }
 
 impl PgStore {
@@ -77,7 +79,7 @@ impl PgStore {
             })
     }
 
-    fn member(&self) -> Result<&Member, StoreError> {
+    pub(super) fn member(&self) -> Result<&Member, StoreError> {
         self.member.get().ok_or_else(|| {
             StoreError::Database(DatabaseError::new("this store has not joined the cluster"))
         })
@@ -103,24 +105,31 @@ impl PgStore {
             .unzip();
         let conn = self.reader().await?;
         let failed = |e| pg_error(&self.label, "renewing the lease", e);
-        conn.execute(
-            "INSERT INTO nodes (incarnation, id, version, started_at, last_seen, lease_until,
+        let peers = conn
+            .query_one(
+                "INSERT INTO nodes (incarnation, id, version, started_at, last_seen, lease_until,
                  running_steps)
              VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp(),
                      clock_timestamp() + make_interval(secs => $4), $5)
              ON CONFLICT (incarnation) DO UPDATE SET last_seen = excluded.last_seen,
-                 lease_until = excluded.lease_until, running_steps = excluded.running_steps",
-            &[
-                &member.incarnation,
-                &member.node_id,
-                &env!("CARGO_PKG_VERSION"),
-                &lease.as_secs_f64(),
-                &(running_steps.min(i64::MAX as u64) as i64),
-            ],
-        )
-        .await
-        .map_err(failed)?;
-        let mut renewal = Renewal::default();
+                 lease_until = excluded.lease_until, running_steps = excluded.running_steps
+             RETURNING (SELECT count(*) FROM nodes
+                        WHERE incarnation <> $1 AND lease_until >= clock_timestamp())",
+                &[
+                    &member.incarnation,
+                    &member.node_id,
+                    &env!("CARGO_PKG_VERSION"),
+                    &lease.as_secs_f64(),
+                    &(running_steps.min(i64::MAX as u64) as i64),
+                ],
+            )
+            .await
+            .map_err(failed)?
+            .get::<_, i64>(0);
+        let mut renewal = Renewal {
+            peers: usize::try_from(peers).unwrap_or(0),
+            ..Renewal::default()
+        };
         if ids.is_empty() {
             return Ok(renewal);
         }

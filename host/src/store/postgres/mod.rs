@@ -15,11 +15,13 @@
 mod cluster;
 mod pipeline;
 mod schema;
+mod tasks;
 #[cfg(test)]
 mod tests;
 mod writer;
 
 pub use cluster::{Listener, Renewal};
+pub use tasks::{ClaimedTask, DONE_NOTE, TaskState};
 
 use std::collections::HashMap;
 use std::fmt;

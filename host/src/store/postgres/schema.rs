@@ -121,6 +121,18 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_by_retry_of ON runs (retry_of) WHERE retry_of IS NOT NULL;
     CREATE INDEX runs_by_parent ON runs (parent_run, id) WHERE parent_run IS NOT NULL;
     "#,
+    // 4: step attempts a busy node offers to the others (see tasks.rs).
+    r#"
+    CREATE TABLE step_tasks (
+        id          text COLLATE "C" PRIMARY KEY,     -- UUIDv7
+        run_id      text COLLATE "C" NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        epoch       bigint NOT NULL,                  -- the run's, when offered
+        request     text NOT NULL,                    -- JSON: the attempt to run
+        claimed_by  text,                             -- the incarnation running it
+        outcome     text                              -- JSON, once it ran
+    );
+    CREATE INDEX step_tasks_unclaimed ON step_tasks (id) WHERE claimed_by IS NULL;
+    "#,
 ];
 
 /// Applies the migrations the database lacks, in one transaction holding the

@@ -291,7 +291,14 @@ async fn a_node_that_lost_a_run_writes_nothing_of_it() {
     let renewal = a.renew(LEASE, 0).await.unwrap();
     assert_eq!(renewal.lost, std::slice::from_ref(&record.id));
     assert!(renewal.cancel.is_empty());
-    assert_eq!(a.renew(LEASE, 0).await.unwrap(), Renewal::default());
+    assert_eq!(
+        a.renew(LEASE, 0).await.unwrap(),
+        Renewal {
+            peers: 1,
+            ..Renewal::default()
+        },
+        "nothing lost or to cancel; `b` is a peer"
+    );
     let mut finished = held_by_b.clone();
     finished.status = RunStatus::Failed;
     assert!(matches!(
@@ -759,4 +766,93 @@ async fn runs_queued_interleaved_with_their_ends_land_and_are_fenced() {
         assert!(matches!(result, Err(StoreError::Fenced(_))), "{result:?}");
     }
     assert_eq!(b.get_run(open_id).await.unwrap().unwrap(), open);
+}
+
+/// A step offered by the node holding its run is claimed by one node only,
+/// in batches, and not again; its outcome reaches the holder; a task not yet
+/// claimed can be withdrawn, a claimed one not; a claimer whose lease ran out
+/// leaves its task orphaned and cannot store an outcome for it; and once the
+/// run is taken over its tasks are neither claimable nor finishable.
+#[tokio::test]
+async fn offered_steps_are_claimed_once_and_fenced_by_lease_and_epoch() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    let a = node(&backend, "a").await;
+    let b = node(&backend, "b").await;
+    let c = node(&backend, "c").await;
+    let run = create_held(&a).await;
+    for task in ["t1", "t2", "t3"] {
+        a.offer_task(task, &run.id, &format!("{{\"task\":\"{task}\"}}"))
+            .await
+            .unwrap();
+    }
+    // Only the holder offers.
+    assert!(matches!(
+        b.offer_task("t9", &run.id, "{}").await,
+        Err(StoreError::Fenced(_))
+    ));
+
+    let (first, second) = tokio::join!(b.claim_tasks(2), c.claim_tasks(2));
+    let (first, second) = (first.unwrap(), second.unwrap());
+    let mut claimed: Vec<&str> = first.iter().chain(&second).map(|t| t.id.as_str()).collect();
+    claimed.sort_unstable();
+    assert_eq!(claimed, ["t1", "t2", "t3"], "each claimed once");
+    assert!(first.iter().chain(&second).all(|t| t.run_id == run.id));
+    assert_eq!(
+        first
+            .iter()
+            .chain(&second)
+            .find(|t| t.id == "t1")
+            .unwrap()
+            .request,
+        "{\"task\":\"t1\"}"
+    );
+    assert!(b.claim_tasks(10).await.unwrap().is_empty());
+    assert!(
+        !a.withdraw_task("t1").await.unwrap(),
+        "claimed: not withdrawn"
+    );
+    assert_eq!(a.task_state("t1").await.unwrap(), TaskState::Open);
+
+    let b_has = |id: &str| first.iter().any(|t| t.id == id);
+    let (mine, theirs) = if b_has("t1") { (&b, &c) } else { (&c, &b) };
+    assert!(!theirs.finish_task("t1", "\"not mine\"").await.unwrap());
+    assert!(mine.finish_task("t1", "\"ok\"").await.unwrap());
+    assert_eq!(
+        a.task_state("t1").await.unwrap(),
+        TaskState::Done("\"ok\"".to_owned())
+    );
+    a.remove_task("t1").await.unwrap();
+    assert_eq!(a.task_state("t1").await.unwrap(), TaskState::Gone);
+
+    // An unclaimed task is withdrawn.
+    a.offer_task("t4", &run.id, "{}").await.unwrap();
+    assert!(a.withdraw_task("t4").await.unwrap());
+    assert_eq!(a.task_state("t4").await.unwrap(), TaskState::Gone);
+
+    // The claimer of t2 dies: its task is orphaned, and not claimed again.
+    let t2_claimer = if b_has("t2") { "b" } else { "c" };
+    let t2_store = if b_has("t2") { &b } else { &c };
+    expire(&backend, t2_claimer).await;
+    assert_eq!(
+        a.task_state("t2").await.unwrap(),
+        TaskState::Orphaned(t2_claimer.to_owned())
+    );
+    assert!(a.claim_tasks(10).await.unwrap().is_empty());
+    assert!(!t2_store.finish_task("t2", "\"late\"").await.unwrap());
+
+    // The run is taken over: what a offered is dropped by the sweep.
+    a.offer_task("t5", &run.id, "{}").await.unwrap();
+    expire(&backend, "a").await;
+    let d = node(&backend, "d").await;
+    assert_eq!(d.claim(10, false).await.unwrap().len(), 1);
+    assert!(
+        d.claim_tasks(10).await.unwrap().is_empty(),
+        "t5 is a's epoch's"
+    );
+    let t3_store = if b_has("t3") { &b } else { &c };
+    assert!(!t3_store.finish_task("t3", "\"late\"").await.unwrap());
+    assert_eq!(d.sweep_tasks().await.unwrap(), 3, "t2, t3 and t5");
+    assert_eq!(a.task_state("t5").await.unwrap(), TaskState::Gone);
 }
