@@ -126,7 +126,11 @@ fn plugins_inspect_describes_a_component_and_refuses_garbage() {
             .starts_with("trellis:plugin/types@0.1.0")
     }));
     assert_eq!(info["side_effects"], serde_json::json!([]));
-    let probe = exec(&["plugins", "inspect", &format!("{FIXTURE_PLUGINS}/probe.wasm")]);
+    let probe = exec(&[
+        "plugins",
+        "inspect",
+        &format!("{FIXTURE_PLUGINS}/probe.wasm"),
+    ]);
     assert_eq!(probe.json()["side_effects"], serde_json::json!(["state"]));
 
     let sandbox = Sandbox::new();
