@@ -25,6 +25,7 @@ mod scheduling;
 mod secrets;
 mod serve;
 mod side_effects;
+mod stats;
 mod subworkflows;
 mod templates;
 mod validation;

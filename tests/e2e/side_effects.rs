@@ -16,7 +16,7 @@ use trellis::plugin::{MemoryStateStore, PluginRegistry, StateStore};
 use trellis::record::{RunRecord, RunStatus, StepRecord, StepStatus};
 use trellis::store::{
     Commit, Created, ItemRecord, NewRun, Queued, RunPage, RunQuery, RunWorkflow, Store, StoreError,
-    UnfinishedRun,
+    UnfinishedRun, WorkflowStats,
 };
 
 use crate::support::*;
@@ -104,6 +104,9 @@ impl Store for GateStore {
     }
     async fn unfinished_runs(&self) -> Result<Vec<UnfinishedRun>, StoreError> {
         Ok(Vec::new())
+    }
+    async fn workflow_stats(&self, _: &str, _: &str) -> Result<WorkflowStats, StoreError> {
+        unreachable!("the executor computes no metrics")
     }
     async fn state_get(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, StoreError> {
         unreachable!("plugin state goes through the executor's StateStore")

@@ -174,6 +174,7 @@ fn build(service: Service, config: ApiConfig, stop: CancellationToken) -> Router
             "/v1/workflows/{name}",
             get(workflows::get_workflow).put(workflows::put_workflow),
         )
+        .route("/v1/workflows/{name}/stats", get(workflows::workflow_stats))
         .route("/v1/plugins", get(workflows::list_plugins))
         .route(
             "/v1/plugins/{name}",

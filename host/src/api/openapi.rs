@@ -28,6 +28,7 @@ use super::{runs, system, workflows};
         workflows::list_workflows,
         workflows::get_workflow,
         workflows::put_workflow,
+        workflows::workflow_stats,
         workflows::list_plugins,
         workflows::put_plugin,
         workflows::delete_plugin,

@@ -132,6 +132,108 @@ pub async fn get_workflow(
         .ok_or_else(|| ApiError::NotFound(format!("no workflow named `{name}`")))
 }
 
+/// The default window of `GET /v1/workflows/{name}/stats`.
+const DEFAULT_WINDOW: &str = "24h";
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StatsParams {
+    /// How far back from now: a whole number and a unit (`ms`, `s`, `m`,
+    /// `h`, `d`), such as `30m`, `24h` or `7d`; default `24h`. Runs that
+    /// finished in it count.
+    #[param(example = "24h", pattern = "^[1-9][0-9]{0,5}(ms|s|m|h|d)$")]
+    window: Option<String>,
+}
+
+/// The four process metrics of a workflow over a window.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowStatsBody {
+    /// The window, as given (or the default).
+    pub window: String,
+    /// Runs that finished in the window (succeeded + failed + cancelled).
+    pub runs: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    /// succeeded / runs; `null` with no runs.
+    pub completion_rate: Option<f64>,
+    /// failed / runs; `null` with no runs.
+    pub error_rate: Option<f64>,
+    /// From a run's acceptance to its end: nearest-rank percentiles.
+    pub cycle_time_ms: crate::store::Spread,
+    /// By step id: the steps that ran in those runs.
+    pub steps: std::collections::BTreeMap<String, crate::store::StepStats>,
+}
+
+/// The four process metrics of a workflow: completion rate, cycle time,
+/// error rate and resource use (per step: duration, fuel, peak memory), over
+/// its runs that finished in the window, computed by the store.
+#[utoipa::path(
+    get,
+    path = "/v1/workflows/{name}/stats",
+    tag = "workflows",
+    params(("name" = String, Path, description = "The workflow's name", pattern = r"^[A-Za-z0-9._-]{1,128}$", example = "order-pipeline"), StatsParams),
+    responses(
+        (status = 200, description = "The metrics", body = WorkflowStatsBody),
+        (status = 400, description = "A bad `window`, or an unknown parameter", body = super::ErrorBody),
+        (status = 404, description = "No workflow with this name", body = super::ErrorBody),
+        (status = 503, description = "The store cannot be reached", body = super::ErrorBody),
+    ),
+)]
+pub async fn workflow_stats(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(params): ApiQuery<StatsParams>,
+) -> Result<Json<WorkflowStatsBody>, ApiError> {
+    let window = params.window.unwrap_or_else(|| DEFAULT_WINDOW.to_owned());
+    let length = match window_length(&window) {
+        Some(length) => length,
+        None => {
+            return Err(ApiError::InvalidRequest(format!(
+                "`window` is \"{window}\": write a whole number from 1 to 999999 and a unit \
+                 (ms, s, m, h or d), such as 30m, 24h or 7d"
+            )));
+        }
+    };
+    if state.service.workflow(&name).is_none() {
+        return Err(ApiError::NotFound(format!("no workflow named `{name}`")));
+    }
+    let stats = state.service.workflow_stats(&name, length).await?;
+    let runs = stats.succeeded + stats.failed + stats.cancelled;
+    let rate = |n: u64| (runs > 0).then(|| n as f64 / runs as f64);
+    Ok(Json(WorkflowStatsBody {
+        window,
+        runs,
+        succeeded: stats.succeeded,
+        failed: stats.failed,
+        cancelled: stats.cancelled,
+        completion_rate: rate(stats.succeeded),
+        error_rate: rate(stats.failed),
+        cycle_time_ms: stats.cycle_time_ms,
+        steps: stats.steps,
+    }))
+}
+
+/// `window`'s length, if it is a whole number from 1 to 999999 and a unit.
+fn window_length(window: &str) -> Option<std::time::Duration> {
+    let split = window.find(|c: char| !c.is_ascii_digit())?;
+    let (digits, unit) = window.split_at(split);
+    if digits.is_empty() || digits.len() > 6 || digits.starts_with('0') {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let millis = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_millis(n * millis))
+}
+
 /// Add or replace a workflow. It is validated first: one with errors is
 /// refused (422) and the version before it, if any, stays.
 #[utoipa::path(
@@ -420,6 +522,28 @@ pub async fn delete_plugin(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_window_is_a_whole_number_and_a_unit() {
+        use std::time::Duration;
+        assert_eq!(
+            super::window_length("24h"),
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            super::window_length("500ms"),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            super::window_length("999999d"),
+            Some(Duration::from_secs(999_999 * 86_400))
+        );
+        for bad in [
+            "", "0s", "05m", "1000000d", "1.5h", "1h30m", "h", "24", "24 h", "-1h", "24H",
+        ] {
+            assert_eq!(super::window_length(bad), None, "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

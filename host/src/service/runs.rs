@@ -437,6 +437,22 @@ impl Service {
         self.inner.store.list_runs(query).await
     }
 
+    /// The metrics of workflow `name` over its runs that finished within
+    /// `window` of now.
+    pub async fn workflow_stats(
+        &self,
+        name: &str,
+        window: Duration,
+    ) -> Result<crate::store::WorkflowStats, StoreError> {
+        // Records start in 1970 at the earliest (RFC 3339 as written here).
+        let since = std::time::SystemTime::now()
+            .checked_sub(window)
+            .filter(|since| *since > std::time::UNIX_EPOCH)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let since = humantime::format_rfc3339_millis(since).to_string();
+        self.inner.store.workflow_stats(name, &since).await
+    }
+
     /// The finished run, or `None` if it is still running after `timeout`.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<RunRecord>, StoreError> {
         let active = self.inner.active.lock().unwrap().get(id).cloned();

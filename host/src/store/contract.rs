@@ -68,6 +68,7 @@ macro_rules! contract_tests {
             two_stores_on_one_database_make_one_run_per_key,
             the_quota_holds_across_stores,
             lineage_and_taken_over_items_are_stored_with_a_run,
+            workflow_stats_aggregate_the_runs_finished_in_the_window,
         );
     };
     (@each $backend:ty; $($name:ident),* $(,)?) => {
@@ -992,4 +993,161 @@ pub(super) async fn lineage_and_taken_over_items_are_stored_with_a_run(backend: 
             .runs
             .is_empty()
     );
+}
+
+/// A step that ran with `attempts` (fuel, peak memory each).
+fn ran_step(id: &str, status: StepStatus, duration_ms: f64, attempts: &[(u64, u64)]) -> StepRecord {
+    let template = finished_step(id);
+    StepRecord {
+        status,
+        duration_ms: Some(duration_ms),
+        attempts: attempts
+            .iter()
+            .enumerate()
+            .map(|(at, (fuel, memory))| AttemptRecord {
+                attempt: at as u32 + 1,
+                item: None,
+                fuel_consumed: *fuel,
+                peak_memory: *memory,
+                ..template.attempts[1].clone()
+            })
+            .collect(),
+        ..template
+    }
+}
+
+/// Finishes a new run of `workflow` created at `created` with `status` at
+/// `finished`, with `steps`.
+async fn finished_run(
+    store: &Arc<dyn Store>,
+    workflow: &str,
+    status: RunStatus,
+    (created, finished): (&str, &str),
+    steps: Vec<StepRecord>,
+) -> RunRecord {
+    let mut record = queued_run(workflow);
+    record.created_at = created.into();
+    record.steps = steps.iter().map(|step| pending_step(&step.id)).collect();
+    create(store, &record).await;
+    record.status = status;
+    record.started_at = Some(created.into());
+    record.finished_at = Some(finished.into());
+    record.duration_ms = Some(1.0);
+    record.steps = steps;
+    store.finish_run(&record).await.unwrap();
+    record
+}
+
+/// The metrics count the runs of the workflow that finished in the window,
+/// by status, with nearest-rank percentiles of their cycle time and, per
+/// step that ran, of its duration, fuel (over its attempts) and peak memory.
+pub(super) async fn workflow_stats_aggregate_the_runs_finished_in_the_window(
+    backend: &impl Backend,
+) {
+    let store = backend.open(StateQuota::default()).await;
+    let skipped = StepRecord {
+        status: StepStatus::Skipped,
+        ..pending_step("b")
+    };
+    let cancelled = StepRecord {
+        status: StepStatus::Cancelled,
+        ..pending_step("b")
+    };
+    finished_run(
+        &store,
+        "metrics",
+        RunStatus::Succeeded,
+        ("2026-01-02T10:00:00.000Z", "2026-01-02T10:00:01.000Z"),
+        vec![
+            ran_step("a", StepStatus::Succeeded, 100.0, &[(10, 1000), (20, 2000)]),
+            ran_step("b", StepStatus::Succeeded, 50.0, &[(5, 500)]),
+        ],
+    )
+    .await;
+    finished_run(
+        &store,
+        "metrics",
+        RunStatus::Failed,
+        ("2026-01-02T10:00:00.000Z", "2026-01-02T10:00:03.000Z"),
+        vec![
+            ran_step("a", StepStatus::Failed, 300.0, &[(7, 700)]),
+            cancelled.clone(),
+        ],
+    )
+    .await;
+    finished_run(
+        &store,
+        "metrics",
+        RunStatus::Cancelled,
+        ("2026-01-02T10:00:00.000Z", "2026-01-02T10:00:02.000Z"),
+        vec![pending_step("a"), skipped],
+    )
+    .await;
+    // Before the window, another workflow's, and one not finished.
+    finished_run(
+        &store,
+        "metrics",
+        RunStatus::Succeeded,
+        ("2026-01-01T22:00:00.000Z", "2026-01-01T23:00:00.000Z"),
+        vec![ran_step("a", StepStatus::Succeeded, 9000.0, &[(9, 9)])],
+    )
+    .await;
+    finished_run(
+        &store,
+        "orders",
+        RunStatus::Failed,
+        ("2026-01-02T10:00:00.000Z", "2026-01-02T10:00:05.000Z"),
+        vec![ran_step("a", StepStatus::Failed, 1.0, &[(1, 1)])],
+    )
+    .await;
+    let mut open = queued_run("metrics");
+    open.steps = vec![pending_step("a")];
+    create(&store, &open).await;
+
+    let stats = store
+        .workflow_stats("metrics", "2026-01-02T00:00:00.000Z")
+        .await
+        .unwrap();
+    let spread = |p50: f64, p95: f64, max: f64| Spread {
+        p50: Some(p50),
+        p95: Some(p95),
+        max: Some(max),
+    };
+    assert_eq!(
+        (stats.succeeded, stats.failed, stats.cancelled),
+        (1, 1, 1),
+        "{stats:#?}"
+    );
+    assert_eq!(stats.cycle_time_ms, spread(2000.0, 3000.0, 3000.0));
+    assert_eq!(
+        stats.steps.keys().collect::<Vec<_>>(),
+        ["a", "b"],
+        "{stats:#?}"
+    );
+    assert_eq!(
+        stats.steps["a"],
+        StepStats {
+            runs: 2,
+            failed: 1,
+            duration_ms: spread(100.0, 300.0, 300.0),
+            fuel: spread(7.0, 30.0, 30.0),
+            memory_peak: spread(700.0, 2000.0, 2000.0),
+        }
+    );
+    assert_eq!(
+        stats.steps["b"],
+        StepStats {
+            runs: 1,
+            failed: 0,
+            duration_ms: spread(50.0, 50.0, 50.0),
+            fuel: spread(5.0, 5.0, 5.0),
+            memory_peak: spread(500.0, 500.0, 500.0),
+        }
+    );
+
+    let none = store
+        .workflow_stats("metrics", "2026-02-01T00:00:00.000Z")
+        .await
+        .unwrap();
+    assert_eq!(none, WorkflowStats::default());
 }

@@ -10,6 +10,7 @@ mod contract;
 mod postgres;
 mod rows;
 mod sqlite;
+mod stats;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -324,6 +325,43 @@ pub struct RunPage {
     pub next_cursor: Option<String>,
 }
 
+/// How the values of one measure spread: nearest-rank percentiles over the
+/// values there are (`None`: no values).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Spread {
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+    pub max: Option<f64>,
+}
+
+/// One step of a workflow over the runs of a window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StepStats {
+    /// Runs in which the step ran (succeeded or failed; not skipped,
+    /// cancelled before it started, or reused by a retry).
+    pub runs: u64,
+    pub failed: u64,
+    /// From its first attempt's start to its end, retries included.
+    pub duration_ms: Spread,
+    /// Over all its attempts.
+    pub fuel: Spread,
+    /// Bytes, the largest of its attempts.
+    pub memory_peak: Spread,
+}
+
+/// The four process metrics of one workflow over the runs that finished in
+/// a window, as the store computes them (one aggregate query each for runs
+/// and steps, not a scan in Rust).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowStats {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    /// From a run's creation (accepted) to its end.
+    pub cycle_time_ms: Spread,
+    pub steps: BTreeMap<String, StepStats>,
+}
+
 /// A write the store has queued, resolving once it is committed (or failed).
 ///
 /// The write is queued when the method that returns it is called, not when
@@ -441,6 +479,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Runs whose status is `queued` or `running`, oldest first.
     async fn unfinished_runs(&self) -> Result<Vec<UnfinishedRun>, StoreError>;
+
+    /// The metrics of `workflow` over its runs that finished at `since`
+    /// (RFC 3339, UTC, as records write it) or later.
+    async fn workflow_stats(
+        &self,
+        workflow: &str,
+        since: &str,
+    ) -> Result<WorkflowStats, StoreError>;
 
     /// Plugin state, scoped to a workflow.
     async fn state_get(&self, workflow: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;

@@ -42,7 +42,8 @@ use super::rows::{
 pub(super) use super::rows::{RUN_COLUMN_COUNT, RUN_COLUMNS};
 use super::{
     Commit, Created, DatabaseError, ItemRecord, LINGER, NewRun, PinnedWorkflows, Queued, RunPage,
-    RunQuery, RunWorkflow, StateQuota, Store, StoreError, StoredItems, UnfinishedRun, WorkflowText,
+    RunQuery, RunWorkflow, Spread, StateQuota, Store, StoreError, StoredItems, UnfinishedRun,
+    WorkflowStats, WorkflowText, stats,
 };
 use crate::record::{RunRecord, RunStatus, StepRecord};
 use writer::{Write, WriteCommand, Written, writer_loop};
@@ -477,6 +478,63 @@ impl Store for PgStore {
             Err(_) => {}
         }
         written.map(drop)
+    }
+
+    async fn workflow_stats(
+        &self,
+        workflow: &str,
+        since: &str,
+    ) -> Result<WorkflowStats, StoreError> {
+        let mut conn = self.reader().await?;
+        let failed = |e| pg_error(&self.label, "computing a workflow's metrics", e);
+        let tx = conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(failed)?;
+        let runs = query_cached(
+            &tx,
+            &self.label,
+            &stats::POSTGRES.runs(),
+            &[&workflow, &since],
+        )
+        .await?;
+        let row = runs
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("the metrics query answered no row".into()))?;
+        let count = |at: usize| u64::try_from(row.get::<_, i64>(at)).unwrap_or(0);
+        let mut stats = WorkflowStats {
+            succeeded: count(0),
+            failed: count(1),
+            cancelled: count(2),
+            cycle_time_ms: Spread {
+                p50: row.get(3),
+                p95: row.get(4),
+                max: row.get(5),
+            },
+            steps: std::collections::BTreeMap::new(),
+        };
+        for row in query_cached(
+            &tx,
+            &self.label,
+            &stats::POSTGRES.steps(),
+            &[&workflow, &since],
+        )
+        .await?
+        {
+            let mut values = [None; 9];
+            for (at, value) in values.iter_mut().enumerate() {
+                *value = row.get::<_, Option<f64>>(3 + at);
+            }
+            stats.steps.insert(
+                row.get(0),
+                stats::step_stats(row.get(1), row.get(2), values),
+            );
+        }
+        tx.commit().await.map_err(failed)?;
+        Ok(stats)
     }
 
     async fn unfinished_runs(&self) -> Result<Vec<UnfinishedRun>, StoreError> {

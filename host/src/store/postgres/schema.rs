@@ -133,6 +133,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX step_tasks_unclaimed ON step_tasks (id) WHERE claimed_by IS NULL;
     "#,
+    // 5: a workflow's runs by when they finished (its metrics over a window).
+    r#"
+    CREATE INDEX runs_by_workflow_finished ON runs (workflow, finished_at)
+        WHERE finished_at IS NOT NULL;
+    "#,
 ];
 
 /// Applies the migrations the database lacks, in one transaction holding the

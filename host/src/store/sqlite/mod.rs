@@ -38,7 +38,8 @@ use super::rows::{
 };
 use super::{
     Commit, Created, DatabaseError, ItemRecord, LINGER, NewRun, PinnedWorkflows, Queued, RunPage,
-    RunQuery, RunWorkflow, StateQuota, Store, StoreError, StoredItems, UnfinishedRun, WorkflowText,
+    RunQuery, RunWorkflow, Spread, StateQuota, Store, StoreError, StoredItems, UnfinishedRun,
+    WorkflowStats, WorkflowText, stats,
 };
 use crate::record::{RunRecord, RunStatus, StepRecord};
 use schema::{configure_writer, migrate};
@@ -509,6 +510,50 @@ impl Store for SqliteStore {
         })
         .await
         .map(drop)
+    }
+
+    async fn workflow_stats(
+        &self,
+        workflow: &str,
+        since: &str,
+    ) -> Result<WorkflowStats, StoreError> {
+        let (workflow, since) = (workflow.to_owned(), since.to_owned());
+        self.read(move |conn| {
+            let tx = conn.transaction()?;
+            let mut stats = tx.prepare_cached(&stats::SQLITE.runs())?.query_row(
+                (&workflow, &since),
+                |row| {
+                    let count = |at: usize| -> rusqlite::Result<u64> {
+                        Ok(u64::try_from(row.get::<_, i64>(at)?).unwrap_or(0))
+                    };
+                    Ok(WorkflowStats {
+                        succeeded: count(0)?,
+                        failed: count(1)?,
+                        cancelled: count(2)?,
+                        cycle_time_ms: Spread {
+                            p50: row.get(3)?,
+                            p95: row.get(4)?,
+                            max: row.get(5)?,
+                        },
+                        steps: std::collections::BTreeMap::new(),
+                    })
+                },
+            )?;
+            let mut statement = tx.prepare_cached(&stats::SQLITE.steps())?;
+            let mut rows = statement.query((&workflow, &since))?;
+            while let Some(row) = rows.next()? {
+                let mut values = [None; 9];
+                for (at, value) in values.iter_mut().enumerate() {
+                    *value = row.get(3 + at)?;
+                }
+                stats.steps.insert(
+                    row.get(0)?,
+                    stats::step_stats(row.get(1)?, row.get(2)?, values),
+                );
+            }
+            Ok(stats)
+        })
+        .await
     }
 
     async fn unfinished_runs(&self) -> Result<Vec<UnfinishedRun>, StoreError> {

@@ -100,6 +100,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_by_retry_of ON runs (retry_of) WHERE retry_of IS NOT NULL;
     CREATE INDEX runs_by_parent ON runs (parent_run, id) WHERE parent_run IS NOT NULL;
     ",
+    // 5: a workflow's runs by when they finished (its metrics over a window).
+    "
+    CREATE INDEX runs_by_workflow_finished ON runs (workflow, finished_at)
+        WHERE finished_at IS NOT NULL;
+    ",
 ];
 
 pub(super) fn configure_writer(
