@@ -22,6 +22,13 @@ pub async fn fresh_schema(url: &str, settings: &[&str]) -> anyhow::Result<String
     client
         .batch_execute(&format!("CREATE SCHEMA {schema}"))
         .await?;
+    // Every load starts from a fresh checkpoint, so that none pays for the
+    // one the load before it made due (the server's own figure would move
+    // with whatever came before). Needs a superuser or `pg_checkpoint`;
+    // without, the loads just share the server's schedule.
+    if let Err(err) = client.batch_execute("CHECKPOINT").await {
+        eprintln!("postgres: no CHECKPOINT before the load ({err}); figures may vary more");
+    }
     let options = std::iter::once(format!("search_path={schema}"))
         .chain(settings.iter().map(|setting| setting.to_string()))
         .map(|setting| format!("-c%20{}", setting.replace('=', "%3D")))
