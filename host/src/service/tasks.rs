@@ -112,24 +112,7 @@ impl Service {
     ) -> RemoteOutcome {
         let node = self.inner.node_id.clone();
         let failed = |kind: ErrorKind, message: String, retryable: bool| {
-            RemoteOutcome::new(
-                AttemptOutcome {
-                    result: Err(ErrorRecord {
-                        kind,
-                        message,
-                        retryable,
-                        details: None,
-                    }),
-                    started_at: now_rfc3339(),
-                    duration: Duration::ZERO,
-                    fuel_consumed: 0,
-                    peak_memory: 0,
-                    logs: Vec::new(),
-                    log_bytes_dropped: 0,
-                    progress: None,
-                },
-                node.clone(),
-            )
+            not_run(kind, message, retryable, node.clone())
         };
         let request: RemoteAttempt = match serde_json::from_str(request) {
             Ok(request) => request,
@@ -280,13 +263,22 @@ impl RemoteSteps for ClusterSteps {
 /// The outcome of an attempt whose node died (its lease ran out) while it
 /// ran it: cut short, as a restart finds one.
 fn interrupted(node: String) -> RemoteOutcome {
+    not_run(
+        ErrorKind::Interrupted,
+        "the node that claimed this attempt stopped during it (its lease ran out)".into(),
+        true,
+        node,
+    )
+}
+
+/// An attempt that did not run (or whose run nobody can tell): its error.
+fn not_run(kind: ErrorKind, message: String, retryable: bool, node: String) -> RemoteOutcome {
     RemoteOutcome::new(
         AttemptOutcome {
             result: Err(ErrorRecord {
-                kind: ErrorKind::Interrupted,
-                message: "the node that claimed this attempt stopped during it (its lease ran out)"
-                    .into(),
-                retryable: true,
+                kind,
+                message,
+                retryable,
                 details: None,
             }),
             started_at: now_rfc3339(),
