@@ -70,6 +70,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/workflows"),
     ("GET", "/v1/workflows/{name}"),
     ("PUT", "/v1/workflows/{name}"),
+    ("GET", "/v1/workflows/{name}/stats"),
     ("GET", "/v1/plugins"),
     ("PUT", "/v1/plugins/{name}"),
     ("DELETE", "/v1/plugins/{name}"),

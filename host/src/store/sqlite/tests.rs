@@ -75,6 +75,7 @@ async fn an_older_schema_is_migrated_in_place() {
     // Back to what schema 1 had: a run, and no `step_items`.
     {
         let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(UNDO_5).unwrap();
         conn.execute_batch(UNDO_4).unwrap();
         conn.execute_batch(UNDO_3).unwrap();
         conn.execute_batch("DROP TABLE step_items; PRAGMA user_version = 1;")
@@ -101,13 +102,15 @@ async fn an_older_schema_is_migrated_in_place() {
     assert_eq!(version, MIGRATIONS.len() as i64);
 }
 
-/// Takes a database back to schema 2.
+/// Back to schema 4: no index of runs by when they finished.
+const UNDO_5: &str = "DROP INDEX runs_by_workflow_finished; PRAGMA user_version = 4;";
 /// Back to schema 3: no lineage columns.
 const UNDO_4: &str = "DROP INDEX runs_by_retry_of; DROP INDEX runs_by_parent;
     ALTER TABLE runs DROP COLUMN retry_of; ALTER TABLE runs DROP COLUMN rerun_of;
     ALTER TABLE runs DROP COLUMN parent_run; ALTER TABLE runs DROP COLUMN parent_step;
     ALTER TABLE runs DROP COLUMN parent_item; ALTER TABLE runs DROP COLUMN pins;
     PRAGMA user_version = 3;";
+/// Back to schema 2: no state usage.
 const UNDO_3: &str = "DROP TRIGGER state_inserted; DROP TRIGGER state_updated;
     DROP TRIGGER state_deleted; DROP TABLE state_usage; PRAGMA user_version = 2;";
 
@@ -135,6 +138,7 @@ async fn existing_state_is_counted_by_the_migration() {
     drop(store);
     {
         let conn = Connection::open(dir.path().join("trellis.db")).unwrap();
+        conn.execute_batch(UNDO_5).unwrap();
         conn.execute_batch(UNDO_4).unwrap();
         conn.execute_batch(UNDO_3).unwrap();
     }
