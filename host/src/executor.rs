@@ -160,6 +160,16 @@ impl Executor {
         self
     }
 
+    /// A permit to run one attempt, when one is free.
+    async fn permit(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.inner
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
     /// Step attempts waiting for a permit (`max_concurrent_steps` are
     /// running): this process has more work than it can run at once.
     pub fn waiting_steps(&self) -> usize {
@@ -650,8 +660,12 @@ struct RunContext {
 
 /// Where an attempt runs.
 enum Slot {
-    /// Here, under this permit.
-    Here(tokio::sync::OwnedSemaphorePermit),
+    /// Here, under this permit; `started`: its start is recorded already
+    /// (it was offered first).
+    Here {
+        permit: tokio::sync::OwnedSemaphorePermit,
+        started: bool,
+    },
     /// On another node, which ran it: its outcome, and that node.
     Ran(AttemptOutcome, String),
 }
@@ -918,10 +932,12 @@ impl RunContext {
             .unwrap_or(0);
         let mut attempt = previous + 1;
         let mut last_attempt = step.retry.max_attempts.max(previous + 1);
+        let plugin = self.plugins[index]
+            .as_ref()
+            .expect("a plugin step has its plugin");
         loop {
             let waiting = self.executor.inner.waiting.fetch_add(1, Ordering::Relaxed) + 1;
             telemetry::queue_depth(waiting);
-            let permits = self.executor.inner.permits.clone();
             // A permit here; after `OFFER_AFTER` without one, and with other
             // nodes to offer it to, whichever comes first: a permit here or a
             // node that claims the attempt (stored as started first).
@@ -929,17 +945,17 @@ impl RunContext {
                 .remote
                 .as_ref()
                 .is_some_and(|remote| remote.available());
-            let first = tokio::select! {
-                permit = permits.clone().acquire_owned() => Some(Some(permit.expect("the semaphore is never closed"))),
-                _ = self.cancel.cancelled() => None,
-                () = tokio::time::sleep(remote::OFFER_AFTER), if offerable => Some(None),
+            let offer_after = async {
+                if offerable {
+                    tokio::time::sleep(remote::OFFER_AFTER).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
             };
-            let mut offered = false;
-            let slot = match first {
-                None => None,
-                Some(Some(permit)) => Some(Slot::Here(permit)),
-                Some(None) => {
-                    offered = true;
+            let slot = tokio::select! {
+                permit = self.executor.permit() => Some(Slot::Here { permit, started: false }),
+                _ = self.cancel.cancelled() => None,
+                () = offer_after => {
                     if self
                         .start_attempt(index, item.as_ref(), &attempts, attempt)
                         .await
@@ -949,12 +965,8 @@ impl RunContext {
                             workflow: self.plan.name.clone(),
                             step_id: step.id.clone(),
                             attempt,
-                            plugin: self.plugins[index]
-                                .as_ref()
-                                .map_or_else(String::new, |plugin| plugin.name.clone()),
-                            digest: self.plugins[index]
-                                .as_ref()
-                                .map_or_else(String::new, |plugin| plugin.digest.clone()),
+                            plugin: plugin.name.clone(),
+                            digest: plugin.digest.clone(),
                             input: input.clone(),
                             config: config.clone(),
                             secrets: step.secrets.clone(),
@@ -972,18 +984,15 @@ impl RunContext {
             let Some(slot) = slot else {
                 return (Err(cancelled_error()), attempts);
             };
-            let plugin = self.plugins[index]
-                .as_ref()
-                .expect("a plugin step has its plugin");
             let (outcome, ran_on) = match slot {
                 Slot::Ran(outcome, node) => (outcome, Some(node)),
-                Slot::Here(permit) => {
+                Slot::Here { permit, started } => {
                     telemetry::steps_in_flight(1);
                     tracing::debug!(attempt, item = position, "attempt started");
                     // Stored before a plugin with side effects runs (whatever
                     // the attempt does, a restart knows it started); queued
                     // for one without (see `start_attempt`).
-                    if !offered
+                    if !started
                         && !self
                             .start_attempt(index, item.as_ref(), &attempts, attempt)
                             .await
@@ -1063,7 +1072,6 @@ impl RunContext {
     /// meanwhile. If the offer cannot be made, the attempt waits here.
     async fn permit_or_remote(&self, request: &RemoteAttempt) -> Option<Slot> {
         let remote = self.remote.as_ref()?;
-        let permits = self.executor.inner.permits.clone();
         let task = match remote.offer(request).await {
             Ok(task) => task,
             Err(err) => {
@@ -1074,7 +1082,7 @@ impl RunContext {
                 }
                 tracing::warn!(run_id = %self.run_id, error = %err, "cannot offer a step to the cluster; it waits for room here");
                 return tokio::select! {
-                    permit = permits.acquire_owned() => Some(Slot::Here(permit.expect("the semaphore is never closed"))),
+                    permit = self.executor.permit() => Some(Slot::Here { permit, started: true }),
                     _ = self.cancel.cancelled() => None,
                 };
             }
@@ -1086,10 +1094,9 @@ impl RunContext {
             })
         };
         tokio::select! {
-            permit = permits.acquire_owned() => {
-                let permit = permit.expect("the semaphore is never closed");
+            permit = self.executor.permit() => {
                 if remote.withdraw(&task).await {
-                    return Some(Slot::Here(permit));
+                    return Some(Slot::Here { permit, started: true });
                 }
                 // Another node claimed it first: its outcome it is.
                 drop(permit);

@@ -118,13 +118,7 @@ impl super::Executor {
         allow_hosts: std::sync::Arc<[crate::limits::HostPattern]>,
         cancel: tokio_util::sync::CancellationToken,
     ) -> AttemptOutcome {
-        let permit = self
-            .inner
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
+        let permit = self.permit().await;
         crate::telemetry::steps_in_flight(1);
         let outcome = plugin
             .invoke(crate::plugin::Invocation {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Service;
-use crate::plugin::{Plugin, PluginRef, PluginRegistry};
+use crate::plugin::{Plugin, PluginError, PluginRef, PluginRegistry};
 use crate::record::RunRecord;
 use crate::store::CatalogChange;
 use crate::workflow::{self, Diagnostics, Plan, PluginCatalog};
@@ -525,15 +525,22 @@ impl Service {
             }
         }
         for digest in wanted {
-            let path = self.blob_path(&digest);
-            match registry.load_file(&path).await {
+            match self.restore_build(&digest).await {
                 Ok(plugin) => {
                     tracing::info!(plugin = %plugin.label(), digest, "restored a pinned plugin build");
-                    registry.retire(Arc::new(plugin));
                 }
                 Err(err) => tracing::warn!(digest, error = %err, "a pinned plugin build is gone"),
             }
         }
+    }
+
+    /// Build `digest` from the kept copy, resolvable by digest from now on
+    /// (retired: not the active version).
+    pub(super) async fn restore_build(&self, digest: &str) -> Result<Arc<Plugin>, PluginError> {
+        let registry = &self.inner.registry;
+        let plugin = Arc::new(registry.load_file(&self.blob_path(digest)).await?);
+        registry.retire(plugin.clone());
+        Ok(plugin)
     }
 }
 

@@ -164,15 +164,7 @@ impl Service {
         if let Ok(plugin) = self.inner.registry.resolve(&reference) {
             return Some(plugin);
         }
-        let plugin = Arc::new(
-            self.inner
-                .registry
-                .load_file(&self.blob_path(digest))
-                .await
-                .ok()?,
-        );
-        self.inner.registry.retire(plugin.clone());
-        Some(plugin)
+        self.restore_build(digest).await.ok()
     }
 }
 
