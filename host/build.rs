@@ -37,6 +37,7 @@ fn main() {
         "cargo:rustc-env=TRELLIS_POLYGLOT_PLUGIN_DIR={}",
         workspace.join("target").join("plugins-polyglot").display()
     );
+    build_console(&workspace);
     println!("cargo:rerun-if-env-changed=TRELLIS_SKIP_PLUGIN_BUILD");
     for watched in ["plugins", "plugin-sdk", "wit", "Cargo.lock"] {
         println!(
@@ -151,4 +152,110 @@ fn copy_outputs(built: &Path, names: &[String], to: &Path) {
                 .unwrap_or_else(|e| panic!("writing {}: {e}", dest.display()));
         }
     }
+}
+
+/// Builds the web console (`host/console`, TypeScript + Preact) into
+/// `$OUT_DIR/console/` (index.html, app.js, app.css), which `api::console`
+/// embeds. Its npm packages are installed, exactly as `package-lock.json`
+/// pins them, into `target/console/node_modules` when the lock changes; esbuild
+/// bundles the app. Without node and npm (or with
+/// `TRELLIS_SKIP_CONSOLE_BUILD=1`) the binary gets a page that says how to
+/// build it, and the rest of the host works.
+fn build_console(workspace: &Path) {
+    let source = workspace.join("host").join("console");
+    for watched in ["src", "index.html", "package.json", "package-lock.json"] {
+        println!("cargo:rerun-if-changed={}", source.join(watched).display());
+    }
+    println!("cargo:rerun-if-env-changed=TRELLIS_SKIP_CONSOLE_BUILD");
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("console");
+    std::fs::create_dir_all(&out).expect("creating the console output dir");
+    let skip = std::env::var_os("TRELLIS_SKIP_CONSOLE_BUILD").is_some_and(|v| v != "0");
+    let result = if skip {
+        Err("TRELLIS_SKIP_CONSOLE_BUILD is set".to_string())
+    } else {
+        bundle_console(workspace, &source, &out)
+    };
+    if let Err(why) = result {
+        println!("cargo:warning=the web console is not built ({why}); /ui/ says how to build it");
+        let page = format!(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Trellis</title></head>\
+             <body><main><h1>Trellis</h1><p>This build has no console: {}. Install Node.js 18 or \
+             later with npm, then build again (<code>cargo build -p trellis</code>). The API at \
+             <a href=\"/v1/openapi.json\">/v1/openapi.json</a> works without it.</p></main></body></html>",
+            why.replace('&', "&amp;").replace('<', "&lt;")
+        );
+        std::fs::write(out.join("index.html"), page).expect("writing the console placeholder");
+        std::fs::write(out.join("app.js"), "").expect("writing the console placeholder");
+        std::fs::write(out.join("app.css"), "").expect("writing the console placeholder");
+    }
+}
+
+fn bundle_console(workspace: &Path, source: &Path, out: &Path) -> Result<(), String> {
+    let tools = workspace.join("target").join("console");
+    std::fs::create_dir_all(&tools).map_err(|e| format!("creating {}: {e}", tools.display()))?;
+    let lock = std::fs::read(source.join("package-lock.json"))
+        .map_err(|e| format!("reading host/console/package-lock.json: {e}"))?;
+    // Builds of two profiles run their build scripts at once: one installs,
+    // the other waits for it.
+    let guard = std::fs::File::create(tools.join(".install-lock"))
+        .map_err(|e| format!("creating the install lock in {}: {e}", tools.display()))?;
+    guard
+        .lock()
+        .map_err(|e| format!("locking {}: {e}", tools.display()))?;
+    let installed = tools.join("node_modules").join(".trellis-lock");
+    if std::fs::read(&installed).ok().as_deref() != Some(&lock[..]) {
+        for file in ["package.json", "package-lock.json"] {
+            std::fs::copy(source.join(file), tools.join(file))
+                .map_err(|e| format!("copying {file}: {e}"))?;
+        }
+        let status = Command::new("npm")
+            .current_dir(&tools)
+            .args([
+                "ci",
+                "--no-audit",
+                "--no-fund",
+                "--ignore-scripts",
+                "--loglevel=error",
+            ])
+            .status()
+            .map_err(|e| format!("running npm: {e}"))?;
+        if !status.success() {
+            return Err(format!("`npm ci` in {} failed ({status})", tools.display()));
+        }
+        std::fs::write(&installed, &lock)
+            .map_err(|e| format!("writing {}: {e}", installed.display()))?;
+    }
+    drop(guard);
+    let esbuild = tools
+        .join("node_modules")
+        .join("esbuild")
+        .join("bin")
+        .join("esbuild");
+    let status = Command::new("node")
+        .arg(&esbuild)
+        .arg(source.join("src").join("main.tsx"))
+        .args([
+            "--bundle",
+            "--minify",
+            "--format=esm",
+            "--target=es2022",
+            "--jsx=automatic",
+            "--jsx-import-source=preact",
+            "--log-level=warning",
+            "--legal-comments=none",
+        ])
+        .arg(format!("--outfile={}", out.join("app.js").display()))
+        // The app's imports resolve from the installed packages.
+        .env("NODE_PATH", tools.join("node_modules"))
+        .status()
+        .map_err(|e| format!("running node: {e}"))?;
+    if !status.success() {
+        return Err(format!("esbuild failed ({status}; see above)"));
+    }
+    if !out.join("app.css").exists() {
+        std::fs::write(out.join("app.css"), "").map_err(|e| e.to_string())?;
+    }
+    std::fs::copy(source.join("index.html"), out.join("index.html"))
+        .map_err(|e| format!("copying index.html: {e}"))?;
+    Ok(())
 }

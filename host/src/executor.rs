@@ -1036,6 +1036,10 @@ impl RunContext {
                 outcome.fuel_consumed,
             );
             let (result, mut attempt_record) = attempt_record(attempt, position, outcome);
+            if attempt_record.status == StepStatus::Failed {
+                // The failure path only: the text parsed again.
+                attempt_record.input = serde_json::from_str(&input).ok();
+            }
             if ran_on.is_some()
                 && result
                     .as_ref()
@@ -1415,6 +1419,7 @@ fn attempt_record(
         progress: outcome.progress,
         child_run: None,
         node: None,
+        input: None,
     };
     (outcome.result, record)
 }

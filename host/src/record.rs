@@ -271,6 +271,10 @@ pub struct AttemptRecord {
     /// the one holding the run claimed it (its `node_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// A failed attempt of a plugin step: the input it was given (rendered),
+    /// to see what the step failed on. Not kept for attempts that succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
 }
 
 impl AttemptRecord {
@@ -291,6 +295,7 @@ impl AttemptRecord {
             progress: None,
             child_run: None,
             node: None,
+            input: None,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! # }
 //! ```
 
+mod console;
 mod error;
 mod extract;
 mod openapi;
@@ -67,6 +68,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/runs/{id}/retry"),
     ("POST", "/v1/runs/{id}/rerun"),
     ("GET", "/v1/runs/{id}/events"),
+    ("GET", "/v1/runs/{id}/graph"),
     ("GET", "/v1/workflows"),
     ("GET", "/v1/workflows/{name}"),
     ("PUT", "/v1/workflows/{name}"),
@@ -170,6 +172,7 @@ fn build(service: Service, config: ApiConfig, stop: CancellationToken) -> Router
         .route("/v1/runs/{id}/retry", post(runs::retry_run))
         .route("/v1/runs/{id}/rerun", post(runs::rerun_run))
         .route("/v1/runs/{id}/events", get(runs::run_events))
+        .route("/v1/runs/{id}/graph", get(runs::get_run_graph))
         .route("/v1/workflows", get(workflows::list_workflows))
         .route(
             "/v1/workflows/{name}",
@@ -185,6 +188,11 @@ fn build(service: Service, config: ApiConfig, stop: CancellationToken) -> Router
         .route(OPEN_ROUTE, get(system::healthz))
         .route("/metrics", get(system::metrics))
         .route("/v1/openapi.json", get(openapi::openapi))
+        .route("/", get(console::to_console))
+        .route(console::PREFIX, get(console::to_console))
+        .route("/ui/", get(console::page))
+        .route("/ui/assets/{file}", get(console::asset))
+        .route("/ui/{*page}", get(console::page))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -316,6 +324,7 @@ fn digest(token: &str) -> [u8; 32] {
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if let Some(expected) = &state.token
         && request.uri().path() != OPEN_ROUTE
+        && !console::is_console(request.uri().path())
     {
         let given = request
             .headers()

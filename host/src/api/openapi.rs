@@ -25,6 +25,7 @@ use super::{runs, system, workflows};
         runs::retry_run,
         runs::rerun_run,
         runs::run_events,
+        runs::get_run_graph,
         workflows::list_workflows,
         workflows::get_workflow,
         workflows::put_workflow,

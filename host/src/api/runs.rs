@@ -23,6 +23,7 @@ use super::{ApiError, AppState};
 use crate::record::{RunRecord, RunStatus};
 use crate::service::{Again, CancelError, EventSubscription, RunEvent, SubmitError, Submitted};
 use crate::store::RunQuery;
+use crate::workflow::Layout;
 
 /// The longest `?wait=` a trigger may ask for: a client that wants longer
 /// polls `GET /v1/runs/{id}` or follows the events.
@@ -366,6 +367,31 @@ pub async fn get_run(
     let id = run_id(&id)?;
     match state.service.get_run(&id).await? {
         Some(run) => Ok(Json(run)),
+        None => Err(no_run(&id)),
+    }
+}
+
+/// How the run's DAG is drawn: a layered layout of its workflow version's
+/// steps (boxes in pixels, top to bottom) and their `needs`. The console
+/// draws a run from it; it is the same for every run of one version.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/graph",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run id (a UUID)", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
+    responses(
+        (status = 200, description = "The layout: a box per step, in step order, and an edge per need", body = Layout),
+        (status = 400, description = "The id is not a UUID", body = super::ErrorBody),
+        (status = 404, description = "No run with this id", body = super::ErrorBody),
+    ),
+)]
+pub async fn get_run_graph(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let id = run_id(&id)?;
+    match state.service.run_layout(&id).await? {
+        Some(layout) => Ok(Json(&*layout).into_response()),
         None => Err(no_run(&id)),
     }
 }

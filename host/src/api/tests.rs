@@ -309,6 +309,62 @@ async fn a_token_guards_every_route_but_healthz() {
 }
 
 #[tokio::test]
+async fn the_console_is_served_without_the_token_under_a_strict_policy() {
+    let fixture = fixture().await;
+    let app = fixture.app(Some("s3cret"), 1024);
+    for (path, to) in [("/", "/ui/"), ("/ui", "/ui/")] {
+        let response = app.clone().oneshot(get(path)).await.unwrap();
+        assert!(
+            response.status().is_redirection(),
+            "{path}: {}",
+            response.status()
+        );
+        assert_eq!(response.headers()[header::LOCATION], to, "{path}");
+    }
+    for page in [
+        "/ui/",
+        "/ui/runs",
+        "/ui/runs/0190b5a4-7c1e-7d3a-9f2b-1c2d3e4f5a6b",
+        "/ui/plugins",
+    ] {
+        let response = app.clone().oneshot(get(page)).await.unwrap();
+        assert_eq!(response.status(), 200, "{page}");
+        let headers = response.headers().clone();
+        assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+        let policy = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        assert!(policy.contains("script-src 'self'"), "{policy}");
+        assert!(!policy.contains("unsafe-inline"), "{policy}");
+        assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY");
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let html = String::from_utf8(body.to_vec()).unwrap();
+        assert!(html.contains("<title>Trellis</title>"), "{html}");
+        // The page holds no data: nothing of the store is in it.
+        assert!(!html.contains("broken"), "{html}");
+    }
+    let response = app.clone().oneshot(get("/ui/assets/app.js")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "text/javascript; charset=utf-8"
+    );
+    let etag = response.headers()[header::ETAG].clone();
+    let again = Request::get("/ui/assets/app.js")
+        .header(header::IF_NONE_MATCH, etag)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(app.clone().oneshot(again).await.unwrap().status(), 304);
+    let answer = send(&app, get("/ui/assets/secrets.txt")).await;
+    assert_eq!(code(&answer), (404, "not_found"));
+    // The data stays behind the token.
+    let answer = send(&app, get("/v1/runs")).await;
+    assert_eq!(code(&answer), (401, "unauthorized"));
+    let answer = send(&app, get("/uiv1/runs")).await;
+    assert_eq!(code(&answer), (401, "unauthorized"));
+}
+
+#[tokio::test]
 async fn healthz_and_metrics() {
     let fixture = fixture().await;
     let app = fixture.app(None, 1024);

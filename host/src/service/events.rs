@@ -418,6 +418,7 @@ mod tests {
         done.attempts.push(AttemptRecord {
             child_run: None,
             node: None,
+            input: None,
             attempt: 1,
             item: None,
             status: StepStatus::Succeeded,
@@ -451,6 +452,7 @@ mod tests {
         let attempt = |number: u32, status, logs: Vec<LogLine>| AttemptRecord {
             child_run: None,
             node: None,
+            input: None,
             attempt: number,
             item: None,
             status,

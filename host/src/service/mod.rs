@@ -99,6 +99,9 @@ struct Inner {
     /// This node's name (`node_id`, or `<hostname>-<pid>`).
     node_id: String,
     started_at: String,
+    /// The DAG layouts of the workflow versions runs were asked about, by
+    /// the SHA-256 of the workflow's text (see [`Service::run_layout`]).
+    layouts: Mutex<HashMap<[u8; 32], Arc<crate::workflow::Layout>>>,
 }
 
 impl Service {
@@ -180,6 +183,7 @@ impl Service {
                 cluster,
                 node_id,
                 started_at: crate::record::now_rfc3339(),
+                layouts: Mutex::new(HashMap::new()),
             }),
         };
         // A copy of every build a run may pin; read again only when there is

@@ -16,7 +16,7 @@ use crate::store::{
     Created, NewRun, PinnedWorkflows, RunPage, RunQuery, StoreError, StoredItems, UnfinishedRun,
     WorkflowText,
 };
-use crate::workflow::{self, Plan, SchemaViolation};
+use crate::workflow::{self, Layout, Plan, SchemaViolation};
 
 /// Why a run was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -433,6 +433,44 @@ impl Service {
         self.inner.store.get_run(id).await
     }
 
+    /// How run `id`'s DAG is drawn: the layout of the workflow version it
+    /// runs (kept per version, for the few hundred versions asked about
+    /// last). `None`: no such run.
+    pub async fn run_layout(&self, id: &str) -> Result<Option<Arc<Layout>>, StoreError> {
+        /// Layouts kept; past it the cache starts again.
+        const KEPT: usize = 256;
+        let Some(stored) = self.inner.store.run_workflow(id).await? else {
+            return Ok(None);
+        };
+        let key: [u8; 32] =
+            <sha2::Sha256 as sha2::Digest>::digest(stored.text.source.as_bytes()).into();
+        if let Some(layout) = self.inner.layouts.lock().unwrap().get(&key) {
+            return Ok(Some(layout.clone()));
+        }
+        // The text was valid when the run was accepted; only its shape
+        // matters here, so any plugin and workflow it names will do.
+        let plan =
+            workflow::parse_str(&stored.text.source, &stored.text.file, "layout", &AnyPlugin)
+                .map_err(|diagnostics| {
+                    StoreError::Corrupt(format!(
+                        "run {id}'s workflow text no longer parses: {diagnostics}"
+                    ))
+                })?;
+        // Tens of milliseconds for thousands of steps: off the runtime.
+        let layout = tokio::task::spawn_blocking(move || Layout::of(&plan))
+            .await
+            .map(Arc::new)
+            .map_err(|err| {
+                StoreError::Corrupt(format!("laying out run {id}'s DAG failed: {err}"))
+            })?;
+        let mut layouts = self.inner.layouts.lock().unwrap();
+        if layouts.len() >= KEPT {
+            layouts.clear();
+        }
+        layouts.insert(key, layout.clone());
+        Ok(Some(layout))
+    }
+
     pub async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
         self.inner.store.list_runs(query).await
     }
@@ -582,5 +620,19 @@ mod tests {
         ));
         let page = service.list_runs(&RunQuery::default()).await.unwrap();
         assert!(page.runs.is_empty());
+    }
+}
+
+/// A catalog that takes every plugin and workflow: for reading the shape of
+/// a workflow text that was checked when its run was accepted.
+struct AnyPlugin;
+
+impl workflow::PluginCatalog for AnyPlugin {
+    fn check(&self, _reference: &crate::plugin::PluginRef) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn workflow_calls(&self, _name: &str) -> Option<Vec<String>> {
+        Some(Vec::new())
     }
 }

@@ -96,6 +96,8 @@ pub(super) fn finished_step(id: &str) -> StepRecord {
     let failed = AttemptRecord {
         child_run: None,
         node: None,
+        // What a failed attempt was given is kept with it.
+        input: Some(serde_json::json!({ "order": 7, "lines": ["a", "b"] })),
         attempt: 1,
         item: Some(0),
         status: StepStatus::Failed,
@@ -124,6 +126,7 @@ pub(super) fn finished_step(id: &str) -> StepRecord {
     let succeeded = AttemptRecord {
         child_run: None,
         node: None,
+        input: None,
         attempt: 2,
         item: Some(0),
         status: StepStatus::Succeeded,

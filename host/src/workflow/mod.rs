@@ -39,6 +39,7 @@
 
 mod bounds;
 mod catalog;
+mod layout;
 mod plan;
 mod readable;
 pub mod schema;
@@ -55,6 +56,7 @@ use std::path::Path;
 pub use crate::diagnostic::{Diagnostic, Diagnostics};
 pub use bounds::Bound;
 pub use catalog::{PluginCatalog, WithSecrets, WithWorkflows, name_and_calls};
+pub use layout::{Layout, LayoutEdge, LayoutNode};
 pub use plan::{Backoff, InputSchema, OnFailure, Plan, PlannedStep, RetryPolicy, SchemaViolation};
 pub use readable::Readable;
 pub use template::{CompiledTemplate, Scope, TemplateError, TemplateValue, Templates};

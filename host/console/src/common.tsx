@@ -1,0 +1,94 @@
+// Pieces every page uses.
+
+import type { ComponentChildren } from "preact";
+import { useEffect, useRef, useState } from "preact/hooks";
+import { ApiError } from "./api";
+
+export function Status({ status }: { status: string }) {
+  return <span class={`status status-${status}`}>{status}</span>;
+}
+
+export function ErrorNote({ error }: { error: unknown }) {
+  if (!error) return null;
+  const message =
+    error instanceof ApiError
+      ? `${error.message} (${error.code})`
+      : error instanceof Error
+        ? error.message
+        : String(error);
+  return (
+    <p class="error" role="alert" data-error>
+      {message}
+    </p>
+  );
+}
+
+export function Field({ label, name, children }: { label: string; name: string; children: ComponentChildren }) {
+  return (
+    <div class="field">
+      <dt>{label}</dt>
+      <dd data-field={name}>{children}</dd>
+    </div>
+  );
+}
+
+export function Json({ value, name }: { value: unknown; name?: string }) {
+  const text = JSON.stringify(value, null, 2) ?? "null";
+  return (
+    <pre class="json" data-field={name} tabIndex={0}>
+      {text.length > 200_000 ? text.slice(0, 200_000) + "\n… (cut at 200,000 characters)" : text}
+    </pre>
+  );
+}
+
+/**
+ * Calls `load` now and every `every` ms while the tab is visible (not at
+ * all when `every` is null); gives its last value and error.
+ */
+export function usePoll<T>(load: () => Promise<T>, every: number | null, deps: unknown[]) {
+  const [value, setValue] = useState<T | null>(null);
+  const [error, setError] = useState<unknown>(null);
+  const generation = useRef(0);
+  useEffect(() => {
+    const mine = ++generation.current;
+    let timer: number | undefined;
+    const tick = async () => {
+      try {
+        const next = await load();
+        if (generation.current !== mine) return;
+        setValue(next);
+        setError(null);
+      } catch (failure) {
+        if (generation.current !== mine) return;
+        setError(failure);
+      }
+      if (every != null && generation.current === mine) {
+        timer = window.setTimeout(() => {
+          if (document.visibilityState === "hidden") {
+            document.addEventListener("visibilitychange", tick, { once: true });
+          } else {
+            tick();
+          }
+        }, every);
+      }
+    };
+    tick();
+    return () => {
+      generation.current++;
+      clearTimeout(timer);
+      document.removeEventListener("visibilitychange", tick);
+    };
+  }, deps);
+  return { value, error, setValue };
+}
+
+/** Marks a performance point once, when `ready` first turns true. */
+export function useMark(name: string, ready: boolean) {
+  const done = useRef(false);
+  useEffect(() => {
+    if (ready && !done.current) {
+      done.current = true;
+      performance.mark(name);
+    }
+  }, [ready]);
+}
