@@ -11,6 +11,7 @@ mod c_plugin;
 mod chaos;
 mod cli;
 mod cluster;
+mod console;
 mod examples;
 mod hostile;
 mod hostile_serve;
