@@ -15,7 +15,15 @@ export function StackBar({ name, label, parts }: { name: string; label: string; 
   return (
     <figure class="chart">
       <figcaption>{label}</figcaption>
-      <svg data-chart={name} role="img" aria-label={`${label}: ${summary}`} viewBox={`0 0 ${width} 24`} width="100%" height="24">
+      <svg
+        data-chart={name}
+        role="img"
+        aria-label={`${label}: ${summary}`}
+        viewBox={`0 0 ${width} 24`}
+        preserveAspectRatio="none"
+        width="100%"
+        height="24"
+      >
         {total === 0 ? (
           <rect class="empty" width={width} height={24} />
         ) : (
@@ -72,6 +80,7 @@ export function BarChart({
         role="img"
         aria-label={`${label}. ${summary}`}
         viewBox={`0 0 ${width} ${rows.length * rowHeight}`}
+        preserveAspectRatio="xMinYMin meet"
         width="100%"
         height={rows.length * rowHeight}
       >

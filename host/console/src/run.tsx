@@ -57,6 +57,8 @@ export function RunPage({ id }: { id: string }) {
     Promise.all([get<Run>(`/v1/runs/${id}`), get<Layout>(`/v1/runs/${id}/graph`)])
       .then(([run, layout]) => {
         if (!live) return;
+        // With `trellis:dag-rendered`: how much of a load is drawing.
+        performance.mark("trellis:dag-data");
         setRun(run);
         setLayout(layout);
         // Open the step that failed, if one did.
@@ -446,13 +448,11 @@ const DagNode = memo(function DagNode({ step, x, y, width, height, selected, onS
         }
       }}
     >
-      <title>{`${step.id} (${step.status})`}</title>
       <rect width={width} height={height} rx={6} />
-      <rect class="bar" width={5} height={height} rx={2} />
-      <text x={14} y={21} class="name">
+      <text x={12} y={21} class="name">
         {name}
       </text>
-      <text x={14} y={39} class="detail">
+      <text x={12} y={39} class="detail">
         {step.reused_from ? "reused · " : ""}
         {detail.length > 30 ? detail.slice(0, 29) + "…" : detail}
       </text>
