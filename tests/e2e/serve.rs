@@ -711,7 +711,8 @@ fn bad_requests_get_json_errors_and_hurt_nothing() {
     );
     check("PUT", "/v1/workflows/junk", JSON, b"{}", wrong_type);
     check("GET", "/v2/runs", None, b"", not_found);
-    check("GET", "/", None, b"", not_found);
+    // (`GET /` redirects to the console.)
+    check("GET", "/nothing", None, b"", not_found);
     check(
         "DELETE",
         &format!("/v1/runs/{finished}"),

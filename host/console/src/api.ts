@@ -21,6 +21,8 @@ export class ApiError extends Error {
     public status: number,
     public code: string,
     message: string,
+    /** The error's `details` (for `invalid_input`: `[{ path, message }]`). */
+    public details: unknown = null,
   ) {
     super(message);
   }
@@ -36,17 +38,19 @@ function headers(extra: Record<string, string> = {}): Headers {
 async function failure(response: Response): Promise<ApiError> {
   let code = "http_" + response.status;
   let message = `${response.status} ${response.statusText}`;
+  let details: unknown = null;
   try {
     const body = await response.json();
     if (body?.error) {
       code = body.error.code ?? code;
       message = body.error.message ?? message;
+      details = body.error.details ?? null;
     }
   } catch {
     // Not JSON: keep the status line.
   }
   if (response.status === 401) auth.dispatchEvent(new Event("unauthorized"));
-  return new ApiError(response.status, code, message);
+  return new ApiError(response.status, code, message, details);
 }
 
 /** A JSON call; `body` is sent as JSON unless it is a string or bytes. */

@@ -8,6 +8,22 @@ export function Status({ status }: { status: string }) {
   return <span class={`status status-${status}`}>{status}</span>;
 }
 
+/** What a list of `details` says: the schema's (or the workflow's) own words, each with where. */
+function detailLines(details: unknown): string[] {
+  if (!Array.isArray(details)) return [];
+  return details
+    .filter((d) => d && typeof d.message === "string")
+    .map((d) => {
+      const where =
+        typeof d.path === "string"
+          ? d.path || "/"
+          : typeof d.line === "number"
+            ? `${d.file ?? ""}:${d.line}:${d.column ?? 0}`
+            : "";
+      return where ? `${where}: ${d.message}` : d.message;
+    });
+}
+
 export function ErrorNote({ error }: { error: unknown }) {
   if (!error) return null;
   const message =
@@ -16,10 +32,18 @@ export function ErrorNote({ error }: { error: unknown }) {
       : error instanceof Error
         ? error.message
         : String(error);
+  const lines = error instanceof ApiError ? detailLines(error.details) : [];
   return (
-    <p class="error" role="alert" data-error>
-      {message}
-    </p>
+    <div class="error" role="alert" data-error>
+      <p>{message}</p>
+      {lines.length > 0 && (
+        <ul>
+          {lines.map((line, i) => (
+            <li key={i}>{line}</li>
+          ))}
+        </ul>
+      )}
+    </div>
   );
 }
 

@@ -81,9 +81,8 @@ function App() {
       setAccess("open");
     } catch (error) {
       if (error instanceof ApiError && error.status === 401) {
-        setRefused(storedToken() !== null);
-        storeToken(null);
-        setAccess("token");
+        // The `unauthorized` listener has brought the form back, saying
+        // the token was refused.
       } else {
         // The pages show what is wrong.
         setAccess("open");

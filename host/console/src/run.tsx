@@ -418,16 +418,19 @@ interface NodeProps {
 
 const DagNode = memo(function DagNode({ step, x, y, width, height, selected, onSelect }: NodeProps) {
   const items = itemCounts(step);
-  const label = step.workflow ? `workflow ${step.workflow}` : step.plugin ?? "";
-  let detail = label;
+  // The status in words as well as in colour; the plugin is in the panel.
+  let detail: string = step.status;
   if (items) {
     const done = (items.byStatus.succeeded ?? 0) + (items.byStatus.skipped ?? 0);
     const failed = items.byStatus.failed ?? 0;
-    detail = `${count(done)}/${count(items.total)} items${failed ? `, ${count(failed)} failed` : ""}`;
+    detail += ` · ${count(done)}/${count(items.total)}${failed ? `, ${count(failed)} failed` : ""}`;
   } else if (step.duration_ms != null) {
-    detail = `${label} · ${duration(step.duration_ms)}`;
+    detail += ` · ${duration(step.duration_ms)}`;
   }
+  if (step.reused_from) detail = `reused · ${detail}`;
+  if (step.workflow) detail += " · sub-workflow";
   const name = step.id.length > 24 ? step.id.slice(0, 23) + "…" : step.id;
+  const shown = detail.length > 30 ? detail.slice(0, 29) + "…" : detail;
   return (
     <g
       data-step={step.id}
@@ -439,7 +442,6 @@ const DagNode = memo(function DagNode({ step, x, y, width, height, selected, onS
       tabIndex={0}
       role="button"
       aria-pressed={selected}
-      aria-label={`Step ${step.id}: ${step.status}${step.reused_from ? ", reused" : ""}${items ? `, ${items.total} items` : ""}`}
       onClick={() => onSelect(step.id)}
       onKeyDown={(event) => {
         if (event.key === "Enter" || event.key === " ") {
@@ -453,8 +455,7 @@ const DagNode = memo(function DagNode({ step, x, y, width, height, selected, onS
         {name}
       </text>
       <text x={12} y={39} class="detail">
-        {step.reused_from ? "reused · " : ""}
-        {detail.length > 30 ? detail.slice(0, 29) + "…" : detail}
+        {shown}
       </text>
     </g>
   );
