@@ -10,14 +10,16 @@
 //! - **cluster**: nodes on one PostgreSQL, when one is named: runs/s over
 //!   HTTP with 1, 2 and 3 nodes, takeover after a kill (`system_cluster.rs`);
 //! - **memory**: the server's RSS idle, with 10,000 runs in flight (accepted,
-//!   not finished), and after they all finish.
+//!   not finished), and after they all finish;
+//! - **console**: the web console drawing a 2,000-step run and a `for_each`
+//!   of 10,000 items in Debian's chromium (`system_console.rs`).
 //!
 //! The load generator runs on the same machine as the server and shares its
 //! cores: every HTTP figure says how much CPU each side used, and how much
 //! went to other processes meanwhile.
 //!
 //! `TRELLIS_BENCH_SYSTEM=http,memory` (any of `http`, `cluster`, `trellis run`,
-//! `serve`, `memory`) runs only those parts, for profiling one.
+//! `serve`, `memory`, `console`) runs only those parts, for profiling one.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -36,6 +38,8 @@ use crate::report::{Measurement, median, percentile, quantiles};
 pub(crate) mod client;
 #[path = "system_cluster.rs"]
 mod cluster;
+#[path = "system_console.rs"]
+mod console;
 #[path = "system_proc.rs"]
 pub(crate) mod process;
 
@@ -74,6 +78,8 @@ struct Scale {
     /// Runs in flight for the memory figure, and how many times over.
     in_flight: usize,
     memory_rounds: usize,
+    /// Timed loads of each large run's console page.
+    console_loads: usize,
 }
 
 const FULL: Scale = Scale {
@@ -86,6 +92,7 @@ const FULL: Scale = Scale {
     serve_rounds: 5,
     in_flight: 10_000,
     memory_rounds: 2,
+    console_loads: 7,
 };
 
 const SMOKE: Scale = Scale {
@@ -98,6 +105,7 @@ const SMOKE: Scale = Scale {
     serve_rounds: 1,
     in_flight: 300,
     memory_rounds: 1,
+    console_loads: 1,
 };
 
 /// What every part needs: absolute paths (servers run in a temp dir) and a
@@ -185,12 +193,13 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Measurement>> {
     let env = Env::new(options)?;
     let mut results = Vec::new();
     type Part = fn(&Env) -> anyhow::Result<Vec<Measurement>>;
-    let parts: [(&str, Part); 5] = [
+    let parts: [(&str, Part); 6] = [
         ("http", http),
         ("cluster", cluster::cluster),
         ("cold start: trellis run", cold_run),
         ("cold start: serve", cold_serve),
         ("memory", memory),
+        ("console", console::console),
     ];
     let only = std::env::var("TRELLIS_BENCH_SYSTEM").unwrap_or_default();
     for (name, part) in parts {
