@@ -231,10 +231,11 @@ pub(super) fn over_quota(
     None
 }
 
-/// A page of `list_runs` as SQL both stores run: the filters, newest first,
-/// one row more than the page (whether it comes tells if there is a next).
+/// A page of `list_runs`: its parameters, and its SQL as the store writes it
+/// (the filters, newest first, one row more than the page: whether it comes
+/// tells if there is a next).
 pub(super) struct RunListing {
-    /// `SELECT ... WHERE ... ORDER BY id DESC LIMIT <last parameter>`.
+    /// `SELECT ... WHERE ... ORDER BY ... LIMIT <last parameter>`.
     pub(super) sql: String,
     pub(super) params: Vec<ListParam>,
     /// The page size asked for (0 means [`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
@@ -247,20 +248,32 @@ pub(super) enum ListParam {
     Integer(i64),
 }
 
+/// What a store writes the SQL of a [`RunListing`] from, each value as the
+/// placeholder of its parameter.
+pub(super) struct ListFilters {
+    /// `(column, value)`: `workflow`, `status`, `parent_run`, in this order,
+    /// those the query filters on.
+    pub(super) equal: Vec<(&'static str, String)>,
+    /// Runs older than this id (a cursor's).
+    pub(super) before: Option<String>,
+    pub(super) limit: String,
+}
+
 impl RunListing {
-    /// `columns` of `runs` filtered by `query`; `placeholder(n)` writes the
-    /// n-th parameter in the store's dialect (`?1`, `$1`).
+    /// The page `query` asks for. `placeholder(n)` writes the n-th
+    /// parameter in the store's dialect (`?1`, `$1`); `select` writes the
+    /// statement that reads the page's runs, newest first.
     pub(super) fn new(
         query: &super::RunQuery,
-        columns: &str,
         placeholder: fn(usize) -> String,
+        select: impl FnOnce(&ListFilters) -> String,
     ) -> Result<RunListing, StoreError> {
         let limit = match query.limit {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let mut conditions = Vec::new();
         let mut params = Vec::new();
+        let mut equal = Vec::new();
         let filters = [
             ("workflow", query.workflow.clone()),
             ("status", query.status.map(|s| s.as_str().to_owned())),
@@ -269,23 +282,22 @@ impl RunListing {
         for (column, value) in filters {
             if let Some(value) = value {
                 params.push(ListParam::Text(value));
-                conditions.push(format!("{column} = {}", placeholder(params.len())));
+                equal.push((column, placeholder(params.len())));
             }
         }
-        if let Some(cursor) = &query.cursor {
-            params.push(ListParam::Text(decode_cursor(cursor)?));
-            conditions.push(format!("id < {}", placeholder(params.len())));
-        }
-        params.push(ListParam::Integer(limit as i64 + 1));
-        let filter = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conditions.join(" AND "))
+        let before = match &query.cursor {
+            Some(cursor) => {
+                params.push(ListParam::Text(decode_cursor(cursor)?));
+                Some(placeholder(params.len()))
+            }
+            None => None,
         };
-        let sql = format!(
-            "SELECT {columns} FROM runs {filter} ORDER BY id DESC LIMIT {}",
-            placeholder(params.len())
-        );
+        params.push(ListParam::Integer(limit as i64 + 1));
+        let sql = select(&ListFilters {
+            equal,
+            before,
+            limit: placeholder(params.len()),
+        });
         Ok(RunListing { sql, params, limit })
     }
 
@@ -298,6 +310,16 @@ impl RunListing {
             None
         };
         super::RunPage { runs, next_cursor }
+    }
+}
+
+/// ` WHERE a AND b ...` of `conditions`, or nothing without any.
+pub(super) fn where_all(conditions: impl IntoIterator<Item = String>) -> String {
+    let conditions: Vec<String> = conditions.into_iter().collect();
+    if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
     }
 }
 

@@ -6,18 +6,26 @@
 //!   3-step runs back to back and 64 at once;
 //! - `system`: HTTP load against `trellis serve`, cold starts, memory with
 //!   10,000 runs in flight;
+//! - `list`: `GET /v1/runs` against `trellis serve` with 100,000 runs
+//!   stored, on SQLite and PostgreSQL (issue 16; `runs_list.rs`);
 //! - `soak` (`--soak`, its own mode; a small one in `--smoke`): 20,000 runs
 //!   from 128 clients, every output checked, RSS flat.
 //!
 //! Writes `results.json`, `results.md` (the machine, the filesystem of the
-//! data dirs and the table) and `per-step.svg` (the plot) to `--out`. `--smoke` runs a few iterations of each, to prove the
-//! harness works (CI), not to measure.
+//! data dirs and the table) and `per-step.svg` (the plot) to `--out`, and
+//! the `list` part's own table to `runs-list.{md,json}`. `--smoke` runs a
+//! few iterations of each, to prove the harness works (CI), not to measure.
+//!
+//! `--update` rewrites in the markdown file only the tables of the parts
+//! that ran: the results and targets tables when `inproc` or `system` did,
+//! the runs-list table when `list` did (so `--only list` leaves the rest).
 
 mod inproc;
 mod plot;
 mod postgres;
 #[allow(dead_code)] // until every part uses all of it
 mod report;
+mod runs_list;
 mod soak;
 mod system;
 
@@ -37,7 +45,7 @@ pub struct Options {
     /// Where results.json, results.md and per-step.svg go.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
-    /// Only these parts (inproc, system; soak in --smoke); default all.
+    /// Only these parts (inproc, system, list; soak in --smoke); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// The `trellis` binary the system part starts (a release build).
@@ -82,6 +90,10 @@ fn main() -> anyhow::Result<()> {
         )?;
         return Ok(());
     }
+    // The parts that make the results table (and the plot).
+    let tabled = options.wants("inproc")
+        || options.wants("system")
+        || (options.smoke && options.wants("soak"));
     let mut results = Vec::new();
     if options.wants("inproc") {
         results.extend(inproc::run(&options)?);
@@ -93,31 +105,56 @@ fn main() -> anyhow::Result<()> {
     if options.smoke && options.wants("soak") {
         results.extend(soak::run(&options)?);
     }
-    let table = report::markdown(&results);
+    let listing = if options.wants("list") {
+        Some(runs_list::run(&options)?)
+    } else {
+        None
+    };
     let machine = machine();
-    println!("{machine}\n\n{table}");
-    std::fs::write(
-        options.out.join("results.md"),
-        format!("{machine}\n\n{table}"),
-    )?;
-    std::fs::write(
-        options.out.join("results.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
-    plot::per_step(&results, &options.out.join("per-step.svg"))?;
-    eprintln!(
-        "wrote {}/results.{{md,json}} and per-step.svg",
-        options.out.display()
-    );
+    let mut sections = Vec::new();
+    if tabled {
+        let table = report::markdown(&results);
+        println!("{machine}\n\n{table}");
+        std::fs::write(
+            options.out.join("results.md"),
+            format!("{machine}\n\n{table}"),
+        )?;
+        std::fs::write(
+            options.out.join("results.json"),
+            serde_json::to_string_pretty(&results)?,
+        )?;
+        plot::per_step(&results, &options.out.join("per-step.svg"))?;
+        eprintln!(
+            "wrote {}/results.{{md,json}} and per-step.svg",
+            options.out.display()
+        );
+        sections.push(("results", format!("{machine}\n\n{table}")));
+        sections.push(("targets", report::targets(&results)));
+    }
+    if let Some(listing) = &listing {
+        let text = format!("{machine}\n\n{}", listing.markdown());
+        println!("{text}");
+        std::fs::write(options.out.join("runs-list.md"), &text)?;
+        std::fs::write(
+            options.out.join("runs-list.json"),
+            serde_json::to_string_pretty(listing)?,
+        )?;
+        eprintln!("wrote {}/runs-list.{{md,json}}", options.out.display());
+        sections.push(("runs-list", text));
+    }
     if let Some(doc) = &options.update {
-        let text = std::fs::read_to_string(doc)?;
-        let updated = splice(&text, "results", &format!("{machine}\n\n{table}"))
-            .and_then(|text| splice(&text, "targets", &report::targets(&results)))
-            .ok_or_else(|| {
-                anyhow::anyhow!("{} lacks the results or targets markers", doc.display())
-            })?;
-        std::fs::write(doc, updated)?;
-        eprintln!("updated the table in {}", doc.display());
+        let mut text = std::fs::read_to_string(doc)?;
+        for (name, body) in &sections {
+            text = splice(&text, name, body)
+                .ok_or_else(|| anyhow::anyhow!("{} lacks the {name} markers", doc.display()))?;
+        }
+        std::fs::write(doc, text)?;
+        let names: Vec<&str> = sections.iter().map(|(name, _)| *name).collect();
+        eprintln!(
+            "updated the {} tables in {}",
+            names.join(", "),
+            doc.display()
+        );
     }
     Ok(())
 }

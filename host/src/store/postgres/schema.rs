@@ -138,6 +138,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_by_workflow_finished ON runs (workflow, finished_at)
         WHERE finished_at IS NOT NULL;
     "#,
+    // 6: a workflow's runs of one status, newest first (`GET /v1/runs` with
+    // both filters), as SQLite's schema 6.
+    r#"
+    CREATE INDEX runs_by_workflow_status ON runs (workflow, status, id);
+    "#,
 ];
 
 /// Applies the migrations the database lacks, in one transaction holding the

@@ -133,6 +133,145 @@ async fn a_newer_schema_is_refused_not_migrated_down() {
     );
 }
 
+/// Each list query reads its page through an index where the planner has a
+/// choice (20,000 runs, vacuumed and analyzed, as autovacuum leaves them),
+/// for the values that make a poor plan read the table: a status or a
+/// workflow of few runs, a workflow whose runs are all old, two filters with
+/// no run in common, a deep page. A prepared statement (`list_runs` uses
+/// one) is planned for its values at first and may get a generic plan after
+/// five runs: both are checked. A plan reads no more rows of the table than
+/// the page holds (50, plus one to know there is a next), and at most a few
+/// index pages besides (a bitmap scan's entries).
+#[tokio::test]
+async fn list_queries_read_their_page_through_an_index() {
+    let Some(backend) = PgBackend::fresh().await else {
+        return;
+    };
+    drop(backend.open(StateQuota::default()).await);
+    // 1% `rare` (never failed), 15% `old` (all among the oldest 30%), 5%
+    // failed, 0.1% running, 40 children of one run.
+    backend
+        .execute(
+            "INSERT INTO workflow_sources (digest, source) VALUES ('d', '');
+             INSERT INTO runs (id, workflow, status, created_at, input, output,
+                 workflow_digest, workflow_file, parent_run)
+             SELECT lpad(i::text, 8, '0'),
+                 CASE WHEN i % 100 = 0 THEN 'rare'
+                      WHEN i <= 6000 AND i % 2 = 1 THEN 'old' ELSE 'common' END,
+                 CASE WHEN i % 1000 = 0 THEN 'running'
+                      WHEN i % 20 = 5 THEN 'failed' ELSE 'succeeded' END,
+                 '', repeat('x', 500), '{}', 'd', 'w.toml',
+                 CASE WHEN i % 500 = 7 THEN 'parent' END
+             FROM generate_series(1, 20000) AS i",
+        )
+        .await;
+    backend.execute("VACUUM ANALYZE runs").await;
+    let query = |workflow: Option<&str>, status: Option<RunStatus>, below: Option<u32>| RunQuery {
+        workflow: workflow.map(str::to_owned),
+        status,
+        parent: None,
+        limit: 50,
+        cursor: below.map(|id| crate::store::rows::encode_cursor(&format!("{id:08}"))),
+    };
+    let cases = [
+        query(None, None, None),
+        query(None, Some(RunStatus::Running), None),
+        query(None, Some(RunStatus::Cancelled), None),
+        query(None, Some(RunStatus::Succeeded), None),
+        query(Some("rare"), None, None),
+        query(Some("old"), None, None),
+        query(Some("rare"), Some(RunStatus::Failed), None),
+        query(Some("rare"), Some(RunStatus::Running), None),
+        query(Some("old"), Some(RunStatus::Succeeded), None),
+        query(Some("common"), Some(RunStatus::Failed), None),
+        query(None, None, Some(5000)),
+        query(Some("common"), None, Some(5000)),
+        query(Some("rare"), Some(RunStatus::Succeeded), Some(5000)),
+        RunQuery {
+            parent: Some("parent".into()),
+            status: Some(RunStatus::Succeeded),
+            ..query(Some("common"), None, None)
+        },
+    ];
+    let client = backend.client().await;
+    for plans in ["force_custom_plan", "force_generic_plan"] {
+        client
+            .batch_execute(&format!("SET plan_cache_mode = {plans}; DEALLOCATE ALL"))
+            .await
+            .unwrap();
+        for (n, case) in cases.iter().enumerate() {
+            let listing = run_listing(case).unwrap();
+            let values: Vec<String> = listing
+                .params
+                .iter()
+                .map(|param| match param {
+                    ListParam::Text(text) => format!("'{text}'"),
+                    ListParam::Integer(n) => n.to_string(),
+                })
+                .collect();
+            client
+                .batch_execute(&format!("PREPARE page{n} AS {}", listing.sql))
+                .await
+                .unwrap();
+            let explain = format!(
+                "EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) EXECUTE page{n}({})",
+                values.join(", ")
+            );
+            let rows = client.query(&explain, &[]).await.unwrap();
+            let plan: serde_json::Value =
+                serde_json::from_str(&rows[0].get::<_, Json>(0).0).unwrap();
+            let plan = &plan[0]["Plan"];
+            let (rows, entries) = reads(plan);
+            assert!(
+                rows <= 51.0 && entries <= 1000.0,
+                "{plans}: {case:?} read {rows} rows and {entries} bitmap entries:\n{plan:#}"
+            );
+        }
+    }
+}
+
+use tokio_postgres::types::{FromSql, Type};
+
+/// A `json` column's text.
+struct Json(String);
+
+impl<'a> FromSql<'a> for Json {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Json, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Json(String::from_utf8(raw.to_vec())?))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSON
+    }
+}
+
+/// What the scans of an `EXPLAIN (ANALYZE, FORMAT JSON)` plan read, over
+/// all their loops: rows of the table (those they returned and those their
+/// filters threw away; a sequential scan counts as the whole table), and
+/// the entries of bitmap index scans.
+fn reads(plan: &serde_json::Value) -> (f64, f64) {
+    let count = |key: &str| plan[key].as_f64().unwrap_or(0.0);
+    let loops = count("Actual Loops");
+    let (mut rows, mut entries) = match plan["Node Type"].as_str().unwrap_or_default() {
+        "Seq Scan" => (f64::INFINITY, 0.0),
+        "Bitmap Index Scan" => (0.0, count("Actual Rows") * loops),
+        node if node.ends_with("Scan") => (
+            (count("Actual Rows")
+                + count("Rows Removed by Filter")
+                + count("Rows Removed by Index Recheck"))
+                * loops,
+            0.0,
+        ),
+        _ => (0.0, 0.0),
+    };
+    for below in plan["Plans"].as_array().into_iter().flatten() {
+        let (more_rows, more_entries) = reads(below);
+        rows += more_rows;
+        entries += more_entries;
+    }
+    (rows, entries)
+}
+
 /// Nothing listens on the port: the error says where, is `Unavailable`
 /// (so a request answers 503), and never shows the password.
 #[tokio::test]

@@ -7,6 +7,7 @@ use serde_json::json;
 use super::schema::*;
 use super::writer::*;
 use super::*;
+use crate::record::new_run_id;
 use crate::store::ItemOutcome;
 use std::collections::HashSet;
 
@@ -75,6 +76,7 @@ async fn an_older_schema_is_migrated_in_place() {
     // Back to what schema 1 had: a run, and no `step_items`.
     {
         let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(UNDO_6).unwrap();
         conn.execute_batch(UNDO_5).unwrap();
         conn.execute_batch(UNDO_4).unwrap();
         conn.execute_batch(UNDO_3).unwrap();
@@ -102,6 +104,8 @@ async fn an_older_schema_is_migrated_in_place() {
     assert_eq!(version, MIGRATIONS.len() as i64);
 }
 
+/// Back to schema 5: no index of runs by workflow and status.
+const UNDO_6: &str = "DROP INDEX runs_by_workflow_status; PRAGMA user_version = 5;";
 /// Back to schema 4: no index of runs by when they finished.
 const UNDO_5: &str = "DROP INDEX runs_by_workflow_finished; PRAGMA user_version = 4;";
 /// Back to schema 3: no lineage columns.
@@ -138,6 +142,7 @@ async fn existing_state_is_counted_by_the_migration() {
     drop(store);
     {
         let conn = Connection::open(dir.path().join("trellis.db")).unwrap();
+        conn.execute_batch(UNDO_6).unwrap();
         conn.execute_batch(UNDO_5).unwrap();
         conn.execute_batch(UNDO_4).unwrap();
         conn.execute_batch(UNDO_3).unwrap();
@@ -405,6 +410,61 @@ async fn concurrent_writes_are_all_committed() {
     let any = ids.iter().next().unwrap();
     let run = store.get_run(any).await.unwrap().unwrap();
     assert_eq!(run.steps[0], finished_step("parse"));
+}
+
+/// Every shape of the list query (each set of filters, with and without a
+/// cursor) reads its page from one index, in id order, from where the page
+/// starts: no scan of the table and no sort, at any number of runs (issue
+/// 16). The store never runs `ANALYZE`, so SQLite plans without
+/// statistics, from the schema alone: these are the plans at any size.
+#[test]
+fn every_list_query_reads_one_index_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(&dir));
+    let conn = Connection::open(dir.path().join("trellis.db")).unwrap();
+    for shape in 0..16 {
+        let query = RunQuery {
+            workflow: (shape & 1 != 0).then(|| "orders".to_owned()),
+            status: (shape & 2 != 0).then_some(RunStatus::Running),
+            parent: (shape & 4 != 0).then(new_run_id),
+            cursor: (shape & 8 != 0).then(|| crate::store::rows::encode_cursor(&new_run_id())),
+            limit: 50,
+        };
+        let listing = run_listing(&query).unwrap();
+        let params = listing.params.iter().map(|param| match param {
+            ListParam::Text(text) => SqlValue::Text(text.clone()),
+            ListParam::Integer(n) => SqlValue::Integer(*n),
+        });
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", listing.sql))
+            .unwrap()
+            .query_map(rusqlite::params_from_iter(params), |row| row.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        // The index that narrows the most: one run's children, then both
+        // filters, then one; without a filter, the primary key's.
+        let (index, matched) = match (&query.parent, &query.workflow, &query.status) {
+            (Some(_), _, _) => ("runs_by_parent", "parent_run=?"),
+            (None, Some(_), Some(_)) => ("runs_by_workflow_status", "workflow=? AND status=?"),
+            (None, Some(_), None) => ("runs_by_workflow", "workflow=?"),
+            (None, None, Some(_)) => ("runs_by_status", "status=?"),
+            (None, None, None) => ("sqlite_autoindex_runs_1", ""),
+        };
+        let range = match (matched, &query.cursor) {
+            ("", None) => String::new(),
+            ("", Some(_)) => " (id<?)".to_owned(),
+            (matched, None) => format!(" ({matched})"),
+            (matched, Some(_)) => format!(" ({matched} AND id<?)"),
+        };
+        let walk = if range.is_empty() { "SCAN" } else { "SEARCH" };
+        assert_eq!(
+            plan,
+            [format!("{walk} runs USING INDEX {index}{range}")],
+            "{}",
+            listing.sql
+        );
+    }
 }
 
 #[test]
