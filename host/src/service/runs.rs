@@ -575,6 +575,20 @@ impl Service {
     }
 }
 
+/// A catalog that takes every plugin and workflow: for reading the shape of
+/// a workflow text that was checked when its run was accepted.
+struct AnyPlugin;
+
+impl workflow::PluginCatalog for AnyPlugin {
+    fn check(&self, _reference: &crate::plugin::PluginRef) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn workflow_calls(&self, _name: &str) -> Option<Vec<String>> {
+        Some(Vec::new())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -620,19 +634,5 @@ mod tests {
         ));
         let page = service.list_runs(&RunQuery::default()).await.unwrap();
         assert!(page.runs.is_empty());
-    }
-}
-
-/// A catalog that takes every plugin and workflow: for reading the shape of
-/// a workflow text that was checked when its run was accepted.
-struct AnyPlugin;
-
-impl workflow::PluginCatalog for AnyPlugin {
-    fn check(&self, _reference: &crate::plugin::PluginRef) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn workflow_calls(&self, _name: &str) -> Option<Vec<String>> {
-        Some(Vec::new())
     }
 }
