@@ -325,6 +325,19 @@ impl Browser {
         self.eval(&script).await.as_str().map(str::to_owned)
     }
 
+    /// The value of the field `css` (a textarea), parsed as JSON; panics
+    /// naming `what` if it is not JSON.
+    async fn json_value(&self, css: &str, what: &str) -> Value {
+        let text = self
+            .eval(&format!(
+                "return document.querySelector({}).value;",
+                js(css)
+            ))
+            .await;
+        serde_json::from_str(text.as_str().unwrap())
+            .unwrap_or_else(|e| panic!("{what} is not JSON ({e}): {text}"))
+    }
+
     /// The text of the first element `css` matches (`None` without one).
     async fn text(&self, css: &str) -> Option<String> {
         let script = format!(
@@ -1208,14 +1221,7 @@ fn rerun_with_edited_input_starts_a_new_run() {
         browser.click("button[data-action=\"rerun\"]").await;
         let field = "form[data-form=\"rerun\"] textarea[name=\"input\"]";
         browser.wait_for(field).await;
-        let prefilled = browser
-            .eval(&format!(
-                "return document.querySelector({}).value;",
-                js(field)
-            ))
-            .await;
-        let prefilled: Value = serde_json::from_str(prefilled.as_str().unwrap())
-            .unwrap_or_else(|e| panic!("the rerun form's input is not JSON ({e}): {prefilled}"));
+        let prefilled = browser.json_value(field, "the rerun form's input").await;
         assert_eq!(prefilled, json!({ "name": "Ada" }), "the original input");
         browser.type_into(field, r#"{"name": "Hedy"}"#).await;
         browser
@@ -1266,14 +1272,7 @@ fn the_start_form_shows_the_schema_message() {
         browser.wait_for("[data-page=\"workflow\"]").await;
         let field = "form[data-form=\"start\"] textarea[name=\"input\"]";
         browser.wait_for(field).await;
-        let prefilled = browser
-            .eval(&format!(
-                "return document.querySelector({}).value;",
-                js(field)
-            ))
-            .await;
-        let prefilled: Value = serde_json::from_str(prefilled.as_str().unwrap())
-            .unwrap_or_else(|e| panic!("the start form's input is not JSON ({e}): {prefilled}"));
+        let prefilled = browser.json_value(field, "the start form's input").await;
         for key in ["sku", "qty"] {
             assert!(
                 prefilled.get(key).is_some(),

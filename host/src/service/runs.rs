@@ -449,13 +449,17 @@ impl Service {
         }
         // The text was valid when the run was accepted; only its shape
         // matters here, so any plugin and workflow it names will do.
-        let plan =
-            workflow::parse_str(&stored.text.source, &stored.text.file, "layout", &AnyPlugin)
-                .map_err(|diagnostics| {
-                    StoreError::Corrupt(format!(
-                        "run {id}'s workflow text no longer parses: {diagnostics}"
-                    ))
-                })?;
+        let plan = workflow::parse_str(
+            &stored.text.source,
+            &stored.text.file,
+            "layout",
+            &workflow::AnyPlugin,
+        )
+        .map_err(|diagnostics| {
+            StoreError::Corrupt(format!(
+                "run {id}'s workflow text no longer parses: {diagnostics}"
+            ))
+        })?;
         // Tens of milliseconds for thousands of steps: off the runtime.
         let layout = tokio::task::spawn_blocking(move || Layout::of(&plan))
             .await
@@ -572,20 +576,6 @@ impl Service {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(200));
         }
-    }
-}
-
-/// A catalog that takes every plugin and workflow: for reading the shape of
-/// a workflow text that was checked when its run was accepted.
-struct AnyPlugin;
-
-impl workflow::PluginCatalog for AnyPlugin {
-    fn check(&self, _reference: &crate::plugin::PluginRef) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn workflow_calls(&self, _name: &str) -> Option<Vec<String>> {
-        Some(Vec::new())
     }
 }
 

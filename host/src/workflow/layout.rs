@@ -193,12 +193,6 @@ mod tests {
 
     #[test]
     fn a_plan_is_laid_out_by_step_id_with_its_needs_as_edges() {
-        struct Any;
-        impl crate::workflow::PluginCatalog for Any {
-            fn check(&self, _: &crate::plugin::PluginRef) -> Result<(), String> {
-                Ok(())
-            }
-        }
         let plan = crate::workflow::parse_str(
             r#"
             [[step]]
@@ -214,7 +208,7 @@ mod tests {
             "#,
             "g.toml",
             "g",
-            &Any,
+            &crate::workflow::AnyPlugin,
         )
         .unwrap();
         let layout = Layout::of(&plan);

@@ -55,7 +55,7 @@ use std::path::Path;
 
 pub use crate::diagnostic::{Diagnostic, Diagnostics};
 pub use bounds::Bound;
-pub use catalog::{PluginCatalog, WithSecrets, WithWorkflows, name_and_calls};
+pub use catalog::{AnyPlugin, PluginCatalog, WithSecrets, WithWorkflows, name_and_calls};
 pub use layout::{Layout, LayoutEdge, LayoutNode};
 pub use plan::{Backoff, InputSchema, OnFailure, Plan, PlannedStep, RetryPolicy, SchemaViolation};
 pub use readable::Readable;
